@@ -1,0 +1,127 @@
+"""The `promo` command: run the service, its workers, migrations, or everything at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from config.settings import ApiKeyConfig, Settings, load_settings
+from server.logs import configure_logging
+
+app = typer.Typer(help="Promotions and rewards engine.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console(stderr=True)
+ADMIN_KEY_FILE = "admin-api-key"
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except Exception as exc:  # pydantic's message names the setting and the problem
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+@app.command()
+def serve() -> None:
+    """Run the gRPC server against PROMO_DATABASE_URL."""
+    from cli.runtime import run_server
+    asyncio.run(run_server(_settings()))
+
+
+@app.command()
+def worker() -> None:
+    """Run an arq worker (outbox jobs, sweeper) against PROMO_DATABASE_URL and PROMO_REDIS_URL."""
+    from cli.runtime import run_worker
+    asyncio.run(run_worker(_settings()))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations (safe to run from several processes at once)."""
+    from storage.migrate import migrate_dsn
+    settings = _settings()
+    if not settings.database_url:
+        console.print("[red]PROMO_DATABASE_URL is not set[/red]")
+        raise typer.Exit(2)
+    applied = asyncio.run(migrate_dsn(settings.database_url))
+    console.print(f"applied {len(applied)} migration(s): {applied}" if applied
+                  else "database is up to date")
+
+
+def _local_admin_key(data_dir: Path) -> str:
+    """The admin key of this data folder: created once (mode 0600), reused after."""
+    path = data_dir / ADMIN_KEY_FILE
+    if path.exists():
+        return path.read_text().strip()
+    key = "pk_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+@app.command()
+def up() -> None:
+    """Run server and worker together; start embedded PostgreSQL/Redis when none is configured."""
+    from cli.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError
+    from cli.runtime import run_server
+    from server.app import RunningServer
+
+    settings = _settings()
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, object] = {}
+    postgres = redis = None
+    admin_key: str | None = None
+    try:
+        if not settings.database_url:
+            postgres = EmbeddedPostgres(data_dir, run_as_user=settings.embedded_pg_user)
+            overrides["database_url"] = postgres.start()
+        if not settings.redis_url:
+            redis = EmbeddedRedis(data_dir)
+            overrides["redis_url"] = redis.start()
+        if not settings.api_keys:
+            admin_key = _local_admin_key(data_dir)
+            overrides["api_keys"] = [ApiKeyConfig(name="local-admin", key=admin_key,
+                                                  roles=["admin"])]
+        effective = settings.model_copy(update=overrides)
+
+        def ready(running: RunningServer) -> None:
+            lines = [f"promo is up: gRPC on {running.address}"
+                     + (" (TLS)" if effective.tls_enabled else " (plaintext)")]
+            if postgres is not None:
+                lines.append(f"embedded PostgreSQL: {overrides['database_url']}")
+            if redis is not None:
+                lines.append(f"embedded Redis: {overrides['redis_url']}")
+            if admin_key is not None:
+                lines.append(f"admin API key: {admin_key}")
+                lines.append(f"  (stored in {data_dir / ADMIN_KEY_FILE})")
+            lines.append("press Ctrl-C to stop")
+            print("\n".join(lines), flush=True)
+
+        asyncio.run(run_server(effective, on_ready=ready, with_worker=True))
+    except EmbeddedServiceError as exc:
+        console.print(f"[red]cannot start the embedded services:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        if redis is not None:
+            redis.stop()
+        if postgres is not None:
+            postgres.stop()
+
+
+def main() -> None:
+    app(prog_name="promo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Typed settings for every process (server, worker, CLI).
+
+Why one class: the server and the workers must agree on the database, the Redis queue name and
+the timing knobs, and an operator should find every knob in one table (README "Settings").
+Values come from ``PROMO_*`` environment variables, then from an optional TOML file named by
+``PROMO_CONFIG_FILE`` (environment wins), then from the defaults below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ROLES = frozenset({"admin", "runtime", "listener"})
+
+
+class ApiKeyConfig(BaseModel):
+    """One API key: who it is (name, for logs), what it may do (roles), and the secret.
+
+    Give either the plain ``key`` or its ``key_sha256`` (hex), so a config file need not hold the
+    secret itself. Only the hash is kept in memory after loading.
+    """
+
+    name: str = Field(min_length=1, max_length=100)
+    roles: list[str] = Field(min_length=1)
+    key: SecretStr | None = None
+    key_sha256: str | None = None
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, roles: list[str]) -> list[str]:
+        unknown = sorted(set(roles) - ROLES)
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; known roles are {sorted(ROLES)}")
+        return roles
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"API key {self.name!r}: give exactly one of 'key' or 'key_sha256'")
+        if self.key is not None:
+            if len(self.key.get_secret_value()) < 16:
+                raise ValueError(f"API key {self.name!r}: a key must be at least 16 characters")
+            self.key_sha256 = hash_api_key(self.key.get_secret_value())
+            self.key = None
+        assert self.key_sha256 is not None
+        self.key_sha256 = self.key_sha256.lower()
+        if len(self.key_sha256) != 64:
+            raise ValueError(f"API key {self.name!r}: key_sha256 must be 64 hex characters")
+        return self
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of an API key (keys are long random strings, so a plain SHA-256 suffices)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; see the README's settings table for the same list."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMO_", extra="ignore", frozen=True)
+
+    # Services. Empty means "none configured": `promo up` then starts embedded ones.
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = Path(".promo-data")
+    embedded_pg_user: str | None = None
+
+    # gRPC server.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+
+    # PostgreSQL.
+    db_pool_min_size: int = Field(default=2, ge=0)
+    db_pool_max_size: int = Field(default=10, ge=1)
+    db_command_timeout_seconds: float = Field(default=30.0, gt=0)
+    migrate_on_start: bool = True
+
+    # Workers.
+    queue_name: str = "promo:queue"
+    worker_max_jobs: int = Field(default=20, ge=1)
+    job_max_tries: int = Field(default=8, ge=1)
+    job_retry_base_seconds: float = Field(default=1.0, gt=0)
+    job_retry_max_seconds: float = Field(default=300.0, gt=0)
+    sweeper_interval_seconds: int = Field(default=30, ge=1, le=3600)
+    job_lease_seconds: int = Field(default=300, ge=5)
+
+    # Logging.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both PROMO_TLS_CERT_FILE and PROMO_TLS_KEY_FILE, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("PROMO_TLS_CLIENT_CA_FILE needs PROMO_TLS_CERT_FILE and KEY_FILE")
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError("PROMO_DB_POOL_MIN_SIZE must not exceed PROMO_DB_POOL_MAX_SIZE")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("PROMO_CONFIG_FILE")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ValueError(f"PROMO_CONFIG_FILE={config_file} is not a readable file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (and config file), with explicit overrides on top."""
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""The promotion catalogue: reward types, promotions and their rewards."""

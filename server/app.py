@@ -1,0 +1,94 @@
+"""The composition root of the gRPC server: services, interceptors, health, reflection, TLS,
+and a graceful stop (health NOT_SERVING first, then in-flight calls get a grace period)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from promo.v1 import reward_types_pb2, reward_types_pb2_grpc
+
+from config.settings import Settings
+from core.clock import Clock, SystemClock
+from server import reward_types
+from server.auth import Authenticator
+from server.interceptors import CallObserver, ServiceInterceptor
+
+log = logging.getLogger("promo.server")
+
+SERVICE_NAMES = (
+    reward_types_pb2.DESCRIPTOR.services_by_name["RewardTypeService"].full_name,
+)
+METHOD_ROLES: dict[str, set[str]] = {**reward_types.ROLES}
+
+
+@dataclass
+class Dependencies:
+    """What the servicers need from the outside world, created by the caller in its loop."""
+
+    pool: asyncpg.Pool
+    clock: Clock = field(default_factory=SystemClock)
+
+
+@dataclass
+class RunningServer:
+    server: aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    address: str
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking new calls (health NOT_SERVING), let in-flight calls finish in ``grace``."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        log.info("server stopped", extra={"address": self.address})
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_enabled:
+        return None
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    key = settings.tls_key_file.read_bytes()
+    cert = settings.tls_cert_file.read_bytes()
+    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+async def start_server(settings: Settings, deps: Dependencies, *,
+                       observer: CallObserver | None = None) -> RunningServer:
+    """Build and start the server on settings.grpc_host:grpc_port (port 0 picks a free one)."""
+    authenticator = Authenticator(settings.api_keys, METHOD_ROLES)
+    server = aio.server(interceptors=[ServiceInterceptor(authenticator, observer)],
+                        options=[("grpc.so_reuseport", 0)])
+    reward_types_pb2_grpc.add_RewardTypeServiceServicer_to_server(
+        reward_types.RewardTypeServicer(deps.pool), server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    target = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(target)
+    else:
+        port = server.add_secure_port(target, credentials)
+    if port == 0:
+        raise RuntimeError(f"could not listen on {target}")
+    await server.start()
+    for name in (*SERVICE_NAMES, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{settings.grpc_host}:{port}"
+    log.info("server listening", extra={"address": address, "tls": settings.tls_enabled,
+                                        "api_keys": len(settings.api_keys)})
+    if not settings.api_keys:
+        log.warning("no API keys configured: every call except health and reflection will be "
+                    "rejected with UNAUTHENTICATED; set PROMO_API_KEYS")
+    return RunningServer(server=server, health=health_servicer, port=port, address=address)

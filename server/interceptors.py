@@ -1,0 +1,184 @@
+"""One server interceptor for what every RPC needs: a request id, authentication and roles,
+one log line per call, and the mapping of domain errors to statuses.
+
+It wraps the method handler (rather than the servicer) so that errors raised anywhere in a
+handler, including before it yields its first streamed message, get the same treatment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from core.errors import DomainError
+from server.auth import ANONYMOUS, Authenticator, Principal, current_principal
+from server.errors import domain_status, to_status
+from server.logs import call_context
+
+log = logging.getLogger("promo.rpc")
+
+Behavior = Callable[..., Any]
+
+
+class CallObserver:
+    """Hook for metrics; the default does nothing."""
+
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        return None
+
+
+def _request_id(metadata: tuple[tuple[str, Any], ...]) -> str:
+    for name, value in metadata:
+        if name == "x-request-id":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            if 0 < len(text) <= 200:
+                return text
+    return uuid.uuid4().hex
+
+
+class ServiceInterceptor(aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator,
+                 observer: CallObserver | None = None) -> None:
+        self._auth = authenticator
+        self._observer = observer or CallObserver()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if self._auth.is_public(method):
+            return handler
+        metadata = tuple(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
+        return _wrap(handler, method, metadata, self)
+
+    async def _begin(self, method: str, metadata: tuple[tuple[str, Any], ...],
+                     context: aio.ServicerContext) -> tuple[Principal, dict[str, str]]:
+        request_id = _request_id(metadata)
+        ctx = {"request_id": request_id, "method": method, "principal": ANONYMOUS.name}
+        call_context.set(ctx)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        principal = self._auth.authenticate(self._auth.presented_key(metadata))
+        ctx["principal"] = principal.name
+        self._auth.authorize(principal, method)
+        return principal, ctx
+
+    async def _fail(self, exc: BaseException, method: str, context: aio.ServicerContext,
+                    started: float) -> None:
+        if isinstance(exc, DomainError):
+            status = domain_status(exc)
+            log.info("rpc failed", extra={"code": status.code.name, "reason": exc.reason,
+                                          "ms": _ms(started)})
+        else:
+            status = to_status(grpc.StatusCode.INTERNAL,
+                               "internal error; the server log has the details for this "
+                               "request id", "INTERNAL")
+            log.error("rpc crashed", exc_info=exc, extra={"ms": _ms(started)})
+        self._observer.observe(method, status.code, time.perf_counter() - started)
+        await context.abort_with_status(status)
+
+    def _done(self, method: str, context: aio.ServicerContext, started: float) -> None:
+        code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
+        if not isinstance(code, grpc.StatusCode):
+            code = grpc.StatusCode.OK
+        log.info("rpc", extra={"code": code.name, "ms": _ms(started)})
+        self._observer.observe(method, code, time.perf_counter() - started)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str, Any], ...],
+          icpt: ServiceInterceptor) -> grpc.RpcMethodHandler:
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                principal, _ = await icpt._begin(method, metadata, context)
+                current_principal.set(principal)
+                response = await inner_uu(request, context)
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await icpt._fail(exc, method, context, started)
+                raise AssertionError("unreachable") from exc
+            icpt._done(method, context, started)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            try:
+                principal, _ = await icpt._begin(method, metadata, context)
+                current_principal.set(principal)
+                async for item in inner_us(request, context):
+                    yield item
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await icpt._fail(exc, method, context, started)
+            icpt._done(method, context, started)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(request_iterator: Any, context: aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                principal, _ = await icpt._begin(method, metadata, context)
+                current_principal.set(principal)
+                response = await inner_su(request_iterator, context)
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await icpt._fail(exc, method, context, started)
+                raise AssertionError("unreachable") from exc
+            icpt._done(method, context, started)
+            return response
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(request_iterator: Any,
+                            context: aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        try:
+            principal, _ = await icpt._begin(method, metadata, context)
+            current_principal.set(principal)
+            async for item in inner_ss(request_iterator, context):
+                yield item
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await icpt._fail(exc, method, context, started)
+        icpt._done(method, context, started)
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)

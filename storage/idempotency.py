@@ -1,0 +1,63 @@
+"""Run-once semantics for mutating requests, keyed by the client's request id.
+
+The first call with a request id does the work and stores its serialized answer in the same
+transaction as the change; a retry finds the row and returns that answer, charging nothing.
+Concurrent duplicates queue on the primary key: the second insert waits for the first
+transaction and then sees its row (or, if the first rolled back, does the work itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from core.errors import InvalidArgument
+
+MAX_REQUEST_ID_LENGTH = 200
+
+
+def validate_request_id(request_id: str) -> str:
+    if not request_id or len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(
+            f"request_id is required (1-{MAX_REQUEST_ID_LENGTH} characters); reuse the same id "
+            "when retrying a call", reason="INVALID_REQUEST_ID", metadata={"field": "request_id"})
+    return request_id
+
+
+def fingerprint(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()
+
+
+async def run_once(
+    pool: asyncpg.Pool,
+    *,
+    scope: str,
+    request_id: str,
+    request_hash: bytes,
+    work: Callable[[asyncpg.Connection], Awaitable[bytes]],
+) -> bytes:
+    """Do ``work`` in a transaction unless ``request_id`` already ran; return the stored answer."""
+    validate_request_id(request_id)
+    async with pool.acquire() as conn, conn.transaction():
+        claimed = await conn.fetchval(
+            """INSERT INTO idempotency_keys (scope, request_id, request_hash)
+               VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true""",
+            scope, request_id, request_hash)
+        if not claimed:
+            row = await conn.fetchrow(
+                "SELECT request_hash, response FROM idempotency_keys "
+                "WHERE scope = $1 AND request_id = $2", scope, request_id)
+            assert row is not None
+            if bytes(row["request_hash"]) != request_hash:
+                raise InvalidArgument(
+                    f"request_id {request_id!r} was already used for a different request; "
+                    "use a new request_id for a new request",
+                    reason="REQUEST_ID_REUSED", metadata={"field": "request_id"})
+            return bytes(row["response"])
+        response = await work(conn)
+        await conn.execute(
+            "UPDATE idempotency_keys SET response = $3 WHERE scope = $1 AND request_id = $2",
+            scope, request_id, response)
+        return response

@@ -1,0 +1,92 @@
+"""Versioned SQL migrations, applied in order under an advisory lock.
+
+Why a lock: several servers and workers may start at once against one database; the advisory
+lock makes them queue, and each sees the migrations the first one applied. Each file runs in its
+own transaction and is recorded with a checksum, so an edited, already-applied file is reported
+instead of silently diverging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger("promo.migrate")
+
+# Any fixed 64-bit number; it only has to be the same in every process of this service.
+MIGRATION_LOCK_ID = 0x70726F6D6F5F6D67  # "promo_mg"
+FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """A migration cannot be applied, or the database has diverged from the files."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    """Read storage/migrations/NNNN_name.sql in version order."""
+    found: list[Migration] = []
+    for entry in resources.files("storage.migrations").iterdir():
+        match = FILE_PATTERN.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration versions in {versions}")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply pending migrations; returns the versions applied by this call."""
+    applied_now: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+        done = {row["version"]: row for row in rows}
+        for migration in load_migrations():
+            previous = done.get(migration.version)
+            if previous is not None:
+                if previous["checksum"] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name}.sql was changed "
+                        "after it was applied; add a new migration instead of editing it")
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version, migration.name, migration.checksum)
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+            applied_now.append(migration.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    return applied_now
+
+
+async def migrate_dsn(dsn: str) -> list[int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()

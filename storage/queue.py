@@ -1,0 +1,45 @@
+"""The Redis side of the outbox: a pointer to an outbox row, queued for arq.
+
+Server and workers both queue outbox rows (the server right after its transaction commits, for
+low latency; the workers' sweeper for anything Redis lost), so the job name and the job id
+format live here, beside the outbox table they point at. The job id includes the attempt number
+so a retry is a new arq job and arq's result cache never swallows it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from arq.connections import ArqRedis
+
+log = logging.getLogger("promo.queue")
+
+OUTBOX_JOB_FUNCTION = "run_outbox_job"
+
+
+def outbox_job_id(queue_name: str, job_id: int, attempts: int) -> str:
+    """arq job ids are global to a Redis database, so they carry the queue name too."""
+    return f"{queue_name}/outbox/{job_id}/{attempts}"
+
+
+async def queue_outbox_job(redis: ArqRedis, *, job_id: int, attempts: int, due_at: datetime,
+                           queue_name: str) -> bool:
+    """Queue the row for a worker; False if arq already has that job id (nothing to do)."""
+    job = await redis.enqueue_job(
+        OUTBOX_JOB_FUNCTION, job_id, _job_id=outbox_job_id(queue_name, job_id, attempts),
+        _defer_until=due_at, _queue_name=queue_name)
+    return job is not None
+
+
+async def queue_after_commit(redis: ArqRedis | None, *, job_id: int | None, due_at: datetime,
+                             queue_name: str) -> None:
+    """Best effort: if Redis is down, the sweeper queues the row later. Never raises."""
+    if redis is None or job_id is None:
+        return
+    try:
+        await queue_outbox_job(redis, job_id=job_id, attempts=0, due_at=due_at,
+                               queue_name=queue_name)
+    except Exception:  # the row is safe in PostgreSQL; the sweeper will find it
+        log.warning("could not queue outbox job; the sweeper will", exc_info=True,
+                    extra={"outbox_job_id": job_id})

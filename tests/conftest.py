@@ -1,0 +1,200 @@
+"""Shared fixtures: real PostgreSQL and Redis, an isolated database per test, a real server.
+
+Services: PROMO_TEST_DATABASE_URL / PROMO_TEST_REDIS_URL when set (CI points them at the
+machine's services); otherwise embedded PostgreSQL and Redis are started for the session.
+Isolation: each session (each xdist worker) migrates a template database once; each test gets
+its own clone (CREATE DATABASE ... TEMPLATE) and its own arq queue name, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+import redis as redis_sync
+from grpc import aio
+
+from config.settings import ApiKeyConfig, Settings
+from storage.db import create_pool
+from storage.migrate import migrate
+
+ADMIN_KEY = "test-admin-key-0123456789"
+RUNTIME_KEY = "test-runtime-key-0123456789"
+LISTENER_KEY = "test-listener-key-0123456789"
+TEST_API_KEYS = [
+    ApiKeyConfig(name="test-admin", key=ADMIN_KEY, roles=["admin"]),
+    ApiKeyConfig(name="test-runtime", key=RUNTIME_KEY, roles=["runtime"]),
+    ApiKeyConfig(name="test-listener", key=LISTENER_KEY, roles=["listener"]),
+]
+
+
+@dataclass(frozen=True)
+class Services:
+    database_url: str  # the maintenance database (used to create and drop test databases)
+    redis_url: str
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    database_url = os.environ.get("PROMO_TEST_DATABASE_URL")
+    redis_url = os.environ.get("PROMO_TEST_REDIS_URL")
+    started: list[object] = []
+    if not database_url or not redis_url:
+        from cli.embedded import EmbeddedPostgres, EmbeddedRedis
+
+        data_dir = Path(tmp_path_factory.mktemp("embedded-services"))
+        # The embedded PostgreSQL may run as another (unprivileged) user: let it reach the folder.
+        for folder in (data_dir, *data_dir.parents):
+            if folder == Path(tmp_path_factory.getbasetemp()).parent.parent:
+                break
+            folder.chmod(folder.stat().st_mode | 0o055)
+        if not database_url:
+            postgres = EmbeddedPostgres(data_dir,
+                                        run_as_user=os.environ.get("PROMO_EMBEDDED_PG_USER"))
+            database_url = postgres.start()
+            started.append(postgres)
+        if not redis_url:
+            embedded_redis = EmbeddedRedis(data_dir)
+            redis_url = embedded_redis.start()
+            started.append(embedded_redis)
+    try:
+        yield Services(database_url=database_url, redis_url=redis_url)
+    finally:
+        for service in reversed(started):
+            service.stop()  # type: ignore[attr-defined]
+
+
+async def _admin(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(url)
+
+
+@pytest.fixture(scope="session")
+def template_database(services: Services) -> Iterator[str]:
+    """A freshly migrated database that every test's database is cloned from."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"promo_tpl_{worker}_{os.getpid()}"
+
+    async def create() -> None:
+        admin = await _admin(services.database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(with_database(services.database_url, name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        admin = await _admin(services.database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    try:
+        yield name
+    finally:
+        asyncio.run(drop())
+
+
+@pytest.fixture
+async def database_url(services: Services, template_database: str) -> AsyncIterator[str]:
+    """A database of this test's own, cloned from the migrated template, dropped afterwards."""
+    name = f"promo_t_{uuid.uuid4().hex[:16]}"
+    admin = await _admin(services.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await admin.close()
+    try:
+        yield with_database(services.database_url, name)
+    finally:
+        admin = await _admin(services.database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+def queue_name(services: Services) -> Iterator[str]:
+    """An arq queue of this test's own; its Redis keys are deleted afterwards."""
+    name = f"promo:test:{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis_sync.Redis.from_url(services.redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"*{name}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def settings(database_url: str, services: Services, queue_name: str) -> Settings:
+    return Settings(database_url=database_url, redis_url=services.redis_url, grpc_port=0,
+                    api_keys=TEST_API_KEYS, queue_name=queue_name, migrate_on_start=False,
+                    db_pool_min_size=1, db_pool_max_size=10, shutdown_grace_seconds=2,
+                    sweeper_interval_seconds=1, job_retry_base_seconds=0.05,
+                    job_retry_max_seconds=0.5, log_format="text")
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    assert settings.database_url is not None
+    db_pool = await create_pool(settings.database_url, min_size=1, max_size=10)
+    try:
+        yield db_pool
+    finally:
+        await db_pool.close()
+
+
+@dataclass
+class Api:
+    """A real server on a free port and a real channel to it."""
+
+    channel: aio.Channel
+    address: str
+
+    @staticmethod
+    def key(role: str = "admin") -> tuple[tuple[str, str], ...]:
+        key = {"admin": ADMIN_KEY, "runtime": RUNTIME_KEY, "listener": LISTENER_KEY}[role]
+        return (("x-api-key", key),)
+
+
+@pytest.fixture
+async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
+    from server.app import Dependencies, start_server
+
+    running = await start_server(settings, Dependencies(pool=pool))
+    channel = aio.insecure_channel(running.address)
+    await asyncio.wait_for(channel.channel_ready(), timeout=5)
+    try:
+        yield Api(channel=channel, address=running.address)
+    finally:
+        await channel.close()
+        await running.stop(0)
+
+
+def rpc_error_reason(exc: grpc.RpcError) -> str | None:
+    from server.errors import error_info_of
+
+    info = error_info_of(exc)
+    return info.reason if info is not None else None

@@ -1,0 +1,85 @@
+"""The arq worker: shared resources in ``ctx``, the outbox job, and the sweeper loop.
+
+Resources (the asyncpg pool) are created in ``on_startup`` inside the worker's loop and kept in
+``ctx``; the sweeper runs as a background task of the same loop, every
+``sweeper_interval_seconds``. Several workers may run at once: leases and SKIP LOCKED keep them
+from queueing the same row twice in one interval, and handlers are idempotent anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from config.settings import Settings
+from core.clock import Clock, SystemClock
+from storage.db import create_pool
+from storage.migrate import migrate
+from storage.queue import OUTBOX_JOB_FUNCTION
+from workers.outbox import run_outbox_job, sweep_once
+
+log = logging.getLogger("promo.worker")
+
+
+async def _sweeper_loop(ctx: dict[str, Any], interval: float) -> None:
+    while True:
+        try:
+            await sweep_once(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sweeper tick failed; trying again next tick")
+        await asyncio.sleep(interval)
+
+
+def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool = False,
+                 handle_signals: bool = True, run_sweeper: bool = True) -> Worker:
+    """Create the arq Worker (call inside the running event loop)."""
+    if not settings.redis_url or not settings.database_url:
+        raise RuntimeError("the worker needs PROMO_DATABASE_URL and PROMO_REDIS_URL "
+                           "(or use `promo up`, which starts embedded ones)")
+    database_url = settings.database_url
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx["settings"] = settings
+        ctx["clock"] = clock or SystemClock()
+        ctx["pool"] = await create_pool(database_url, min_size=settings.db_pool_min_size,
+                                        max_size=settings.db_pool_max_size,
+                                        command_timeout=settings.db_command_timeout_seconds)
+        if settings.migrate_on_start:
+            async with ctx["pool"].acquire() as conn:
+                await migrate(conn)
+        if run_sweeper:
+            ctx["sweeper"] = asyncio.create_task(
+                _sweeper_loop(ctx, settings.sweeper_interval_seconds), name="promo-sweeper")
+        log.info("worker started", extra={"queue": settings.queue_name})
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        sweeper = ctx.pop("sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        pool = ctx.pop("pool", None)
+        if pool is not None:
+            await pool.close()
+        log.info("worker stopped")
+
+    return Worker(
+        functions=[func(run_outbox_job, name=OUTBOX_JOB_FUNCTION)],
+        queue_name=settings.queue_name,
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        max_jobs=settings.worker_max_jobs,
+        max_tries=settings.job_max_tries,
+        burst=burst,
+        handle_signals=handle_signals,
+        keep_result=60,
+        poll_delay=0.2,
+    )
