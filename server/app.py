@@ -4,35 +4,28 @@ and a graceful stop (health NOT_SERVING first, then in-flight calls get a grace 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import asyncpg
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from promo.v1 import reward_types_pb2, reward_types_pb2_grpc
 
 from config.settings import Settings
-from core.clock import Clock, SystemClock
 from server import reward_types
 from server.auth import Authenticator
+from server.deps import Dependencies
 from server.interceptors import CallObserver, ServiceInterceptor
 
 log = logging.getLogger("promo.server")
 
-SERVICE_NAMES = (
-    reward_types_pb2.DESCRIPTOR.services_by_name["RewardTypeService"].full_name,
-)
-METHOD_ROLES: dict[str, set[str]] = {**reward_types.ROLES}
+# Every servicer module exposes SERVICE_NAME, ROLES (method -> roles) and register(server, deps).
+SERVICE_MODULES = (reward_types,)
+SERVICE_NAMES = tuple(module.SERVICE_NAME for module in SERVICE_MODULES)
+METHOD_ROLES: dict[str, set[str]] = {
+    method: roles for module in SERVICE_MODULES for method, roles in module.ROLES.items()}
 
-
-@dataclass
-class Dependencies:
-    """What the servicers need from the outside world, created by the caller in its loop."""
-
-    pool: asyncpg.Pool
-    clock: Clock = field(default_factory=SystemClock)
+__all__ = ["Dependencies", "RunningServer", "start_server"]
 
 
 @dataclass
@@ -66,8 +59,8 @@ async def start_server(settings: Settings, deps: Dependencies, *,
     authenticator = Authenticator(settings.api_keys, METHOD_ROLES)
     server = aio.server(interceptors=[ServiceInterceptor(authenticator, observer)],
                         options=[("grpc.so_reuseport", 0)])
-    reward_types_pb2_grpc.add_RewardTypeServiceServicer_to_server(
-        reward_types.RewardTypeServicer(deps.pool), server)
+    for module in SERVICE_MODULES:
+        module.register(server, deps)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -14,11 +14,12 @@ from core.errors import InvalidArgument
 from core.money import format_decimal, parse_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from server.convert import request_fingerprint, timestamp
+from server.deps import Dependencies
 from storage import idempotency
 from storage import reward_types as repo
 
-SERVICE = "/promo.v1.RewardTypeService/"
-ROLES = {SERVICE + m: {"admin"} for m in
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardTypeService"].full_name
+ROLES = {f"/{SERVICE_NAME}/{m}": {"admin"} for m in
          ("CreateRewardType", "GetRewardType", "ListRewardTypes", "UpdateRewardType")}
 
 _CATEGORY_FROM_PB = {pb.REWARD_CATEGORY_AMOUNT: domain.RewardCategory.AMOUNT,
@@ -105,3 +106,7 @@ class RewardTypeServicer(pb_grpc.RewardTypeServiceServicer):
             self._pool, scope="UpdateRewardType", request_id=request.request_id,
             request_hash=request_fingerprint(request), work=work)
         return pb.UpdateRewardTypeResponse.FromString(raw)
+
+
+def register(server: aio.Server, deps: Dependencies) -> None:
+    pb_grpc.add_RewardTypeServiceServicer_to_server(RewardTypeServicer(deps.pool), server)

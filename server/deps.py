@@ -1,0 +1,19 @@
+"""What the servicers need from the outside world, created by the caller inside its loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from core.clock import Clock, SystemClock
+
+
+@dataclass
+class Dependencies:
+    pool: asyncpg.Pool
+    clock: Clock = field(default_factory=SystemClock)
+    # An arq Redis pool for queueing outbox jobs right after commit (None: the sweeper does it).
+    redis: Any = None
+    queue_name: str = "promo:queue"
