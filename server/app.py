@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from config.settings import Settings
-from server import reward_types
+from server import promotions, reward_types, rewards
 from server.auth import Authenticator
 from server.deps import Dependencies
 from server.interceptors import CallObserver, ServiceInterceptor
@@ -20,7 +20,7 @@ from server.interceptors import CallObserver, ServiceInterceptor
 log = logging.getLogger("promo.server")
 
 # Every servicer module exposes SERVICE_NAME, ROLES (method -> roles) and register(server, deps).
-SERVICE_MODULES = (reward_types,)
+SERVICE_MODULES = (reward_types, promotions, rewards)
 SERVICE_NAMES = tuple(module.SERVICE_NAME for module in SERVICE_MODULES)
 METHOD_ROLES: dict[str, set[str]] = {
     method: roles for module in SERVICE_MODULES for method, roles in module.ROLES.items()}

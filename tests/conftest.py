@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +24,7 @@ import redis as redis_sync
 from grpc import aio
 
 from config.settings import ApiKeyConfig, Settings
+from core.clock import FixedClock
 from storage.db import create_pool
 from storage.migrate import migrate
 
@@ -180,10 +182,16 @@ class Api:
 
 
 @pytest.fixture
-async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
+def clock() -> FixedClock:
+    """The time every server in a test sees; tests move it instead of sleeping."""
+    return FixedClock(datetime(2026, 11, 22, 10, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def api(settings: Settings, pool: asyncpg.Pool, clock: FixedClock) -> AsyncIterator[Api]:
     from server.app import Dependencies, start_server
 
-    running = await start_server(settings, Dependencies(pool=pool))
+    running = await start_server(settings, Dependencies(pool=pool, clock=clock))
     channel = aio.insecure_channel(running.address)
     await asyncio.wait_for(channel.channel_ready(), timeout=5)
     try:

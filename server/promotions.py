@@ -1,0 +1,231 @@
+"""PromotionService: catalogue of promotions, their lifecycle, live cap usage, reconciliation."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+from google.protobuf.message import Message
+from grpc import aio
+from promo.v1 import promotions_pb2 as pb
+from promo.v1 import promotions_pb2_grpc as pb_grpc
+
+from core.cap_state import availability, cap_states, windows
+from core.catalogue import promotions as domain
+from core.catalogue.promotions import Promotion, PromotionStatus
+from core.catalogue.reward_types import RewardType
+from core.clock import Clock
+from core.errors import InvalidArgument
+from core.money import format_decimal
+from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from server.convert import request_fingerprint, timestamp
+from server.deps import Dependencies
+from server.promotion_convert import (
+    KIND_FROM_PB,
+    PERIOD_FROM_PB,
+    PERIOD_TO_PB,
+    STATUS_FROM_PB,
+    promotion_from_pb,
+    promotion_to_pb,
+)
+from storage import idempotency
+from storage import promotions as repo
+from storage import reward_types as reward_types_repo
+from storage.promotions import StoredPromotion
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PromotionService"].full_name
+ROLES = {f"/{SERVICE_NAME}/{m.name}": {"admin"}
+         for m in pb.DESCRIPTOR.services_by_name["PromotionService"].methods}
+UPDATABLE = frozenset({"name", "description", "properties", "time_zone", "rewards",
+                       "customer_cap", "budget_caps"})
+_AVAILABILITY_TO_PB = {"AVAILABLE": pb.AVAILABILITY_AVAILABLE,
+                       "NOT_ACTIVE": pb.AVAILABILITY_NOT_ACTIVE,
+                       "CAPPED_FOR_PERIOD": pb.AVAILABILITY_CAPPED_FOR_PERIOD,
+                       "BUDGET_EXHAUSTED": pb.AVAILABILITY_BUDGET_EXHAUSTED,
+                       "CUSTOMER_CAP_REACHED": pb.AVAILABILITY_CUSTOMER_CAP_REACHED}
+
+
+async def _reward_types(conn: asyncpg.Connection, promotion: Promotion) -> dict[str, RewardType]:
+    found: dict[str, RewardType] = {}
+    for reward in promotion.rewards:
+        row = await conn.fetchrow("SELECT 1 FROM reward_types WHERE name = $1",
+                                  reward.reward_type)
+        if row is not None:
+            found[reward.reward_type] = await reward_types_repo.get(conn, reward.reward_type)
+    return found
+
+
+async def with_usage(conn: asyncpg.Connection, stored: StoredPromotion,
+                     now: datetime) -> pb.Promotion:
+    """The promotion as operators see it: config plus live caps and availability."""
+    promotion = stored.promotion
+    current = windows(promotion, now)
+    rows = await repo.usage(conn, stored.id, [(s, p.value, start) for s, p, start, _, _ in current])
+    used = {key: (row.used, row.grants) for key, row in rows.items()}
+    states = cap_states(promotion, now, used)
+    message = promotion_to_pb(promotion)
+    message.availability = _AVAILABILITY_TO_PB[availability(promotion, states).value]
+    message.customers = await repo.live_customers(conn, stored.id)
+    for state in states:
+        usage = message.cap_usage.add(scope=state.scope, period=PERIOD_TO_PB[state.period],
+                                      used=format_decimal(state.used.normalize()
+                                                          if state.used else Decimal(0)),
+                                      limit=format_decimal(state.limit), grants=state.grants,
+                                      reached=state.reached)
+        usage.period_start.FromDatetime(state.start)
+        if state.end is not None:
+            usage.period_end.FromDatetime(state.end)
+    return message
+
+
+class PromotionServicer(pb_grpc.PromotionServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, clock: Clock) -> None:
+        self._pool = pool
+        self._clock = clock
+
+    async def _once(self, scope: str, request: Message, request_id: str,
+                    work: Callable[[asyncpg.Connection], Awaitable[pb.Promotion]],
+                    response_type: type[Message]) -> Message:
+        async def run(conn: asyncpg.Connection) -> bytes:
+            promotion = await work(conn)
+            return response_type(promotion=promotion).SerializeToString()  # type: ignore[call-arg]
+
+        raw = await idempotency.run_once(self._pool, scope=scope, request_id=request_id,
+                                         request_hash=request_fingerprint(request), work=run)
+        return response_type.FromString(raw)
+
+    async def CreatePromotion(self, request: pb.CreatePromotionRequest,
+                              context: aio.ServicerContext) -> pb.CreatePromotionResponse:
+        draft = promotion_from_pb(request.promotion)
+        status = PromotionStatus.ACTIVE if request.activate else PromotionStatus.DRAFT
+
+        async def work(conn: asyncpg.Connection) -> pb.Promotion:
+            promotion = domain.validate_promotion(draft, await _reward_types(conn, draft))
+            stored = await repo.insert(conn, replace(promotion, status=status))
+            return await with_usage(conn, stored, self._clock.now())
+
+        response = await self._once("CreatePromotion", request, request.request_id, work,
+                                    pb.CreatePromotionResponse)
+        assert isinstance(response, pb.CreatePromotionResponse)
+        return response
+
+    async def GetPromotion(self, request: pb.GetPromotionRequest,
+                           context: aio.ServicerContext) -> pb.GetPromotionResponse:
+        async with self._pool.acquire() as conn:
+            stored = await repo.get(conn, request.promotion_code)
+            return pb.GetPromotionResponse(
+                promotion=await with_usage(conn, stored, self._clock.now()))
+
+    async def ListPromotions(self, request: pb.ListPromotionsRequest,
+                             context: aio.ServicerContext) -> pb.ListPromotionsResponse:
+        size = effective_page_size(request.page_size)
+        statuses = sorted({STATUS_FROM_PB[s].value for s in request.statuses
+                           if s in STATUS_FROM_PB})
+        kinds = sorted({KIND_FROM_PB[k].value for k in request.reward_kinds if k in KIND_FROM_PB})
+        bad_status = len(statuses) != len(set(request.statuses))
+        if bad_status or len(kinds) != len(set(request.reward_kinds)):
+            raise InvalidArgument("statuses and reward_kinds must not contain UNSPECIFIED",
+                                  reason="INVALID_ENUM", metadata={"field": "statuses"})
+        filters = {"search": request.search, "statuses": statuses, "kinds": kinds}
+        cursor = decode_page_token(request.page_token, filters)
+        now = self._clock.now()
+        async with self._pool.acquire() as conn:
+            rows = await repo.list_page(conn, after_code=str(cursor.after[0]) if cursor else None,
+                                        limit=size + 1, search=request.search,
+                                        statuses=statuses, kinds=kinds)
+            page = [await with_usage(conn, stored, now) for stored in rows[:size]]
+        token = encode_page_token([rows[size - 1].promotion.code], filters) \
+            if len(rows) > size else ""
+        return pb.ListPromotionsResponse(promotions=page, next_page_token=token)
+
+    async def UpdatePromotion(self, request: pb.UpdatePromotionRequest,
+                              context: aio.ServicerContext) -> pb.UpdatePromotionResponse:
+        paths = list(request.update_mask.paths)
+        if not paths:
+            raise InvalidArgument("update_mask must name at least one field",
+                                  reason="EMPTY_UPDATE_MASK", metadata={"field": "update_mask"})
+        unknown = sorted(set(paths) - UPDATABLE)
+        if unknown:
+            hint = " (the promotion code never changes)" if "promotion_code" in unknown else ""
+            raise InvalidArgument(
+                f"update_mask names fields that cannot be updated: {', '.join(unknown)}{hint}; "
+                f"updatable: {', '.join(sorted(UPDATABLE))}", reason="INVALID_UPDATE_MASK",
+                metadata={"field": "update_mask"})
+        patch = promotion_from_pb(request.promotion)
+
+        async def work(conn: asyncpg.Connection) -> pb.Promotion:
+            stored = await repo.get(conn, request.promotion.promotion_code, for_update=True)
+            domain.check_editable(stored.promotion)
+            merged = replace(stored.promotion, **{p: getattr(patch, p) for p in paths})
+            promotion = domain.validate_promotion(merged, await _reward_types(conn, merged))
+            saved = await repo.save(conn, stored.id, promotion)
+            return await with_usage(conn, saved, self._clock.now())
+
+        response = await self._once("UpdatePromotion", request, request.request_id, work,
+                                    pb.UpdatePromotionResponse)
+        assert isinstance(response, pb.UpdatePromotionResponse)
+        return response
+
+    async def _transition(self, scope: str, request: Message, code: str, request_id: str,
+                          target: PromotionStatus, response_type: type[Message]) -> Message:
+        async def work(conn: asyncpg.Connection) -> pb.Promotion:
+            stored = await repo.get(conn, code, for_update=True)
+            domain.check_transition(stored.promotion.status, target)
+            if target is PromotionStatus.ACTIVE:  # reward types may have changed since
+                domain.validate_promotion(stored.promotion,
+                                          await _reward_types(conn, stored.promotion))
+            saved = await repo.save(conn, stored.id, replace(stored.promotion, status=target))
+            return await with_usage(conn, saved, self._clock.now())
+
+        return await self._once(scope, request, request_id, work, response_type)
+
+    async def ActivatePromotion(self, request: pb.ActivatePromotionRequest,
+                                context: aio.ServicerContext) -> pb.ActivatePromotionResponse:
+        response = await self._transition("ActivatePromotion", request, request.promotion_code,
+                                          request.request_id, PromotionStatus.ACTIVE,
+                                          pb.ActivatePromotionResponse)
+        assert isinstance(response, pb.ActivatePromotionResponse)
+        return response
+
+    async def DeactivatePromotion(self, request: pb.DeactivatePromotionRequest,
+                                  context: aio.ServicerContext) -> pb.DeactivatePromotionResponse:
+        response = await self._transition("DeactivatePromotion", request,
+                                          request.promotion_code, request.request_id,
+                                          PromotionStatus.DEACTIVATED,
+                                          pb.DeactivatePromotionResponse)
+        assert isinstance(response, pb.DeactivatePromotionResponse)
+        return response
+
+    async def GetPromotionReconciliation(
+            self, request: pb.GetPromotionReconciliationRequest,
+            context: aio.ServicerContext) -> pb.GetPromotionReconciliationResponse:
+        async with self._pool.acquire() as conn:
+            stored = await repo.get(conn, request.promotion_code)
+            rows = await repo.reconciliation(conn, stored.id)
+        limits = {(c.reward_type, c.period.value): c.limit for c in stored.promotion.budget_caps}
+        response = pb.GetPromotionReconciliationResponse()
+        for row in rows:
+            net = row["granted_amount"] - row["revoked_amount"]
+            counter = row["counter_used"]
+            out = response.rows.add(
+                scope=row["scope"], period=PERIOD_TO_PB[PERIOD_FROM_PB_NAME[row["period"]]],
+                granted_count=row["granted_count"],
+                granted_amount=format_decimal(row["granted_amount"]),
+                revoked_count=row["revoked_count"],
+                revoked_amount=format_decimal(row["revoked_amount"]),
+                net_amount=format_decimal(net),
+                limit=format_decimal(limits.get((row["scope"], row["period"]))),
+                counter_matches=counter is not None and counter == net)
+            out.period_start.CopyFrom(timestamp(row["period_start"]))
+        return response
+
+
+PERIOD_FROM_PB_NAME = {p.value: p for p in PERIOD_FROM_PB.values()}
+
+
+def register(server: aio.Server, deps: Dependencies) -> None:
+    pb_grpc.add_PromotionServiceServicer_to_server(PromotionServicer(deps.pool, deps.clock),
+                                                   server)

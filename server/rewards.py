@@ -1,0 +1,200 @@
+"""RewardService: GetReward (the hot path) and RevokeGrant.
+
+GetReward reads the promotion from the in-memory cache, decides each reward's value, computes
+the cap charges, and makes one database round trip (promo_grant), which checks the cached
+version, returns an existing grant for a retry, or inserts the grant and charges every cap,
+all or nothing. A STALE answer reloads the configuration and tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+import asyncpg
+from grpc import aio
+from promo.v1 import promotions_pb2 as ppb
+from promo.v1 import rewards_pb2 as pb
+from promo.v1 import rewards_pb2_grpc as pb_grpc
+
+from core.catalogue.promotions import RewardKind
+from core.clock import Clock
+from core.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from core.money import parse_decimal
+from core.rewards import CUSTOMERS_WINDOW_START, Denial, charges_for, decide_values
+from server.convert import timestamp
+from server.deps import Dependencies
+from server.promotion_cache import CachedPromotion, PromotionCache
+from server.promotion_convert import KIND_TO_PB, PERIOD_TO_PB
+from storage import promotions as repo
+from storage.idempotency import validate_request_id
+from storage.promotions import GrantCharge, GrantOutcome
+
+log = logging.getLogger("promo.rewards")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+ROLES = {f"/{SERVICE_NAME}/GetReward": {"runtime"}, f"/{SERVICE_NAME}/RevokeGrant": {"runtime"}}
+MAX_ID_LENGTH = 128
+_DENIALS = {"NOT_ACTIVE": pb.DENIAL_REASON_NOT_ACTIVE,
+            "CUSTOMER_CAP_REACHED": pb.DENIAL_REASON_CUSTOMER_CAP_REACHED,
+            "BUDGET_CAP_REACHED": pb.DENIAL_REASON_BUDGET_CAP_REACHED,
+            "NOT_ELIGIBLE": pb.DENIAL_REASON_NOT_ELIGIBLE,
+            "BELOW_MINIMUM": pb.DENIAL_REASON_BELOW_MINIMUM}
+_PERIODS = {p.value: v for p, v in PERIOD_TO_PB.items()}
+
+
+def _check_id(value: str, field: str) -> str:
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"{field} is required (1-{MAX_ID_LENGTH} characters)",
+                              reason="INVALID_ID", metadata={"field": field})
+    return value
+
+
+def _parse_grant_id(value: str) -> int:
+    if not value.isdigit() or len(value) > 18:
+        raise InvalidArgument(f"grant_id {value!r} is not a grant id", reason="INVALID_ID",
+                              metadata={"field": "grant_id"})
+    return int(value)
+
+
+class RewardServicer(pb_grpc.RewardServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, clock: Clock, cache: PromotionCache) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._cache = cache
+
+    async def GetReward(self, request: pb.GetRewardRequest,
+                        context: aio.ServicerContext) -> pb.GetRewardResponse:
+        _check_id(request.promotion_code, "promotion_code")
+        _check_id(request.customer_id, "customer_id")
+        validate_request_id(request.request_id)
+        if len(request.campaign_id) > MAX_ID_LENGTH:
+            raise InvalidArgument("campaign_id is at most 128 characters", reason="INVALID_ID",
+                                  metadata={"field": "campaign_id"})
+        external: dict[str, Decimal] = {}
+        for name, text in request.external_values.items():
+            value = parse_decimal(text, field=f"external_values[{name}]")
+            assert value is not None
+            external[name] = value
+        for _ in range(3):
+            cached = await self._cache.get(request.promotion_code)
+            outcome = await self._grant(cached, request, external)
+            if isinstance(outcome, pb.GetRewardResponse):
+                return outcome
+            if outcome.outcome == "STALE":
+                self._cache.invalidate(request.promotion_code)
+                continue
+            return self._answer(cached, request, outcome)
+        raise Aborted("the promotion changed repeatedly during this call; retry it",
+                      reason="CONFIG_CHANGING")
+
+    async def _grant(self, cached: CachedPromotion, request: pb.GetRewardRequest,
+                     external: dict[str, Decimal]) -> GrantOutcome | pb.GetRewardResponse:
+        promotion = cached.stored.promotion
+        unknown = sorted(set(external) - {r.reward_type for r in promotion.rewards
+                                          if r.kind is RewardKind.EXTERNAL})
+        if unknown:
+            raise InvalidArgument(f"external_values names reward types that are not EXTERNAL "
+                                  f"rewards of this promotion: {', '.join(unknown)}",
+                                  reason="INVALID_EXTERNAL_VALUE",
+                                  metadata={"field": "external_values"})
+        computed = await self._computed(cached, request)
+        decided = decide_values(promotion, cached.reward_types, computed=computed,
+                                external_values=external)
+        now = self._clock.now()
+        if isinstance(decided, Denial):
+            # Still answer a retry with its earlier grant: ask the database, charging nothing.
+            async with self._pool.acquire() as conn:
+                existing = await repo.find_existing(
+                    conn, promotion_id=cached.stored.id, customer_id=request.customer_id,
+                    campaign_key=request.campaign_id, request_id=request.request_id)
+            if existing is not None:
+                return existing
+            return pb.GetRewardResponse(denial_reason=_DENIALS[decided.reason],
+                                        denial_message=decided.message)
+        rewards = [{"reward_type": v.reward_type, "kind": v.kind.value,
+                    "value": None if v.value is None else str(v.value)} for v in decided]
+        charges = [GrantCharge(c.scope, c.period.value, c.start, c.amount, c.limit)
+                   for c in charges_for(promotion, decided, now)]
+        async with self._pool.acquire() as conn:
+            return await repo.grant(
+                conn, promotion_id=cached.stored.id, version=promotion.version,
+                customer_id=request.customer_id, campaign_key=request.campaign_id,
+                request_id=request.request_id, rewards=rewards, promo_code=promotion.code,
+                now=now, customer_cap=promotion.customer_cap,
+                customers_start=CUSTOMERS_WINDOW_START, charges=charges)
+
+    async def _computed(self, cached: CachedPromotion,
+                        request: pb.GetRewardRequest) -> dict[str, Decimal | Denial]:
+        formula_rewards = [r for r in cached.stored.promotion.rewards
+                           if r.kind in (RewardKind.TIERED, RewardKind.CALCULATED)]
+        if formula_rewards:
+            raise FailedPrecondition(
+                "TIERED and CALCULATED rewards need the formula engine, which this server "
+                "version does not include yet", reason="FORMULAS_UNAVAILABLE")
+        return {}
+
+    def _answer(self, cached: CachedPromotion, request: pb.GetRewardRequest,
+                outcome: GrantOutcome) -> pb.GetRewardResponse:
+        promotion = cached.stored.promotion
+        if outcome.outcome == "NOT_FOUND":
+            self._cache.invalidate(request.promotion_code)
+            raise NotFound(f"no promotion with code {request.promotion_code!r}",
+                           reason="PROMOTION_NOT_FOUND",
+                           metadata={"promotion_code": request.promotion_code})
+        if outcome.outcome in ("GRANTED", "EXISTING"):
+            assert outcome.grant_id is not None and outcome.rewards is not None
+            grant = pb.Grant(
+                grant_id=str(outcome.grant_id), promotion_code=promotion.code,
+                customer_id=request.customer_id, campaign_id=request.campaign_id,
+                promo_code=outcome.promo_code or promotion.code,
+                properties=dict(promotion.properties), granted_at=timestamp(outcome.granted_at),
+                revoked=outcome.grant_status == "REVOKED")
+            for reward in outcome.rewards:
+                reward_type = cached.reward_types.get(reward["reward_type"])
+                grant.rewards.add(
+                    reward_type=reward["reward_type"],
+                    display_name=reward_type.display_name if reward_type else "",
+                    kind=KIND_TO_PB[RewardKind(reward["kind"])],
+                    value=reward["value"] or "")
+            return pb.GetRewardResponse(grant=grant, existing=outcome.outcome == "EXISTING")
+        if outcome.outcome == "NOT_ACTIVE":
+            return pb.GetRewardResponse(
+                denial_reason=pb.DENIAL_REASON_NOT_ACTIVE,
+                denial_message=f"promotion {promotion.code} is {outcome.grant_status}")
+        if outcome.outcome == "CUSTOMER_CAP_REACHED":
+            return pb.GetRewardResponse(
+                denial_reason=pb.DENIAL_REASON_CUSTOMER_CAP_REACHED,
+                denial_message=f"promotion {promotion.code} reached its cap of "
+                               f"{promotion.customer_cap} customers")
+        if outcome.outcome == "BUDGET_CAP_REACHED":
+            period = outcome.denied_period or ""
+            return pb.GetRewardResponse(
+                denial_reason=pb.DENIAL_REASON_BUDGET_CAP_REACHED,
+                denial_message=f"the {period.lower()} budget cap of {outcome.denied_scope} "
+                               f"would be exceeded",
+                denied_scope=outcome.denied_scope or "",
+                denied_period=_PERIODS.get(period, ppb.CAP_PERIOD_UNSPECIFIED))
+        raise RuntimeError(f"unexpected grant outcome {outcome.outcome}")
+
+    async def RevokeGrant(self, request: pb.RevokeGrantRequest,
+                          context: aio.ServicerContext) -> pb.RevokeGrantResponse:
+        validate_request_id(request.request_id)
+        grant_id = _parse_grant_id(request.grant_id)
+        if len(request.reason) > 1000:
+            raise InvalidArgument("reason is at most 1000 characters", reason="INVALID_REASON",
+                                  metadata={"field": "reason"})
+        async with self._pool.acquire() as conn:
+            outcome = await repo.revoke(conn, grant_id, reason=request.reason,
+                                        now=self._clock.now())
+        if outcome == "NOT_FOUND":
+            raise NotFound(f"no grant {request.grant_id}", reason="GRANT_NOT_FOUND",
+                           metadata={"grant_id": request.grant_id})
+        log.info("grant revoke", extra={"grant_id": grant_id, "outcome": outcome})
+        return pb.RevokeGrantResponse(revoked=outcome == "REVOKED")
+
+
+def register(server: aio.Server, deps: Dependencies) -> None:
+    cache = PromotionCache(deps.pool)
+    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(deps.pool, deps.clock, cache),
+                                                server)

@@ -1,0 +1,290 @@
+"""Promotions, cap usage, grants and reconciliation in PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from core.catalogue.promotions import (
+    BudgetCap,
+    CapPeriod,
+    Promotion,
+    PromotionReward,
+    PromotionStatus,
+    RewardKind,
+    Tier,
+)
+from core.errors import AlreadyExists, NotFound
+
+CUSTOMERS_SCOPE = "#customers"
+_COLUMNS = ("id, code, name, description, properties, status, time_zone, customer_cap, rewards, "
+            "budget_caps, version, create_time, update_time")
+
+
+def _dec(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _undec(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+def reward_to_json(reward: PromotionReward) -> dict[str, Any]:
+    return {"reward_type": reward.reward_type, "kind": reward.kind.value,
+            "value": _dec(reward.value),
+            "tiers": [{"condition": t.condition, "value": t.value} for t in reward.tiers],
+            "formula": reward.formula, "rounding": reward.rounding, "decimals": reward.decimals,
+            "rounding_factor": _dec(reward.rounding_factor),
+            "lookback_days": reward.lookback_days, "min_value": _dec(reward.min_value),
+            "max_value": _dec(reward.max_value)}
+
+
+def reward_from_json(data: dict[str, Any]) -> PromotionReward:
+    return PromotionReward(
+        reward_type=data["reward_type"], kind=RewardKind(data["kind"]),
+        value=_undec(data.get("value")),
+        tiers=tuple(Tier(t["condition"], t["value"]) for t in data.get("tiers", [])),
+        formula=data.get("formula", ""), rounding=data.get("rounding", "NONE"),
+        decimals=data.get("decimals", 2), rounding_factor=_undec(data.get("rounding_factor")),
+        lookback_days=data.get("lookback_days", 30), min_value=_undec(data.get("min_value")),
+        max_value=_undec(data.get("max_value")))
+
+
+def _cap_to_json(cap: BudgetCap) -> dict[str, Any]:
+    return {"reward_type": cap.reward_type, "period": cap.period.value, "limit": str(cap.limit)}
+
+
+def _cap_from_json(data: dict[str, Any]) -> BudgetCap:
+    return BudgetCap(data["reward_type"], CapPeriod(data["period"]), Decimal(data["limit"]))
+
+
+@dataclass(frozen=True)
+class StoredPromotion:
+    id: int
+    promotion: Promotion
+
+
+def _from_row(row: asyncpg.Record) -> StoredPromotion:
+    return StoredPromotion(id=row["id"], promotion=Promotion(
+        code=row["code"], name=row["name"], description=row["description"],
+        properties=dict(row["properties"]), status=PromotionStatus(row["status"]),
+        time_zone=row["time_zone"],
+        rewards=tuple(reward_from_json(r) for r in row["rewards"]),
+        customer_cap=row["customer_cap"],
+        budget_caps=tuple(_cap_from_json(c) for c in row["budget_caps"]),
+        version=row["version"], create_time=row["create_time"], update_time=row["update_time"]))
+
+
+def _kinds(promotion: Promotion) -> list[str]:
+    return sorted({r.kind.value for r in promotion.rewards})
+
+
+async def insert(conn: asyncpg.Connection, promotion: Promotion) -> StoredPromotion:
+    try:
+        row = await conn.fetchrow(
+            f"""INSERT INTO promotions (code, name, description, properties, status, time_zone,
+                                        customer_cap, rewards, budget_caps, reward_kinds)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {_COLUMNS}""",
+            promotion.code, promotion.name, promotion.description, dict(promotion.properties),
+            promotion.status.value, promotion.time_zone, promotion.customer_cap,
+            [reward_to_json(r) for r in promotion.rewards],
+            [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion))
+    except asyncpg.UniqueViolationError as exc:
+        raise AlreadyExists(f"a promotion with code {promotion.code!r} already exists",
+                            reason="PROMOTION_EXISTS",
+                            metadata={"promotion_code": promotion.code}) from exc
+    assert row is not None
+    return _from_row(row)
+
+
+async def get(conn: asyncpg.Connection, code: str, *, for_update: bool = False) -> StoredPromotion:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM promotions WHERE code = $1{lock}", code)
+    if row is None:
+        raise NotFound(f"no promotion with code {code!r}", reason="PROMOTION_NOT_FOUND",
+                       metadata={"promotion_code": code})
+    return _from_row(row)
+
+
+async def get_by_id(conn: asyncpg.Connection, promotion_id: int) -> StoredPromotion | None:
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM promotions WHERE id = $1", promotion_id)
+    return _from_row(row) if row is not None else None
+
+
+async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion) -> StoredPromotion:
+    """Write every editable field and the status, bumping the version (caches compare it)."""
+    row = await conn.fetchrow(
+        f"""UPDATE promotions SET name = $2, description = $3, properties = $4, status = $5,
+                   time_zone = $6, customer_cap = $7, rewards = $8, budget_caps = $9,
+                   reward_kinds = $10, version = version + 1, update_time = now()
+             WHERE id = $1 RETURNING {_COLUMNS}""",
+        stored_id, promotion.name, promotion.description, dict(promotion.properties),
+        promotion.status.value, promotion.time_zone, promotion.customer_cap,
+        [reward_to_json(r) for r in promotion.rewards],
+        [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion))
+    assert row is not None
+    if promotion.customer_cap is not None:
+        # A cap added later starts from the customers already holding a live grant.
+        await conn.execute(
+            """INSERT INTO cap_usage (promotion_id, scope, period, period_start, used, grants)
+               SELECT $1, $2, 'LIFETIME', 'epoch'::timestamptz, count(*), count(*)
+                 FROM promotion_customers WHERE promotion_id = $1 AND live_grants > 0
+               ON CONFLICT (promotion_id, scope, period, period_start) DO NOTHING""",
+            stored_id, CUSTOMERS_SCOPE)
+    return _from_row(row)
+
+
+async def list_page(conn: asyncpg.Connection, *, after_code: str | None, limit: int,
+                    search: str, statuses: Sequence[str],
+                    kinds: Sequence[str]) -> list[StoredPromotion]:
+    pattern = f"%{search.lower()}%" if search else None
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM promotions
+             WHERE ($1::text IS NULL OR code > $1)
+               AND ($2::text IS NULL OR lower(name) LIKE $2 OR lower(code) LIKE $2)
+               AND (cardinality($3::text[]) = 0 OR status = ANY($3))
+               AND (cardinality($4::text[]) = 0 OR reward_kinds && $4)
+             ORDER BY code LIMIT $5""",
+        after_code, pattern, list(statuses), list(kinds), limit)
+    return [_from_row(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    scope: str
+    period: CapPeriod
+    period_start: datetime
+    used: Decimal
+    grants: int
+
+
+async def usage(conn: asyncpg.Connection, promotion_id: int,
+                windows: Sequence[tuple[str, str, datetime]]) -> dict[tuple[str, str], UsageRow]:
+    """The counters of the given (scope, period, window start) triples, keyed (scope, period)."""
+    if not windows:
+        return {}
+    rows = await conn.fetch(
+        """SELECT u.scope, u.period, u.period_start, u.used, u.grants
+             FROM unnest($2::text[], $3::text[], $4::timestamptz[]) AS w(scope, period, start)
+             JOIN cap_usage u ON u.promotion_id = $1 AND u.scope = w.scope
+                             AND u.period = w.period AND u.period_start = w.start""",
+        promotion_id, [w[0] for w in windows], [w[1] for w in windows], [w[2] for w in windows])
+    return {(r["scope"], r["period"]): UsageRow(r["scope"], CapPeriod(r["period"]),
+                                                r["period_start"], r["used"], r["grants"])
+            for r in rows}
+
+
+async def live_customers(conn: asyncpg.Connection, promotion_id: int) -> int:
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM promotion_customers WHERE promotion_id = $1 AND live_grants > 0",
+        promotion_id)
+    return count
+
+
+@dataclass(frozen=True)
+class GrantCharge:
+    scope: str
+    period: str
+    start: datetime
+    amount: Decimal
+    limit: Decimal | None
+
+
+@dataclass(frozen=True)
+class GrantOutcome:
+    """outcome: GRANTED, EXISTING, NOT_ACTIVE, STALE, NOT_FOUND, or a cap denial
+    (CUSTOMER_CAP_REACHED / BUDGET_CAP_REACHED with denied_scope and denied_period)."""
+
+    outcome: str
+    grant_id: int | None = None
+    grant_status: str | None = None
+    rewards: list[dict[str, Any]] | None = None
+    promo_code: str | None = None
+    granted_at: datetime | None = None
+    denied_scope: str | None = None
+    denied_period: str | None = None
+
+
+CAP_ERROR_SQLSTATE = "PC001"
+
+
+async def grant(conn: asyncpg.Connection, *, promotion_id: int, version: int, customer_id: str,
+                campaign_key: str, request_id: str, rewards: list[dict[str, Any]],
+                promo_code: str, now: datetime, customer_cap: int | None,
+                customers_start: datetime, charges: Sequence[GrantCharge]) -> GrantOutcome:
+    """One round trip: the promo_grant function, all or nothing."""
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM promo_grant($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+            " $14, $15)",
+            promotion_id, version, customer_id, campaign_key, request_id, rewards, promo_code,
+            now, customer_cap, customers_start, [c.scope for c in charges],
+            [c.period for c in charges], [c.start for c in charges],
+            [c.amount for c in charges], [c.limit for c in charges])
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) != CAP_ERROR_SQLSTATE:
+            raise
+        reason, scope, period = [*str(getattr(exc, "message", exc)).split("|"), "", ""][:3]
+        return GrantOutcome(outcome=reason, denied_scope=scope, denied_period=period)
+    assert row is not None
+    return GrantOutcome(outcome=row["outcome"], grant_id=row["grant_id"],
+                        grant_status=row["grant_status"], rewards=row["rewards"],
+                        promo_code=row["promo_code"], granted_at=row["granted_at"])
+
+
+async def find_existing(conn: asyncpg.Connection, *, promotion_id: int, customer_id: str,
+                        campaign_key: str, request_id: str) -> GrantOutcome | None:
+    """The grant a retry or a repeat call should get back, without charging anything."""
+    row = await conn.fetchrow(
+        """SELECT id, status, rewards, promo_code, granted_at FROM grants
+            WHERE promotion_id = $1 AND (request_id = $4 OR (customer_id = $2
+                  AND campaign_key = $3 AND status = 'GRANTED'))
+            ORDER BY request_id = $4 DESC LIMIT 1""",
+        promotion_id, customer_id, campaign_key, request_id)
+    if row is None:
+        return None
+    return GrantOutcome(outcome="EXISTING", grant_id=row["id"], grant_status=row["status"],
+                        rewards=row["rewards"], promo_code=row["promo_code"],
+                        granted_at=row["granted_at"])
+
+
+async def revoke(conn: asyncpg.Connection, grant_id: int, *, reason: str,
+                 now: datetime) -> str:
+    row = await conn.fetchrow("SELECT * FROM promo_revoke($1, $2, $3)", grant_id, reason, now)
+    assert row is not None
+    outcome: str = row["outcome"]
+    return outcome
+
+
+async def get_grant(conn: asyncpg.Connection, grant_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT g.*, p.code AS promotion_code FROM grants g
+             JOIN promotions p ON p.id = g.promotion_id WHERE g.id = $1""", grant_id)
+
+
+async def reconciliation(conn: asyncpg.Connection, promotion_id: int) -> list[asyncpg.Record]:
+    """Per charged window: granted and revoked counts and amounts, and the live counter."""
+    return await conn.fetch(
+        """WITH charged AS (
+               SELECT c->>'scope' AS scope, c->>'period' AS period,
+                      (c->>'start')::timestamptz AS period_start,
+                      (c->>'amount')::numeric AS amount, g.status
+                 FROM grants g, jsonb_array_elements(g.charges) AS c
+                WHERE g.promotion_id = $1)
+           SELECT ch.scope, ch.period, ch.period_start,
+                  count(*) AS granted_count, sum(ch.amount) AS granted_amount,
+                  count(*) FILTER (WHERE ch.status = 'REVOKED') AS revoked_count,
+                  coalesce(sum(ch.amount) FILTER (WHERE ch.status = 'REVOKED'), 0)
+                      AS revoked_amount,
+                  u.used AS counter_used
+             FROM charged ch
+             LEFT JOIN cap_usage u ON u.promotion_id = $1 AND u.scope = ch.scope
+                  AND u.period = ch.period AND u.period_start = ch.period_start
+            GROUP BY ch.scope, ch.period, ch.period_start, u.used
+            ORDER BY ch.scope, ch.period, ch.period_start""",
+        promotion_id)
