@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
+def open_for_embedded_user(folder: Path) -> None:
+    """The embedded PostgreSQL may run as another (unprivileged) user: let it reach ``folder``
+    by opening the test's own temporary folders (up to the system temp folder) for traversal."""
+    system_tmp = Path(tempfile.gettempdir()).resolve()
+    for path in (folder.resolve(), *folder.resolve().parents):
+        if path == system_tmp or system_tmp not in path.parents:
+            break
+        path.chmod(path.stat().st_mode | 0o055)
+
+
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     database_url = os.environ.get("PROMO_TEST_DATABASE_URL")
@@ -58,11 +69,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         from cli.embedded import EmbeddedPostgres, EmbeddedRedis
 
         data_dir = Path(tmp_path_factory.mktemp("embedded-services"))
-        # The embedded PostgreSQL may run as another (unprivileged) user: let it reach the folder.
-        for folder in (data_dir, *data_dir.parents):
-            if folder == Path(tmp_path_factory.getbasetemp()).parent.parent:
-                break
-            folder.chmod(folder.stat().st_mode | 0o055)
+        open_for_embedded_user(data_dir)
         if not database_url:
             postgres = EmbeddedPostgres(data_dir,
                                         run_as_user=os.environ.get("PROMO_EMBEDDED_PG_USER"))

@@ -21,6 +21,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import open_for_embedded_user
+
 pytestmark = pytest.mark.embedded
 
 
@@ -54,8 +56,7 @@ def test_promo_up_embedded_serves_and_stops_cleanly(tmp_path: Path) -> None:
                     "(.ci/run does) so the embedded PostgreSQL can start")
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    for folder in (data_dir, tmp_path, tmp_path.parent, tmp_path.parent.parent):
-        folder.chmod(0o755)  # the embedded PostgreSQL may run as another user
+    open_for_embedded_user(data_dir)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
     env.update(PROMO_DATA_DIR=str(data_dir), PROMO_GRPC_PORT=str(port),
