@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     sweeper_interval_seconds: int = Field(default=30, ge=1, le=3600)
     job_lease_seconds: int = Field(default=300, ge=5)
 
+    # Campaigns.
+    clearance_lead_seconds: float = Field(default=1800.0, ge=0)
+
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from config.settings import Settings
-from server import promotions, reward_types, rewards
+from server import campaigns, promotions, reward_types, rewards
 from server.auth import Authenticator
 from server.deps import Dependencies
 from server.interceptors import CallObserver, ServiceInterceptor
@@ -20,8 +20,9 @@ from server.interceptors import CallObserver, ServiceInterceptor
 log = logging.getLogger("promo.server")
 
 # Every servicer module exposes SERVICE_NAME, ROLES (method -> roles) and register(server, deps).
-SERVICE_MODULES = (reward_types, promotions, rewards)
-SERVICE_NAMES = tuple(module.SERVICE_NAME for module in SERVICE_MODULES)
+SERVICE_MODULES = (reward_types, promotions, rewards, campaigns)
+SERVICE_NAMES = tuple(name for module in SERVICE_MODULES
+                      for name in getattr(module, "SERVICE_NAMES", (module.SERVICE_NAME,)))
 METHOD_ROLES: dict[str, set[str]] = {
     method: roles for module in SERVICE_MODULES for method, roles in module.ROLES.items()}
 
@@ -59,6 +60,8 @@ async def start_server(settings: Settings, deps: Dependencies, *,
     authenticator = Authenticator(settings.api_keys, METHOD_ROLES)
     server = aio.server(interceptors=[ServiceInterceptor(authenticator, observer)],
                         options=[("grpc.so_reuseport", 0)])
+    deps.settings = settings
+    deps.queue_name = settings.queue_name
     for module in SERVICE_MODULES:
         module.register(server, deps)
 

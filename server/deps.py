@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 
+from config.settings import Settings
 from core.clock import Clock, SystemClock
 
 
@@ -17,3 +18,5 @@ class Dependencies:
     # An arq Redis pool for queueing outbox jobs right after commit (None: the sweeper does it).
     redis: Any = None
     queue_name: str = "promo:queue"
+    # Filled in by start_server from the settings it was given.
+    settings: Settings | None = None

@@ -26,6 +26,7 @@ from server.convert import timestamp
 from server.deps import Dependencies
 from server.promotion_cache import CachedPromotion, PromotionCache
 from server.promotion_convert import KIND_TO_PB, PERIOD_TO_PB
+from storage import campaigns as campaigns_repo
 from storage import promotions as repo
 from storage.idempotency import validate_request_id
 from storage.promotions import GrantCharge, GrantOutcome
@@ -98,6 +99,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                                   f"rewards of this promotion: {', '.join(unknown)}",
                                   reason="INVALID_EXTERNAL_VALUE",
                                   metadata={"field": "external_values"})
+        if request.campaign_id:
+            async with self._pool.acquire() as conn:
+                verdict = await campaigns_repo.eligibility(
+                    conn, request.campaign_id, cached.stored.id, request.customer_id)
+            if verdict is not None and verdict != "ELIGIBLE":
+                return pb.GetRewardResponse(denial_reason=pb.DENIAL_REASON_NOT_ELIGIBLE,
+                                            denial_message=verdict)
         computed = await self._computed(cached, request)
         decided = decide_values(promotion, cached.reward_types, computed=computed,
                                 external_values=external)

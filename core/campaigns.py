@@ -1,0 +1,117 @@
+"""Scheduled campaigns and conditional execution (seed 001).
+
+A campaign targets a group of customers with one or more promotions at an execution time, the
+ClearanceRequiredBy time. With conditional execution on, listeners are told ``lead`` before it
+(30 minutes by default) and approve customers until then; at that time the campaign executes
+for the approved customers only (a customer never approved counts as rejected). With it off,
+the whole target group is eligible at execution.
+
+States: SCHEDULED -> AWAITING_CLEARANCE (conditional, at T - lead) -> EXECUTED, and
+SCHEDULED / AWAITING_CLEARANCE -> CANCELLED.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from core.errors import FailedPrecondition, InvalidArgument
+
+CAMPAIGN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+MAX_STATUSES_PER_CALL = 10_000
+MAX_TARGETS_PER_CALL = 100_000
+MAX_PROMOTIONS = 20
+MAX_CUSTOMER_ID_LENGTH = 128
+# Outbox job kinds: written by the server when a campaign is created, run by the workers.
+NOTIFY_JOB_KIND = "campaign.notify"
+EXECUTE_JOB_KIND = "campaign.execute"
+
+
+class CampaignStatus(enum.Enum):
+    SCHEDULED = "SCHEDULED"
+    AWAITING_CLEARANCE = "AWAITING_CLEARANCE"
+    EXECUTED = "EXECUTED"
+    CANCELLED = "CANCELLED"
+
+
+OPEN_STATUSES = frozenset({CampaignStatus.SCHEDULED, CampaignStatus.AWAITING_CLEARANCE})
+
+
+@dataclass(frozen=True)
+class CampaignSpec:
+    campaign_id: str
+    name: str
+    execute_at: datetime
+    conditional: bool
+    promotion_codes: tuple[str, ...]
+
+
+def validate_campaign(spec: CampaignSpec, *, now: datetime) -> CampaignSpec:
+    if not CAMPAIGN_ID_PATTERN.fullmatch(spec.campaign_id):
+        raise InvalidArgument(
+            "campaign_id must be 1-64 characters of letters, digits, '_', '-' or '.', starting "
+            f"with a letter or digit; got {spec.campaign_id!r}", reason="INVALID_CAMPAIGN_ID",
+            metadata={"field": "campaign_id"})
+    name = spec.name.strip()
+    if not name or len(name) > 200:
+        raise InvalidArgument("name is required and at most 200 characters",
+                              reason="INVALID_NAME", metadata={"field": "name"})
+    if spec.execute_at.tzinfo is None:
+        raise InvalidArgument("execute_at must carry a time zone", reason="INVALID_TIME",
+                              metadata={"field": "execute_at"})
+    if spec.execute_at <= now:
+        raise InvalidArgument(f"execute_at {spec.execute_at.isoformat()} is not in the future",
+                              reason="EXECUTION_IN_PAST", metadata={"field": "execute_at"})
+    codes = tuple(dict.fromkeys(spec.promotion_codes))
+    if not codes:
+        raise InvalidArgument("a campaign needs at least one promotion",
+                              reason="MISSING_PROMOTIONS", metadata={"field": "promotion_codes"})
+    if len(codes) > MAX_PROMOTIONS:
+        raise InvalidArgument(f"at most {MAX_PROMOTIONS} promotions per campaign",
+                              reason="TOO_MANY_PROMOTIONS",
+                              metadata={"field": "promotion_codes"})
+    return CampaignSpec(spec.campaign_id, name, spec.execute_at, spec.conditional, codes)
+
+
+def notify_at(execute_at: datetime, lead: timedelta) -> datetime:
+    """When listeners hear of a conditional campaign: ``lead`` before execution."""
+    return execute_at - lead
+
+
+def validate_customer_ids(customer_ids: Sequence[str], *, field: str, limit: int) -> None:
+    if len(customer_ids) > limit:
+        raise InvalidArgument(f"{field} has {len(customer_ids)} entries; at most {limit} per call"
+                              " (split it into several calls)", reason="TOO_MANY_ENTRIES",
+                              metadata={"field": field, "limit": limit})
+    for index, customer_id in enumerate(customer_ids):
+        if not customer_id or len(customer_id) > MAX_CUSTOMER_ID_LENGTH:
+            raise InvalidArgument(f"{field}[{index}]: a customer id is 1-128 characters",
+                                  reason="INVALID_CUSTOMER_ID",
+                                  metadata={"field": f"{field}[{index}]"})
+
+
+def check_targets_open(status: CampaignStatus, campaign_id: str) -> None:
+    if status is not CampaignStatus.SCHEDULED:
+        raise FailedPrecondition(
+            f"campaign {campaign_id} is {status.value}; targets can only be added while it is "
+            "SCHEDULED", reason="CAMPAIGN_NOT_SCHEDULED", metadata={"campaign_id": campaign_id})
+
+
+def check_clearance_open(status: CampaignStatus, campaign_id: str, execute_at: datetime,
+                         now: datetime) -> None:
+    """Approvals are accepted until ClearanceRequiredBy, while the campaign is open."""
+    if status not in OPEN_STATUSES or now >= execute_at:
+        raise FailedPrecondition(
+            f"campaign {campaign_id} no longer takes approvals: ClearanceRequiredBy was "
+            f"{execute_at.isoformat()} and the campaign is {status.value}",
+            reason="CLEARANCE_CLOSED", metadata={"campaign_id": campaign_id})
+
+
+def check_cancellable(status: CampaignStatus, campaign_id: str) -> None:
+    if status not in OPEN_STATUSES:
+        raise FailedPrecondition(f"campaign {campaign_id} is {status.value} and cannot be "
+                                 "cancelled", reason="CAMPAIGN_NOT_OPEN",
+                                 metadata={"campaign_id": campaign_id})

@@ -1,0 +1,223 @@
+"""CampaignService (operators) and ClearanceService (webhook listeners): conditional execution.
+
+Creating a campaign writes two outbox jobs in the same transaction: the clearance notification
+(event type 5, due ``clearance_lead_seconds`` before execution, or at once when that moment has
+passed) and the execution (due at ClearanceRequiredBy). The workers run them; the sweeper
+re-queues them if Redis loses them, so scheduling survives restarts.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from grpc import aio
+from promo.v1 import campaigns_pb2 as pb
+from promo.v1 import campaigns_pb2_grpc as pb_grpc
+
+from core import campaigns as domain
+from core.campaigns import CampaignSpec, CampaignStatus
+from core.errors import InvalidArgument
+from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from server.convert import request_fingerprint, timestamp
+from server.deps import Dependencies
+from storage import campaigns as repo
+from storage import idempotency, outbox
+from storage import promotions as promotions_repo
+from storage.campaigns import CampaignRow
+from storage.queue import queue_after_commit
+
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["CampaignService"]
+CLEARANCE_SERVICE = pb.DESCRIPTOR.services_by_name["ClearanceService"]
+SERVICE_NAME = ADMIN_SERVICE.full_name
+SERVICE_NAMES = (ADMIN_SERVICE.full_name, CLEARANCE_SERVICE.full_name)
+ROLES = {**{f"/{ADMIN_SERVICE.full_name}/{m.name}": {"admin"} for m in ADMIN_SERVICE.methods},
+         **{f"/{CLEARANCE_SERVICE.full_name}/{m.name}": {"listener"}
+            for m in CLEARANCE_SERVICE.methods}}
+NOTIFY_KIND = domain.NOTIFY_JOB_KIND
+EXECUTE_KIND = domain.EXECUTE_JOB_KIND
+_STATUS_TO_PB = {CampaignStatus.SCHEDULED: pb.CAMPAIGN_STATUS_SCHEDULED,
+                 CampaignStatus.AWAITING_CLEARANCE: pb.CAMPAIGN_STATUS_AWAITING_CLEARANCE,
+                 CampaignStatus.EXECUTED: pb.CAMPAIGN_STATUS_EXECUTED,
+                 CampaignStatus.CANCELLED: pb.CAMPAIGN_STATUS_CANCELLED}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+
+
+def campaign_to_pb(row: CampaignRow) -> pb.Campaign:
+    return pb.Campaign(
+        campaign_id=row.campaign_id, name=row.name, execute_at=timestamp(row.execute_at),
+        conditional_execution=row.conditional, promotion_codes=list(row.promotion_codes),
+        status=_STATUS_TO_PB[row.status], target_count=row.target_count,
+        approved_count=row.approved_count or 0, rejected_count=row.rejected_count or 0,
+        notified_at=timestamp(row.notified_at), executed_at=timestamp(row.executed_at),
+        cancelled_at=timestamp(row.cancelled_at), create_time=timestamp(row.create_time))
+
+
+class CampaignServicer(pb_grpc.CampaignServiceServicer):
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+        assert deps.settings is not None
+        self._lead = timedelta(seconds=deps.settings.clearance_lead_seconds)
+
+    async def CreateCampaign(self, request: pb.CreateCampaignRequest,
+                             context: aio.ServicerContext) -> pb.CreateCampaignResponse:
+        message = request.campaign
+        if not message.HasField("execute_at"):
+            raise InvalidArgument("execute_at is required", reason="INVALID_TIME",
+                                  metadata={"field": "execute_at"})
+        now = self._deps.clock.now()
+        spec = domain.validate_campaign(CampaignSpec(
+            campaign_id=message.campaign_id, name=message.name,
+            execute_at=message.execute_at.ToDatetime(UTC),
+            conditional=message.conditional_execution,
+            promotion_codes=tuple(message.promotion_codes)), now=now)
+        customer_ids = list(request.customer_ids)
+        domain.validate_customer_ids(customer_ids, field="customer_ids",
+                                     limit=domain.MAX_TARGETS_PER_CALL)
+        jobs: list[tuple[int | None, datetime]] = []
+
+        async def work(conn: asyncpg.Connection) -> bytes:
+            promotion_ids = [(await promotions_repo.get(conn, code)).id
+                             for code in spec.promotion_codes]
+            row = await repo.insert(conn, spec, promotion_ids)
+            if customer_ids:
+                await repo.add_targets(conn, row.id, customer_ids)
+            if spec.conditional:
+                due = max(now, domain.notify_at(spec.execute_at, self._lead))
+                job = await outbox.add_job(conn, kind=NOTIFY_KIND, payload={"campaign": row.id},
+                                           due_at=due, dedup_key=f"campaign:{row.id}:notify")
+                jobs.append((job, due))
+            job = await outbox.add_job(conn, kind=EXECUTE_KIND, payload={"campaign": row.id},
+                                       due_at=spec.execute_at,
+                                       dedup_key=f"campaign:{row.id}:execute")
+            jobs.append((job, spec.execute_at))
+            row = await repo.get(conn, spec.campaign_id)
+            return pb.CreateCampaignResponse(campaign=campaign_to_pb(row)).SerializeToString()
+
+        raw = await idempotency.run_once(self._deps.pool, scope="CreateCampaign",
+                                         request_id=request.request_id,
+                                         request_hash=request_fingerprint(request), work=work)
+        for job_id, due in jobs:
+            await queue_after_commit(self._deps.redis, job_id=job_id, due_at=due,
+                                     queue_name=self._deps.queue_name)
+        return pb.CreateCampaignResponse.FromString(raw)
+
+    async def AddCampaignTargets(self, request: pb.AddCampaignTargetsRequest,
+                                 context: aio.ServicerContext) -> pb.AddCampaignTargetsResponse:
+        customer_ids = list(request.customer_ids)
+        domain.validate_customer_ids(customer_ids, field="customer_ids",
+                                     limit=domain.MAX_TARGETS_PER_CALL)
+
+        async def work(conn: asyncpg.Connection) -> bytes:
+            row = await repo.get(conn, request.campaign_id, lock="FOR UPDATE")
+            domain.check_targets_open(row.status, row.campaign_id)
+            added = await repo.add_targets(conn, row.id, customer_ids)
+            return pb.AddCampaignTargetsResponse(
+                added=added, target_count=row.target_count + added).SerializeToString()
+
+        raw = await idempotency.run_once(self._deps.pool, scope="AddCampaignTargets",
+                                         request_id=request.request_id,
+                                         request_hash=request_fingerprint(request), work=work)
+        return pb.AddCampaignTargetsResponse.FromString(raw)
+
+    async def GetCampaign(self, request: pb.GetCampaignRequest,
+                          context: aio.ServicerContext) -> pb.GetCampaignResponse:
+        async with self._deps.pool.acquire() as conn:
+            row = await repo.get(conn, request.campaign_id)
+        return pb.GetCampaignResponse(campaign=campaign_to_pb(row))
+
+    async def ListCampaigns(self, request: pb.ListCampaignsRequest,
+                            context: aio.ServicerContext) -> pb.ListCampaignsResponse:
+        size = effective_page_size(request.page_size)
+        if any(s not in _STATUS_FROM_PB for s in request.statuses):
+            raise InvalidArgument("statuses must not contain CAMPAIGN_STATUS_UNSPECIFIED",
+                                  reason="INVALID_ENUM", metadata={"field": "statuses"})
+        statuses = sorted({_STATUS_FROM_PB[s].value for s in request.statuses})
+        cursor = decode_page_token(request.page_token, {"statuses": statuses})
+        async with self._deps.pool.acquire() as conn:
+            rows = await repo.list_page(conn, after=str(cursor.after[0]) if cursor else None,
+                                        limit=size + 1, statuses=statuses)
+        token = encode_page_token([rows[size - 1].campaign_id], {"statuses": statuses}) \
+            if len(rows) > size else ""
+        return pb.ListCampaignsResponse(campaigns=[campaign_to_pb(r) for r in rows[:size]],
+                                        next_page_token=token)
+
+    async def CancelCampaign(self, request: pb.CancelCampaignRequest,
+                             context: aio.ServicerContext) -> pb.CancelCampaignResponse:
+        async def work(conn: asyncpg.Connection) -> bytes:
+            row = await repo.get(conn, request.campaign_id, lock="FOR UPDATE")
+            domain.check_cancellable(row.status, row.campaign_id)
+            await repo.set_status(conn, row.id, CampaignStatus.CANCELLED,
+                                  now=self._deps.clock.now())
+            row = await repo.get(conn, request.campaign_id)
+            return pb.CancelCampaignResponse(campaign=campaign_to_pb(row)).SerializeToString()
+
+        raw = await idempotency.run_once(self._deps.pool, scope="CancelCampaign",
+                                         request_id=request.request_id,
+                                         request_hash=request_fingerprint(request), work=work)
+        return pb.CancelCampaignResponse.FromString(raw)
+
+    async def GetCampaignReconciliation(
+            self, request: pb.GetCampaignReconciliationRequest,
+            context: aio.ServicerContext) -> pb.GetCampaignReconciliationResponse:
+        async with self._deps.pool.acquire() as conn:
+            row = await repo.get(conn, request.campaign_id)
+            rows = await repo.reconciliation(conn, row.id)
+        return pb.GetCampaignReconciliationResponse(promotions=[
+            pb.CampaignPromotionReconciliation(
+                promotion_code=r["code"], approved=r["approved"], granted=r["granted"],
+                revoked=r["revoked"], net_amount=format(r["net_amount"].normalize(), "f"))
+            for r in rows])
+
+
+class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    async def GetProcessedCampaignCustomers(
+            self, request: pb.GetProcessedCampaignCustomersRequest,
+            context: aio.ServicerContext) -> pb.GetProcessedCampaignCustomersResponse:
+        size = effective_page_size(request.page_size, default=1000, maximum=10_000)
+        cursor = decode_page_token(request.page_token, {"campaign": request.campaign_id})
+        async with self._deps.pool.acquire() as conn:
+            row = await repo.get(conn, request.campaign_id)
+            targets = await repo.targets_page(
+                conn, row.id, after=str(cursor.after[0]) if cursor else None, limit=size + 1)
+        codes = list(row.promotion_codes)
+        response = pb.GetProcessedCampaignCustomersResponse(
+            clearance_required_by=timestamp(row.execute_at), target_count=row.target_count)
+        for target in targets[:size]:
+            customer = response.customers.add(customer_id=target["customer_id"],
+                                              promotion_codes=codes)
+            if target["approved"] is not None:
+                customer.approved = target["approved"]
+        if len(targets) > size:
+            response.next_page_token = encode_page_token([targets[size - 1]["customer_id"]],
+                                                         {"campaign": request.campaign_id})
+        return response
+
+    async def UpdateCustomerPromotionStatus(
+            self, request: pb.UpdateCustomerPromotionStatusRequest,
+            context: aio.ServicerContext) -> pb.UpdateCustomerPromotionStatusResponse:
+        ids = [s.customer_id for s in request.statuses]
+        domain.validate_customer_ids(ids, field="statuses", limit=domain.MAX_STATUSES_PER_CALL)
+        flags = [s.approved for s in request.statuses]
+
+        async def work(conn: asyncpg.Connection) -> bytes:
+            row = await repo.get(conn, request.campaign_id, lock="FOR SHARE")
+            now = self._deps.clock.now()
+            domain.check_clearance_open(row.status, row.campaign_id, row.execute_at, now)
+            unknown = await repo.set_statuses(conn, row.id, ids, flags, now)
+            return pb.UpdateCustomerPromotionStatusResponse(
+                updated=len(set(ids)) - len(unknown),
+                unknown_customer_ids=unknown).SerializeToString()
+
+        raw = await idempotency.run_once(
+            self._deps.pool, scope=f"UpdateCustomerPromotionStatus:{request.campaign_id}",
+            request_id=request.request_id, request_hash=request_fingerprint(request), work=work)
+        return pb.UpdateCustomerPromotionStatusResponse.FromString(raw)
+
+
+def register(server: aio.Server, deps: Dependencies) -> None:
+    pb_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(deps), server)
+    pb_grpc.add_ClearanceServiceServicer_to_server(ClearanceServicer(deps), server)
