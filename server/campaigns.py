@@ -17,10 +17,14 @@ from promo.v1 import campaigns_pb2_grpc as pb_grpc
 
 from core import campaigns as domain
 from core.campaigns import CampaignSpec, CampaignStatus
+from core.cap_state import windows
 from core.errors import InvalidArgument
+from core.forecast import forecast
+from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from server.convert import request_fingerprint, timestamp
 from server.deps import Dependencies
+from server.promotion_convert import PERIOD_TO_PB
 from storage import campaigns as repo
 from storage import idempotency, outbox
 from storage import promotions as promotions_repo
@@ -216,6 +220,40 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
             self._deps.pool, scope=f"UpdateCustomerPromotionStatus:{request.campaign_id}",
             request_id=request.request_id, request_hash=request_fingerprint(request), work=work)
         return pb.UpdateCustomerPromotionStatusResponse.FromString(raw)
+
+    async def ForecastCampaign(self, request: pb.ForecastCampaignRequest,
+                               context: aio.ServicerContext) -> pb.ForecastCampaignResponse:
+        chosen = list(request.customer_ids) or None
+        if chosen is not None:
+            domain.validate_customer_ids(chosen, field="customer_ids",
+                                         limit=domain.MAX_TARGETS_PER_CALL)
+        response = pb.ForecastCampaignResponse(fits=True)
+        async with self._deps.pool.acquire() as conn:
+            row = await repo.get(conn, request.campaign_id)
+            for code in row.promotion_codes:
+                stored = await promotions_repo.get(conn, code)
+                customers, new = await repo.forecast_counts(conn, row.id, row.conditional,
+                                                            stored.id, chosen)
+                current = windows(stored.promotion, row.execute_at)
+                used = await promotions_repo.usage(
+                    conn, stored.id, [(s, p.value, start) for s, p, start, _, _ in current])
+                result = forecast(stored.promotion, at=row.execute_at, customers=customers,
+                                  new_customers=new,
+                                  usage={k: u.used for k, u in used.items()})
+                out = response.promotions.add(
+                    promotion_code=code, customers=result.customers,
+                    projected_value={k: format_decimal(v)
+                                     for k, v in result.projected_value.items()},
+                    not_estimated=list(result.not_estimated), fits=result.fits)
+                for cap in result.caps:
+                    out.caps.add(scope=cap.scope, period=PERIOD_TO_PB[cap.period],
+                                 limit=format_decimal(cap.limit),
+                                 used=format_decimal(cap.used.normalize()),
+                                 projected=format_decimal(cap.projected),
+                                 remaining_after=format_decimal(cap.remaining_after.normalize()),
+                                 fits=cap.fits)
+                response.fits = response.fits and result.fits
+        return response
 
 
 def register(server: aio.Server, deps: Dependencies) -> None:

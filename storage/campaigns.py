@@ -214,3 +214,33 @@ async def reconciliation(conn: asyncpg.Connection, campaign_pk: int) -> list[asy
             WHERE c.id = $1
             GROUP BY p.code, cp.position, c.id, c.conditional
             ORDER BY cp.position""", campaign_pk)
+
+
+async def forecast_counts(conn: asyncpg.Connection, campaign_pk: int, conditional: bool,
+                          promotion_id: int, customer_ids: Sequence[str] | None
+                          ) -> tuple[int, int]:
+    """(customers without a live grant for this campaign, of whom new to the promotion), for
+    the given customers, or else the approved ones (the whole group when not conditional)."""
+    row = await conn.fetchrow(
+        """WITH chosen AS (
+               SELECT t.customer_id FROM campaign_targets t
+                WHERE t.campaign_id = $1
+                  AND CASE WHEN $4::text[] IS NOT NULL THEN t.customer_id = ANY($4)
+                           WHEN $3 THEN t.approved IS TRUE ELSE true END),
+           pending AS (
+               SELECT ch.customer_id FROM chosen ch
+                WHERE NOT EXISTS (SELECT 1 FROM grants g
+                                   WHERE g.promotion_id = $2 AND g.customer_id = ch.customer_id
+                                     AND g.campaign_key = (SELECT campaign_id FROM campaigns
+                                                            WHERE id = $1)
+                                     AND g.status = 'GRANTED'))
+           SELECT count(*) AS customers,
+                  count(*) FILTER (WHERE NOT EXISTS (
+                      SELECT 1 FROM promotion_customers pc
+                       WHERE pc.promotion_id = $2 AND pc.customer_id = p.customer_id
+                         AND pc.live_grants > 0)) AS new_customers
+             FROM pending p""",
+        campaign_pk, promotion_id, conditional,
+        list(customer_ids) if customer_ids is not None else None)
+    assert row is not None
+    return row["customers"], row["new_customers"]

@@ -141,3 +141,32 @@ async def test_past_execution_and_unknown_promotion(api: Api, clock: FixedClock)
         await cpb_grpc.CampaignServiceStub(api.channel).GetCampaign(
             cpb.GetCampaignRequest(campaign_id="c2"), metadata=api.key("listener"))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_forecast_against_remaining_caps(api: Api, clock: FixedClock) -> None:
+    from promo.v1 import promotions_pb2 as ppb
+    from tests.e2e.promo_helpers import cap
+
+    await reward_type(api)
+    await promotion(api, customer_cap=8, caps=[cap(ppb.CAP_PERIOD_LIFETIME, "100"),
+                                               cap(ppb.CAP_PERIOD_DAILY, "1000")])
+    await get_reward(api, "c000")  # already a customer of the promotion (no campaign)
+    await create_campaign(api, "spring", clock.now() + timedelta(hours=2),
+                          customers=[f"c{i:03d}" for i in range(10)])
+    await set_statuses(api, "spring", {f"c{i:03d}": i < 6 for i in range(10)}, "s1")
+    stub = cpb_grpc.ClearanceServiceStub(api.channel)
+    current = await stub.ForecastCampaign(cpb.ForecastCampaignRequest(campaign_id="spring"),
+                                          metadata=api.key("listener"))
+    [promo] = current.promotions
+    assert (promo.customers, dict(promo.projected_value)) == (6, {"cashback": "90"})
+    caps = {(c.scope, c.period): (c.used, c.projected, c.remaining_after, c.fits)
+            for c in promo.caps}
+    assert caps == {
+        ("#customers", ppb.CAP_PERIOD_LIFETIME): ("1", "5", "2", True),
+        ("cashback", ppb.CAP_PERIOD_LIFETIME): ("15", "90", "-5", False),
+        ("cashback", ppb.CAP_PERIOD_DAILY): ("15", "90", "895", True),  # same day as now
+    }
+    assert not current.fits
+    fewer = await stub.ForecastCampaign(cpb.ForecastCampaignRequest(
+        campaign_id="spring", customer_ids=["c001", "c002"]), metadata=api.key("listener"))
+    assert fewer.fits and fewer.promotions[0].customers == 2

@@ -23,59 +23,72 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from promo.v1 import promotions_pb2 as promo_dot_v1_dot_promotions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18promo/v1/campaigns.proto\x12\x08promo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x03\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\nexecute_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x63onditional_execution\x18\x04 \x01(\x08\x12\x17\n\x0fpromotion_codes\x18\x05 \x03(\t\x12(\n\x06status\x18\x06 \x01(\x0e\x32\x18.promo.v1.CampaignStatus\x12\x14\n\x0ctarget_count\x18\x07 \x01(\x03\x12\x16\n\x0e\x61pproved_count\x18\x08 \x01(\x03\x12\x16\n\x0erejected_count\x18\t \x01(\x03\x12/\n\x0bnotified_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xecuted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63\x61ncelled_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"g\n\x15\x43reateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x12.promo.v1.Campaign\x12\x14\n\x0c\x63ustomer_ids\x18\x03 \x03(\t\">\n\x16\x43reateCampaignResponse\x12$\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x12.promo.v1.Campaign\"Z\n\x19\x41\x64\x64\x43\x61mpaignTargetsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63ustomer_ids\x18\x03 \x03(\t\"A\n\x1a\x41\x64\x64\x43\x61mpaignTargetsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x03\x12\x14\n\x0ctarget_count\x18\x02 \x01(\x03\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\";\n\x13GetCampaignResponse\x12$\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x12.promo.v1.Campaign\"i\n\x14ListCampaignsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x08statuses\x18\x03 \x03(\x0e\x32\x18.promo.v1.CampaignStatus\"W\n\x15ListCampaignsResponse\x12%\n\tcampaigns\x18\x01 \x03(\x0b\x32\x12.promo.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x15\x43\x61ncelCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\">\n\x16\x43\x61ncelCampaignResponse\x12$\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x12.promo.v1.Campaign\"7\n GetCampaignReconciliationRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"\x81\x01\n\x1f\x43\x61mpaignPromotionReconciliation\x12\x16\n\x0epromotion_code\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x03\x12\x0f\n\x07granted\x18\x03 \x01(\x03\x12\x0f\n\x07revoked\x18\x04 \x01(\x03\x12\x12\n\nnet_amount\x18\x05 \x01(\t\"b\n!GetCampaignReconciliationResponse\x12=\n\npromotions\x18\x01 \x03(\x0b\x32).promo.v1.CampaignPromotionReconciliation\"b\n$GetProcessedCampaignCustomersRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x10\x43\x61mpaignCustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0fpromotion_codes\x18\x02 \x03(\t\x12\x15\n\x08\x61pproved\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_approved\"\xc0\x01\n%GetProcessedCampaignCustomersResponse\x12-\n\tcustomers\x18\x01 \x03(\x0b\x32\x1a.promo.v1.CampaignCustomer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x39\n\x15\x63learance_required_by\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctarget_count\x18\x04 \x01(\x03\"@\n\x17\x43ustomerPromotionStatus\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\"\x84\x01\n$UpdateCustomerPromotionStatusRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0b\x32!.promo.v1.CustomerPromotionStatus\"V\n%UpdateCustomerPromotionStatusResponse\x12\x0f\n\x07updated\x18\x01 \x01(\x03\x12\x1c\n\x14unknown_customer_ids\x18\x02 \x03(\t*\xb5\x01\n\x0e\x43\x61mpaignStatus\x12\x1f\n\x1b\x43\x41MPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x41MPAIGN_STATUS_SCHEDULED\x10\x01\x12&\n\"CAMPAIGN_STATUS_AWAITING_CLEARANCE\x10\x02\x12\x1c\n\x18\x43\x41MPAIGN_STATUS_EXECUTED\x10\x03\x12\x1d\n\x19\x43\x41MPAIGN_STATUS_CANCELLED\x10\x04\x32\xb0\x04\n\x0f\x43\x61mpaignService\x12S\n\x0e\x43reateCampaign\x12\x1f.promo.v1.CreateCampaignRequest\x1a .promo.v1.CreateCampaignResponse\x12_\n\x12\x41\x64\x64\x43\x61mpaignTargets\x12#.promo.v1.AddCampaignTargetsRequest\x1a$.promo.v1.AddCampaignTargetsResponse\x12J\n\x0bGetCampaign\x12\x1c.promo.v1.GetCampaignRequest\x1a\x1d.promo.v1.GetCampaignResponse\x12P\n\rListCampaigns\x12\x1e.promo.v1.ListCampaignsRequest\x1a\x1f.promo.v1.ListCampaignsResponse\x12S\n\x0e\x43\x61ncelCampaign\x12\x1f.promo.v1.CancelCampaignRequest\x1a .promo.v1.CancelCampaignResponse\x12t\n\x19GetCampaignReconciliation\x12*.promo.v1.GetCampaignReconciliationRequest\x1a+.promo.v1.GetCampaignReconciliationResponse2\x98\x02\n\x10\x43learanceService\x12\x80\x01\n\x1dGetProcessedCampaignCustomers\x12..promo.v1.GetProcessedCampaignCustomersRequest\x1a/.promo.v1.GetProcessedCampaignCustomersResponse\x12\x80\x01\n\x1dUpdateCustomerPromotionStatus\x12..promo.v1.UpdateCustomerPromotionStatusRequest\x1a/.promo.v1.UpdateCustomerPromotionStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18promo/v1/campaigns.proto\x12\x08promo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19promo/v1/promotions.proto\"\xca\x03\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\nexecute_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x63onditional_execution\x18\x04 \x01(\x08\x12\x17\n\x0fpromotion_codes\x18\x05 \x03(\t\x12(\n\x06status\x18\x06 \x01(\x0e\x32\x18.promo.v1.CampaignStatus\x12\x14\n\x0ctarget_count\x18\x07 \x01(\x03\x12\x16\n\x0e\x61pproved_count\x18\x08 \x01(\x03\x12\x16\n\x0erejected_count\x18\t \x01(\x03\x12/\n\x0bnotified_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xecuted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63\x61ncelled_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"g\n\x15\x43reateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x12.promo.v1.Campaign\x12\x14\n\x0c\x63ustomer_ids\x18\x03 \x03(\t\">\n\x16\x43reateCampaignResponse\x12$\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x12.promo.v1.Campaign\"Z\n\x19\x41\x64\x64\x43\x61mpaignTargetsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63ustomer_ids\x18\x03 \x03(\t\"A\n\x1a\x41\x64\x64\x43\x61mpaignTargetsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x03\x12\x14\n\x0ctarget_count\x18\x02 \x01(\x03\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\";\n\x13GetCampaignResponse\x12$\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x12.promo.v1.Campaign\"i\n\x14ListCampaignsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x08statuses\x18\x03 \x03(\x0e\x32\x18.promo.v1.CampaignStatus\"W\n\x15ListCampaignsResponse\x12%\n\tcampaigns\x18\x01 \x03(\x0b\x32\x12.promo.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x15\x43\x61ncelCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\">\n\x16\x43\x61ncelCampaignResponse\x12$\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x12.promo.v1.Campaign\"7\n GetCampaignReconciliationRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"\x81\x01\n\x1f\x43\x61mpaignPromotionReconciliation\x12\x16\n\x0epromotion_code\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x03\x12\x0f\n\x07granted\x18\x03 \x01(\x03\x12\x0f\n\x07revoked\x18\x04 \x01(\x03\x12\x12\n\nnet_amount\x18\x05 \x01(\t\"b\n!GetCampaignReconciliationResponse\x12=\n\npromotions\x18\x01 \x03(\x0b\x32).promo.v1.CampaignPromotionReconciliation\"b\n$GetProcessedCampaignCustomersRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x10\x43\x61mpaignCustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0fpromotion_codes\x18\x02 \x03(\t\x12\x15\n\x08\x61pproved\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_approved\"\xc0\x01\n%GetProcessedCampaignCustomersResponse\x12-\n\tcustomers\x18\x01 \x03(\x0b\x32\x1a.promo.v1.CampaignCustomer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x39\n\x15\x63learance_required_by\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctarget_count\x18\x04 \x01(\x03\"@\n\x17\x43ustomerPromotionStatus\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\"\x84\x01\n$UpdateCustomerPromotionStatusRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0b\x32!.promo.v1.CustomerPromotionStatus\"V\n%UpdateCustomerPromotionStatusResponse\x12\x0f\n\x07updated\x18\x01 \x01(\x03\x12\x1c\n\x14unknown_customer_ids\x18\x02 \x03(\t\"D\n\x17\x46orecastCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ustomer_ids\x18\x02 \x03(\t\"\x98\x01\n\x0b\x43\x61pForecast\x12\r\n\x05scope\x18\x01 \x01(\t\x12#\n\x06period\x18\x02 \x01(\x0e\x32\x13.promo.v1.CapPeriod\x12\r\n\x05limit\x18\x03 \x01(\t\x12\x0c\n\x04used\x18\x04 \x01(\t\x12\x11\n\tprojected\x18\x05 \x01(\t\x12\x17\n\x0fremaining_after\x18\x06 \x01(\t\x12\x0c\n\x04\x66its\x18\x07 \x01(\x08\"\x89\x02\n\x11PromotionForecast\x12\x16\n\x0epromotion_code\x18\x01 \x01(\t\x12\x11\n\tcustomers\x18\x02 \x01(\x03\x12H\n\x0fprojected_value\x18\x03 \x03(\x0b\x32/.promo.v1.PromotionForecast.ProjectedValueEntry\x12\x15\n\rnot_estimated\x18\x04 \x03(\t\x12#\n\x04\x63\x61ps\x18\x05 \x03(\x0b\x32\x15.promo.v1.CapForecast\x12\x0c\n\x04\x66its\x18\x06 \x01(\x08\x1a\x35\n\x13ProjectedValueEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x18\x46orecastCampaignResponse\x12/\n\npromotions\x18\x01 \x03(\x0b\x32\x1b.promo.v1.PromotionForecast\x12\x0c\n\x04\x66its\x18\x02 \x01(\x08*\xb5\x01\n\x0e\x43\x61mpaignStatus\x12\x1f\n\x1b\x43\x41MPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x41MPAIGN_STATUS_SCHEDULED\x10\x01\x12&\n\"CAMPAIGN_STATUS_AWAITING_CLEARANCE\x10\x02\x12\x1c\n\x18\x43\x41MPAIGN_STATUS_EXECUTED\x10\x03\x12\x1d\n\x19\x43\x41MPAIGN_STATUS_CANCELLED\x10\x04\x32\xb0\x04\n\x0f\x43\x61mpaignService\x12S\n\x0e\x43reateCampaign\x12\x1f.promo.v1.CreateCampaignRequest\x1a .promo.v1.CreateCampaignResponse\x12_\n\x12\x41\x64\x64\x43\x61mpaignTargets\x12#.promo.v1.AddCampaignTargetsRequest\x1a$.promo.v1.AddCampaignTargetsResponse\x12J\n\x0bGetCampaign\x12\x1c.promo.v1.GetCampaignRequest\x1a\x1d.promo.v1.GetCampaignResponse\x12P\n\rListCampaigns\x12\x1e.promo.v1.ListCampaignsRequest\x1a\x1f.promo.v1.ListCampaignsResponse\x12S\n\x0e\x43\x61ncelCampaign\x12\x1f.promo.v1.CancelCampaignRequest\x1a .promo.v1.CancelCampaignResponse\x12t\n\x19GetCampaignReconciliation\x12*.promo.v1.GetCampaignReconciliationRequest\x1a+.promo.v1.GetCampaignReconciliationResponse2\xf3\x02\n\x10\x43learanceService\x12\x80\x01\n\x1dGetProcessedCampaignCustomers\x12..promo.v1.GetProcessedCampaignCustomersRequest\x1a/.promo.v1.GetProcessedCampaignCustomersResponse\x12\x80\x01\n\x1dUpdateCustomerPromotionStatus\x12..promo.v1.UpdateCustomerPromotionStatusRequest\x1a/.promo.v1.UpdateCustomerPromotionStatusResponse\x12Y\n\x10\x46orecastCampaign\x12!.promo.v1.ForecastCampaignRequest\x1a\".promo.v1.ForecastCampaignResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'promo.v1.campaigns_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAMPAIGNSTATUS']._serialized_start=2266
-  _globals['_CAMPAIGNSTATUS']._serialized_end=2447
-  _globals['_CAMPAIGN']._serialized_start=72
-  _globals['_CAMPAIGN']._serialized_end=530
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=532
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=635
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=637
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=699
-  _globals['_ADDCAMPAIGNTARGETSREQUEST']._serialized_start=701
-  _globals['_ADDCAMPAIGNTARGETSREQUEST']._serialized_end=791
-  _globals['_ADDCAMPAIGNTARGETSRESPONSE']._serialized_start=793
-  _globals['_ADDCAMPAIGNTARGETSRESPONSE']._serialized_end=858
-  _globals['_GETCAMPAIGNREQUEST']._serialized_start=860
-  _globals['_GETCAMPAIGNREQUEST']._serialized_end=901
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=903
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=962
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=964
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=1069
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=1071
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=1158
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1160
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1224
-  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_start=1226
-  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_end=1288
-  _globals['_GETCAMPAIGNRECONCILIATIONREQUEST']._serialized_start=1290
-  _globals['_GETCAMPAIGNRECONCILIATIONREQUEST']._serialized_end=1345
-  _globals['_CAMPAIGNPROMOTIONRECONCILIATION']._serialized_start=1348
-  _globals['_CAMPAIGNPROMOTIONRECONCILIATION']._serialized_end=1477
-  _globals['_GETCAMPAIGNRECONCILIATIONRESPONSE']._serialized_start=1479
-  _globals['_GETCAMPAIGNRECONCILIATIONRESPONSE']._serialized_end=1577
-  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSREQUEST']._serialized_start=1579
-  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSREQUEST']._serialized_end=1677
-  _globals['_CAMPAIGNCUSTOMER']._serialized_start=1679
-  _globals['_CAMPAIGNCUSTOMER']._serialized_end=1779
-  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSRESPONSE']._serialized_start=1782
-  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSRESPONSE']._serialized_end=1974
-  _globals['_CUSTOMERPROMOTIONSTATUS']._serialized_start=1976
-  _globals['_CUSTOMERPROMOTIONSTATUS']._serialized_end=2040
-  _globals['_UPDATECUSTOMERPROMOTIONSTATUSREQUEST']._serialized_start=2043
-  _globals['_UPDATECUSTOMERPROMOTIONSTATUSREQUEST']._serialized_end=2175
-  _globals['_UPDATECUSTOMERPROMOTIONSTATUSRESPONSE']._serialized_start=2177
-  _globals['_UPDATECUSTOMERPROMOTIONSTATUSRESPONSE']._serialized_end=2263
-  _globals['_CAMPAIGNSERVICE']._serialized_start=2450
-  _globals['_CAMPAIGNSERVICE']._serialized_end=3010
-  _globals['_CLEARANCESERVICE']._serialized_start=3013
-  _globals['_CLEARANCESERVICE']._serialized_end=3293
+  _globals['_PROMOTIONFORECAST_PROJECTEDVALUEENTRY']._loaded_options = None
+  _globals['_PROMOTIONFORECAST_PROJECTEDVALUEENTRY']._serialized_options = b'8\001'
+  _globals['_CAMPAIGNSTATUS']._serialized_start=2877
+  _globals['_CAMPAIGNSTATUS']._serialized_end=3058
+  _globals['_CAMPAIGN']._serialized_start=99
+  _globals['_CAMPAIGN']._serialized_end=557
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=559
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=662
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=664
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=726
+  _globals['_ADDCAMPAIGNTARGETSREQUEST']._serialized_start=728
+  _globals['_ADDCAMPAIGNTARGETSREQUEST']._serialized_end=818
+  _globals['_ADDCAMPAIGNTARGETSRESPONSE']._serialized_start=820
+  _globals['_ADDCAMPAIGNTARGETSRESPONSE']._serialized_end=885
+  _globals['_GETCAMPAIGNREQUEST']._serialized_start=887
+  _globals['_GETCAMPAIGNREQUEST']._serialized_end=928
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=930
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=989
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=991
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=1096
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=1098
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=1185
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1187
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1251
+  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_start=1253
+  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_end=1315
+  _globals['_GETCAMPAIGNRECONCILIATIONREQUEST']._serialized_start=1317
+  _globals['_GETCAMPAIGNRECONCILIATIONREQUEST']._serialized_end=1372
+  _globals['_CAMPAIGNPROMOTIONRECONCILIATION']._serialized_start=1375
+  _globals['_CAMPAIGNPROMOTIONRECONCILIATION']._serialized_end=1504
+  _globals['_GETCAMPAIGNRECONCILIATIONRESPONSE']._serialized_start=1506
+  _globals['_GETCAMPAIGNRECONCILIATIONRESPONSE']._serialized_end=1604
+  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSREQUEST']._serialized_start=1606
+  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSREQUEST']._serialized_end=1704
+  _globals['_CAMPAIGNCUSTOMER']._serialized_start=1706
+  _globals['_CAMPAIGNCUSTOMER']._serialized_end=1806
+  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSRESPONSE']._serialized_start=1809
+  _globals['_GETPROCESSEDCAMPAIGNCUSTOMERSRESPONSE']._serialized_end=2001
+  _globals['_CUSTOMERPROMOTIONSTATUS']._serialized_start=2003
+  _globals['_CUSTOMERPROMOTIONSTATUS']._serialized_end=2067
+  _globals['_UPDATECUSTOMERPROMOTIONSTATUSREQUEST']._serialized_start=2070
+  _globals['_UPDATECUSTOMERPROMOTIONSTATUSREQUEST']._serialized_end=2202
+  _globals['_UPDATECUSTOMERPROMOTIONSTATUSRESPONSE']._serialized_start=2204
+  _globals['_UPDATECUSTOMERPROMOTIONSTATUSRESPONSE']._serialized_end=2290
+  _globals['_FORECASTCAMPAIGNREQUEST']._serialized_start=2292
+  _globals['_FORECASTCAMPAIGNREQUEST']._serialized_end=2360
+  _globals['_CAPFORECAST']._serialized_start=2363
+  _globals['_CAPFORECAST']._serialized_end=2515
+  _globals['_PROMOTIONFORECAST']._serialized_start=2518
+  _globals['_PROMOTIONFORECAST']._serialized_end=2783
+  _globals['_PROMOTIONFORECAST_PROJECTEDVALUEENTRY']._serialized_start=2730
+  _globals['_PROMOTIONFORECAST_PROJECTEDVALUEENTRY']._serialized_end=2783
+  _globals['_FORECASTCAMPAIGNRESPONSE']._serialized_start=2785
+  _globals['_FORECASTCAMPAIGNRESPONSE']._serialized_end=2874
+  _globals['_CAMPAIGNSERVICE']._serialized_start=3061
+  _globals['_CAMPAIGNSERVICE']._serialized_end=3621
+  _globals['_CLEARANCESERVICE']._serialized_start=3624
+  _globals['_CLEARANCESERVICE']._serialized_end=3995
 # @@protoc_insertion_point(module_scope)

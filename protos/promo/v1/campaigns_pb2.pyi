@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from promo.v1 import promotions_pb2 as _promotions_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -626,3 +627,170 @@ class UpdateCustomerPromotionStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateCustomerPromotionStatusResponse: _TypeAlias = UpdateCustomerPromotionStatusResponse  # noqa: Y015
+
+@_typing.final
+class ForecastCampaignRequest(_message.Message):
+    """ForecastCampaignRequest asks what approving customers would cost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_IDS_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    @_builtins.property
+    def customer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Customers to forecast as approved; empty means the customers approved so far (or the whole
+        target group when the campaign is not conditional).
+        """
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        customer_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "customer_ids", b"customer_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForecastCampaignRequest: _TypeAlias = ForecastCampaignRequest  # noqa: Y015
+
+@_typing.final
+class CapForecast(_message.Message):
+    """CapForecast is one cap of one promotion at the campaign's execution time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    PROJECTED_FIELD_NUMBER: _builtins.int
+    REMAINING_AFTER_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """A reward type, or "#customers" for the customer cap."""
+    period: _promotions_pb2.CapPeriod.ValueType
+    limit: _builtins.str
+    """Decimal strings: the cap, what its window has used, what the approvals would add."""
+    used: _builtins.str
+    """See limit."""
+    projected: _builtins.str
+    """See limit."""
+    remaining_after: _builtins.str
+    """limit - used - projected; negative when the approvals do not fit."""
+    fits: _builtins.bool
+    """True when the approvals fit under this cap."""
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        period: _promotions_pb2.CapPeriod.ValueType = ...,
+        limit: _builtins.str = ...,
+        used: _builtins.str = ...,
+        projected: _builtins.str = ...,
+        remaining_after: _builtins.str = ...,
+        fits: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fits", b"fits", "limit", b"limit", "period", b"period", "projected", b"projected", "remaining_after", b"remaining_after", "scope", b"scope", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapForecast: _TypeAlias = CapForecast  # noqa: Y015
+
+@_typing.final
+class PromotionForecast(_message.Message):
+    """PromotionForecast is one promotion of the campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ProjectedValueEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PROMOTION_CODE_FIELD_NUMBER: _builtins.int
+    CUSTOMERS_FIELD_NUMBER: _builtins.int
+    PROJECTED_VALUE_FIELD_NUMBER: _builtins.int
+    NOT_ESTIMATED_FIELD_NUMBER: _builtins.int
+    CAPS_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    promotion_code: _builtins.str
+    customers: _builtins.int
+    """Customers forecast to receive it (approved and without a grant for this campaign yet)."""
+    fits: _builtins.bool
+    """True when every cap fits."""
+    @_builtins.property
+    def projected_value(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Total value per reward type (decimal strings), for SINGLE rewards exactly."""
+
+    @_builtins.property
+    def not_estimated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Reward types whose value depends on the customer (TIERED, CALCULATED, EXTERNAL) and was
+        not included in projected_value.
+        """
+
+    @_builtins.property
+    def caps(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapForecast]: ...
+    def __init__(
+        self,
+        *,
+        promotion_code: _builtins.str = ...,
+        customers: _builtins.int = ...,
+        projected_value: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        not_estimated: _abc.Iterable[_builtins.str] | None = ...,
+        caps: _abc.Iterable[Global___CapForecast] | None = ...,
+        fits: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caps", b"caps", "customers", b"customers", "fits", b"fits", "not_estimated", b"not_estimated", "projected_value", b"projected_value", "promotion_code", b"promotion_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromotionForecast: _TypeAlias = PromotionForecast  # noqa: Y015
+
+@_typing.final
+class ForecastCampaignResponse(_message.Message):
+    """ForecastCampaignResponse carries one forecast per promotion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMOTIONS_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    fits: _builtins.bool
+    """True when every promotion fits."""
+    @_builtins.property
+    def promotions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromotionForecast]: ...
+    def __init__(
+        self,
+        *,
+        promotions: _abc.Iterable[Global___PromotionForecast] | None = ...,
+        fits: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fits", b"fits", "promotions", b"promotions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForecastCampaignResponse: _TypeAlias = ForecastCampaignResponse  # noqa: Y015

@@ -341,6 +341,11 @@ class ClearanceServiceStub:
                 request_serializer=promo_dot_v1_dot_campaigns__pb2.UpdateCustomerPromotionStatusRequest.SerializeToString,
                 response_deserializer=promo_dot_v1_dot_campaigns__pb2.UpdateCustomerPromotionStatusResponse.FromString,
                 _registered_method=True)
+        self.ForecastCampaign = channel.unary_unary(
+                '/promo.v1.ClearanceService/ForecastCampaign',
+                request_serializer=promo_dot_v1_dot_campaigns__pb2.ForecastCampaignRequest.SerializeToString,
+                response_deserializer=promo_dot_v1_dot_campaigns__pb2.ForecastCampaignResponse.FromString,
+                _registered_method=True)
 
 
 class ClearanceServiceServicer:
@@ -362,6 +367,13 @@ class ClearanceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForecastCampaign(self, request, context):
+        """What the approvals would cost against each promotion's remaining caps, before approving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClearanceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -374,6 +386,11 @@ def add_ClearanceServiceServicer_to_server(servicer, server):
                     servicer.UpdateCustomerPromotionStatus,
                     request_deserializer=promo_dot_v1_dot_campaigns__pb2.UpdateCustomerPromotionStatusRequest.FromString,
                     response_serializer=promo_dot_v1_dot_campaigns__pb2.UpdateCustomerPromotionStatusResponse.SerializeToString,
+            ),
+            'ForecastCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForecastCampaign,
+                    request_deserializer=promo_dot_v1_dot_campaigns__pb2.ForecastCampaignRequest.FromString,
+                    response_serializer=promo_dot_v1_dot_campaigns__pb2.ForecastCampaignResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +448,33 @@ class ClearanceService:
             '/promo.v1.ClearanceService/UpdateCustomerPromotionStatus',
             promo_dot_v1_dot_campaigns__pb2.UpdateCustomerPromotionStatusRequest.SerializeToString,
             promo_dot_v1_dot_campaigns__pb2.UpdateCustomerPromotionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForecastCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/promo.v1.ClearanceService/ForecastCampaign',
+            promo_dot_v1_dot_campaigns__pb2.ForecastCampaignRequest.SerializeToString,
+            promo_dot_v1_dot_campaigns__pb2.ForecastCampaignResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -130,6 +130,8 @@ class ClearanceServiceStub:
     """Approves or rejects customers (at most 10,000 per call; call it any number of times until
     ClearanceRequiredBy; the last status wins; a customer never approved counts as rejected).
     """
+    ForecastCampaign: _grpc.UnaryUnaryMultiCallable[_campaigns_pb2.ForecastCampaignRequest, _campaigns_pb2.ForecastCampaignResponse]
+    """What the approvals would cost against each promotion's remaining caps, before approving."""
 
 @_typing.type_check_only
 class ClearanceServiceAsyncStub(ClearanceServiceStub):
@@ -142,6 +144,8 @@ class ClearanceServiceAsyncStub(ClearanceServiceStub):
     """Approves or rejects customers (at most 10,000 per call; call it any number of times until
     ClearanceRequiredBy; the last status wins; a customer never approved counts as rejected).
     """
+    ForecastCampaign: _aio.UnaryUnaryMultiCallable[_campaigns_pb2.ForecastCampaignRequest, _campaigns_pb2.ForecastCampaignResponse]  # type: ignore[assignment]
+    """What the approvals would cost against each promotion's remaining caps, before approving."""
 
 class ClearanceServiceServicer(metaclass=_abc_1.ABCMeta):
     """ClearanceService is what webhook listeners call during conditional execution (role `listener`)."""
@@ -163,5 +167,13 @@ class ClearanceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Approves or rejects customers (at most 10,000 per call; call it any number of times until
         ClearanceRequiredBy; the last status wins; a customer never approved counts as rejected).
         """
+
+    @_abc_1.abstractmethod
+    def ForecastCampaign(
+        self,
+        request: _campaigns_pb2.ForecastCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_campaigns_pb2.ForecastCampaignResponse, _abc.Awaitable[_campaigns_pb2.ForecastCampaignResponse]]:
+        """What the approvals would cost against each promotion's remaining caps, before approving."""
 
 def add_ClearanceServiceServicer_to_server(servicer: ClearanceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
