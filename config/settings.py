@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     # Campaigns.
     clearance_lead_seconds: float = Field(default=1800.0, ge=0)
 
+    # Webhooks.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    webhook_max_attempts: int = Field(default=12, ge=1, le=100)
+    webhook_deadline_seconds: int = Field(default=86400, ge=1)
+    webhook_secret_grace_seconds: int = Field(default=86400, ge=0)
+
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

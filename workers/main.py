@@ -21,6 +21,8 @@ from core.clock import Clock, SystemClock
 from storage.db import create_pool
 from storage.migrate import migrate
 from storage.queue import OUTBOX_JOB_FUNCTION
+from workers import campaigns as _campaigns  # noqa: F401  registers campaign.notify/execute
+from workers import webhooks  # registers the webhook.deliver handler
 from workers.outbox import run_outbox_job, sweep_once
 
 log = logging.getLogger("promo.worker")
@@ -54,6 +56,7 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
         if settings.migrate_on_start:
             async with ctx["pool"].acquire() as conn:
                 await migrate(conn)
+        await webhooks.setup(ctx)
         if run_sweeper:
             ctx["sweeper"] = asyncio.create_task(
                 _sweeper_loop(ctx, settings.sweeper_interval_seconds), name="promo-sweeper")
@@ -65,6 +68,7 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+        await webhooks.teardown(ctx)
         pool = ctx.pop("pool", None)
         if pool is not None:
             await pool.close()

@@ -1,0 +1,277 @@
+"""ListenerService: webhook listeners and their delivery log, a thin layer over storage.webhooks.
+
+Secrets are write-only: a generated one is returned once (in the Register/Update response, and
+so also to a retry with the same request_id, which replays that response); no read returns one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+import asyncpg
+from grpc import aio
+from promo.v1 import listeners_pb2 as pb
+from promo.v1 import listeners_pb2_grpc as pb_grpc
+
+from core.errors import InvalidArgument
+from core.events import (
+    DeliveryStatus,
+    EventType,
+    parse_event_type,
+    validate_description,
+    validate_listener_url,
+    validate_secret,
+)
+from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from server.convert import request_fingerprint, timestamp
+from server.deps import Dependencies
+from storage import idempotency
+from storage import webhooks as repo
+from storage.queue import queue_after_commit
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ListenerService"].full_name
+ROLES = {f"/{SERVICE_NAME}/{m}": {"admin"} for m in (
+    "RegisterListener", "GetListener", "ListListeners", "UpdateListener", "UnregisterListener",
+    "ListDeliveries", "GetDelivery", "RedeliverEvent")}
+
+UPDATABLE_FIELDS = frozenset({"url", "active", "description", "secret"})
+GENERATED_SECRET_BYTES = 32
+
+_STATUS_TO_PB = {
+    DeliveryStatus.PENDING: pb.DELIVERY_STATUS_PENDING,
+    DeliveryStatus.DELIVERED: pb.DELIVERY_STATUS_DELIVERED,
+    DeliveryStatus.FAILED: pb.DELIVERY_STATUS_FAILED,
+    DeliveryStatus.DEAD: pb.DELIVERY_STATUS_DEAD,
+    DeliveryStatus.CANCELLED: pb.DELIVERY_STATUS_CANCELLED,
+}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+
+
+def generate_secret() -> str:
+    """32 random bytes, URL-safe base64 (43 characters): easy to paste into any config."""
+    return secrets.token_urlsafe(GENERATED_SECRET_BYTES)
+
+
+def _event_type(value: int, *, field: str, required: bool) -> EventType | None:
+    if value == 0:
+        if required:
+            raise InvalidArgument(f"{field} is required", reason="INVALID_EVENT_TYPE",
+                                  metadata={"field": field})
+        return None
+    return parse_event_type(value, field=field)
+
+
+def _id(value: int, field: str) -> int:
+    if value <= 0:
+        raise InvalidArgument(f"{field} is required (a positive id)",
+                              reason=f"INVALID_{field.split('.')[-1].upper()}",
+                              metadata={"field": field})
+    return value
+
+
+def listener_to_pb(row: repo.ListenerRow) -> pb.Listener:
+    return pb.Listener(
+        listener_id=row.id, event_type=row.event_type, url=row.url,
+        active=row.active, description=row.description,
+        secret_rotate_time=timestamp(row.secret_rotated_at),
+        create_time=timestamp(row.create_time), update_time=timestamp(row.update_time))
+
+
+def delivery_to_pb(row: repo.DeliveryRow) -> pb.Delivery:
+    return pb.Delivery(
+        delivery_id=row.id, event_id=row.event_id,
+        event_type=row.event_type,
+        listener_id=row.listener_id, status=_STATUS_TO_PB[row.status],
+        attempt_count=row.attempts, last_status_code=row.last_status_code or 0,
+        last_error=row.last_error or "", last_latency_ms=row.last_latency_ms or 0.0,
+        next_attempt_time=timestamp(row.next_attempt_at),
+        delivered_time=timestamp(row.delivered_at),
+        deliver_by_time=timestamp(row.deliver_by),
+        create_time=timestamp(row.create_time), update_time=timestamp(row.update_time))
+
+
+def attempt_to_pb(row: repo.AttemptRow) -> pb.DeliveryAttempt:
+    return pb.DeliveryAttempt(
+        attempt=row.attempt, url=row.url, start_time=timestamp(row.started_at),
+        finish_time=timestamp(row.finished_at), status_code=row.status_code or 0,
+        error=row.error or "", latency_ms=row.latency_ms or 0.0)
+
+
+class ListenerServicer(pb_grpc.ListenerServiceServicer):
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    async def RegisterListener(self, request: pb.RegisterListenerRequest,
+                               context: aio.ServicerContext) -> pb.RegisterListenerResponse:
+        given = request.listener
+        event_type = _event_type(given.event_type, field="listener.event_type", required=True)
+        assert event_type is not None
+        url = validate_listener_url(given.url, field="listener.url")
+        description = validate_description(given.description, field="listener.description")
+        secret = (validate_secret(given.secret, field="listener.secret") if given.secret
+                  else None)
+        active = given.active if given.HasField("active") else True
+
+        async def work(conn: asyncpg.Connection) -> bytes:
+            chosen = secret or generate_secret()
+            row = await repo.insert_listener(
+                conn, event_type=int(event_type), url=url, secret=chosen, active=active,
+                description=description, now=self._deps.clock.now())
+            return pb.RegisterListenerResponse(
+                listener=listener_to_pb(row),
+                generated_secret="" if secret else chosen).SerializeToString()
+
+        raw = await idempotency.run_once(
+            self._deps.pool, scope="RegisterListener", request_id=request.request_id,
+            request_hash=request_fingerprint(request), work=work)
+        return pb.RegisterListenerResponse.FromString(raw)
+
+    async def GetListener(self, request: pb.GetListenerRequest,
+                          context: aio.ServicerContext) -> pb.GetListenerResponse:
+        listener_id = _id(request.listener_id, "listener_id")
+        async with self._deps.pool.acquire() as conn:
+            row = await repo.get_listener(conn, listener_id)
+        return pb.GetListenerResponse(listener=listener_to_pb(row))
+
+    async def ListListeners(self, request: pb.ListListenersRequest,
+                            context: aio.ServicerContext) -> pb.ListListenersResponse:
+        size = effective_page_size(request.page_size)
+        event_type = _event_type(request.event_type, field="event_type", required=False)
+        filters = {"event_type": int(event_type) if event_type is not None else None}
+        cursor = decode_page_token(request.page_token, filters)
+        after = int(cursor.after[0]) if cursor else None
+        async with self._deps.pool.acquire() as conn:
+            rows = await repo.list_listeners(conn, event_type=filters["event_type"],
+                                             after_id=after, limit=size + 1)
+        page, more = rows[:size], len(rows) > size
+        token = encode_page_token([page[-1].id], filters) if more else ""
+        return pb.ListListenersResponse(listeners=[listener_to_pb(r) for r in page],
+                                        next_page_token=token)
+
+    async def UpdateListener(self, request: pb.UpdateListenerRequest,
+                             context: aio.ServicerContext) -> pb.UpdateListenerResponse:
+        given = request.listener
+        listener_id = _id(given.listener_id, "listener.listener_id")
+        paths = set(request.update_mask.paths)
+        if not paths:
+            raise InvalidArgument("update_mask must name at least one field",
+                                  reason="EMPTY_UPDATE_MASK", metadata={"field": "update_mask"})
+        unknown = sorted(paths - UPDATABLE_FIELDS)
+        if unknown:
+            hint = ("; event_type never changes: register a new listener instead"
+                    if "event_type" in unknown else "")
+            raise InvalidArgument(
+                f"update_mask names fields that cannot be updated: {', '.join(unknown)}; "
+                f"updatable fields are {', '.join(sorted(UPDATABLE_FIELDS))}{hint}",
+                reason="INVALID_UPDATE_MASK", metadata={"field": "update_mask"})
+        url = (validate_listener_url(given.url, field="listener.url") if "url" in paths
+               else None)
+        description = (validate_description(given.description, field="listener.description")
+                       if "description" in paths else None)
+        active = given.active if "active" in paths else None
+        secret = (validate_secret(given.secret, field="listener.secret")
+                  if "secret" in paths and given.secret else None)
+
+        async def work(conn: asyncpg.Connection) -> bytes:
+            generated = generate_secret() if "secret" in paths and secret is None else None
+            row = await repo.update_listener(
+                conn, listener_id, now=self._deps.clock.now(), url=url, active=active,
+                description=description, secret=secret or generated)
+            return pb.UpdateListenerResponse(
+                listener=listener_to_pb(row),
+                generated_secret=generated or "").SerializeToString()
+
+        raw = await idempotency.run_once(
+            self._deps.pool, scope="UpdateListener", request_id=request.request_id,
+            request_hash=request_fingerprint(request), work=work)
+        return pb.UpdateListenerResponse.FromString(raw)
+
+    async def UnregisterListener(self, request: pb.UnregisterListenerRequest,
+                                 context: aio.ServicerContext) -> pb.UnregisterListenerResponse:
+        listener_id = _id(request.listener_id, "listener_id")
+
+        async def work(conn: asyncpg.Connection) -> bytes:
+            cancelled = await repo.delete_listener(conn, listener_id,
+                                                   now=self._deps.clock.now())
+            return pb.UnregisterListenerResponse(
+                cancelled_deliveries=cancelled).SerializeToString()
+
+        raw = await idempotency.run_once(
+            self._deps.pool, scope="UnregisterListener", request_id=request.request_id,
+            request_hash=request_fingerprint(request), work=work)
+        return pb.UnregisterListenerResponse.FromString(raw)
+
+    async def ListDeliveries(self, request: pb.ListDeliveriesRequest,
+                             context: aio.ServicerContext) -> pb.ListDeliveriesResponse:
+        size = effective_page_size(request.page_size)
+        if request.listener_id < 0:
+            raise InvalidArgument("listener_id must not be negative",
+                                  reason="INVALID_LISTENER_ID", metadata={"field": "listener_id"})
+        event_id: str | None = None
+        if request.event_id:
+            try:
+                event_id = str(uuid.UUID(request.event_id))
+            except ValueError:
+                raise InvalidArgument(
+                    f"event_id {request.event_id[:100]!r} is not an event id (a UUID, as in "
+                    "the Promo-Event-Id header)", reason="INVALID_EVENT_ID",
+                    metadata={"field": "event_id"}) from None
+        statuses: list[str] = []
+        for value in request.statuses:
+            status = _STATUS_FROM_PB.get(value)
+            if status is None:
+                raise InvalidArgument(
+                    f"statuses contains {value}, which is not a delivery status",
+                    reason="INVALID_STATUS", metadata={"field": "statuses"})
+            statuses.append(status.value)
+        event_type = _event_type(request.event_type, field="event_type", required=False)
+        listener_id = request.listener_id or None
+        type_number = int(event_type) if event_type is not None else None
+        wanted = sorted(set(statuses)) or None
+        filters = {"listener_id": listener_id, "event_id": event_id, "statuses": wanted,
+                   "event_type": type_number}
+        cursor = decode_page_token(request.page_token, filters)
+        before = int(cursor.after[0]) if cursor else None
+        async with self._deps.pool.acquire() as conn:
+            rows = await repo.list_deliveries(
+                conn, listener_id=listener_id, event_id=event_id, event_type=type_number,
+                statuses=wanted, before_id=before, limit=size + 1)
+        page, more = rows[:size], len(rows) > size
+        token = encode_page_token([page[-1].id], filters) if more else ""
+        return pb.ListDeliveriesResponse(deliveries=[delivery_to_pb(r) for r in page],
+                                         next_page_token=token)
+
+    async def GetDelivery(self, request: pb.GetDeliveryRequest,
+                          context: aio.ServicerContext) -> pb.GetDeliveryResponse:
+        delivery_id = _id(request.delivery_id, "delivery_id")
+        async with self._deps.pool.acquire() as conn:
+            row = await repo.get_delivery(conn, delivery_id)
+            attempts = await repo.list_attempts(conn, delivery_id)
+            body = await repo.get_event_body(conn, delivery_id)
+        return pb.GetDeliveryResponse(delivery=delivery_to_pb(row),
+                                      attempts=[attempt_to_pb(a) for a in attempts],
+                                      event_body=body)
+
+    async def RedeliverEvent(self, request: pb.RedeliverEventRequest,
+                             context: aio.ServicerContext) -> pb.RedeliverEventResponse:
+        delivery_id = _id(request.delivery_id, "delivery_id")
+        queued: list[int] = []
+        now = self._deps.clock.now()
+
+        async def work(conn: asyncpg.Connection) -> bytes:
+            row, job_id = await repo.redeliver(conn, delivery_id, now=now)
+            queued.append(job_id)
+            return pb.RedeliverEventResponse(delivery=delivery_to_pb(row)).SerializeToString()
+
+        raw = await idempotency.run_once(
+            self._deps.pool, scope="RedeliverEvent", request_id=request.request_id,
+            request_hash=request_fingerprint(request), work=work)
+        for job_id in queued:  # empty on a replayed request: its job was queued the first time
+            await queue_after_commit(self._deps.redis, job_id=job_id, due_at=now,
+                                     queue_name=self._deps.queue_name)
+        return pb.RedeliverEventResponse.FromString(raw)
+
+
+def register(server: aio.Server, deps: Dependencies) -> None:
+    pb_grpc.add_ListenerServiceServicer_to_server(ListenerServicer(deps), server)
