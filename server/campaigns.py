@@ -12,8 +12,6 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from grpc import aio
-from promo.v1 import campaigns_pb2 as pb
-from promo.v1 import campaigns_pb2_grpc as pb_grpc
 
 from core import campaigns as domain
 from core.campaigns import CampaignSpec, CampaignStatus
@@ -22,6 +20,8 @@ from core.errors import InvalidArgument
 from core.forecast import forecast
 from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from promo.v1 import campaigns_pb2 as pb
+from promo.v1 import campaigns_pb2_grpc as pb_grpc
 from server.convert import request_fingerprint, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import PERIOD_TO_PB

@@ -11,8 +11,6 @@ import uuid
 
 import asyncpg
 from grpc import aio
-from promo.v1 import listeners_pb2 as pb
-from promo.v1 import listeners_pb2_grpc as pb_grpc
 
 from core.errors import InvalidArgument
 from core.events import (
@@ -24,6 +22,8 @@ from core.events import (
     validate_secret,
 )
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from promo.v1 import listeners_pb2 as pb
+from promo.v1 import listeners_pb2_grpc as pb_grpc
 from server.convert import request_fingerprint, timestamp
 from server.deps import Dependencies
 from storage import idempotency

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from promo.v1 import promotions_pb2 as pb
-
 from core.catalogue.promotions import (
     BudgetCap,
     CapPeriod,
@@ -15,6 +13,7 @@ from core.catalogue.promotions import (
 )
 from core.errors import InvalidArgument
 from core.money import format_decimal, parse_decimal
+from promo.v1 import promotions_pb2 as pb
 
 STATUS_TO_PB = {PromotionStatus.DRAFT: pb.PROMOTION_STATUS_DRAFT,
                 PromotionStatus.ACTIVE: pb.PROMOTION_STATUS_ACTIVE,

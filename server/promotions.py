@@ -10,8 +10,6 @@ from decimal import Decimal
 import asyncpg
 from google.protobuf.message import Message
 from grpc import aio
-from promo.v1 import promotions_pb2 as pb
-from promo.v1 import promotions_pb2_grpc as pb_grpc
 
 from core.cap_state import availability, cap_states, windows
 from core.catalogue import promotions as domain
@@ -21,6 +19,8 @@ from core.clock import Clock
 from core.errors import InvalidArgument
 from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from promo.v1 import promotions_pb2 as pb
+from promo.v1 import promotions_pb2_grpc as pb_grpc
 from server.convert import request_fingerprint, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import (

@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import asyncpg
 from grpc import aio
-from promo.v1 import reward_types_pb2 as pb
-from promo.v1 import reward_types_pb2_grpc as pb_grpc
 
 from core.catalogue import reward_types as domain
 from core.errors import InvalidArgument
 from core.money import format_decimal, parse_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from promo.v1 import reward_types_pb2 as pb
+from promo.v1 import reward_types_pb2_grpc as pb_grpc
 from server.convert import request_fingerprint, timestamp
 from server.deps import Dependencies
 from storage import idempotency

@@ -13,15 +13,15 @@ from decimal import Decimal
 
 import asyncpg
 from grpc import aio
-from promo.v1 import promotions_pb2 as ppb
-from promo.v1 import rewards_pb2 as pb
-from promo.v1 import rewards_pb2_grpc as pb_grpc
 
 from core.catalogue.promotions import RewardKind
 from core.clock import Clock
 from core.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from core.money import parse_decimal
 from core.rewards import CUSTOMERS_WINDOW_START, Denial, charges_for, decide_values
+from promo.v1 import promotions_pb2 as ppb
+from promo.v1 import rewards_pb2 as pb
+from promo.v1 import rewards_pb2_grpc as pb_grpc
 from server.convert import timestamp
 from server.deps import Dependencies
 from server.promotion_cache import CachedPromotion, PromotionCache

@@ -10,7 +10,6 @@ from promo.v1 import reward_types_pb2 as rtpb
 from promo.v1 import reward_types_pb2_grpc as rtpb_grpc
 from promo.v1 import rewards_pb2 as rpb
 from promo.v1 import rewards_pb2_grpc as rpb_grpc
-
 from tests.conftest import Api
 
 

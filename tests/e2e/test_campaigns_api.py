@@ -7,11 +7,11 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
+
+from core.clock import FixedClock
 from promo.v1 import campaigns_pb2 as cpb
 from promo.v1 import campaigns_pb2_grpc as cpb_grpc
 from promo.v1 import rewards_pb2 as rpb
-
-from core.clock import FixedClock
 from tests.conftest import Api, rpc_error_reason
 from tests.e2e.campaign_helpers import all_customers, create_campaign, set_statuses, ts
 from tests.e2e.promo_helpers import get_reward, promotion, reward_type
@@ -145,7 +145,6 @@ async def test_past_execution_and_unknown_promotion(api: Api, clock: FixedClock)
 
 async def test_forecast_against_remaining_caps(api: Api, clock: FixedClock) -> None:
     from promo.v1 import promotions_pb2 as ppb
-
     from tests.e2e.promo_helpers import cap
 
     await reward_type(api)

@@ -17,14 +17,14 @@ import pytest
 from arq import create_pool as create_arq_pool
 from arq.connections import RedisSettings
 from grpc import aio
+
+from config.settings import Settings
+from core.clock import SystemClock
 from promo.v1 import campaigns_pb2 as cpb
 from promo.v1 import campaigns_pb2_grpc as cpb_grpc
 from promo.v1 import listeners_pb2 as lpb
 from promo.v1 import listeners_pb2_grpc as lpb_grpc
 from promo.v1 import rewards_pb2 as rpb
-
-from config.settings import Settings
-from core.clock import SystemClock
 from server.app import Dependencies, start_server
 from tests.conftest import Api, rpc_error_reason
 from tests.e2e.campaign_helpers import all_customers, create_campaign, set_statuses

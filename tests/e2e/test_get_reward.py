@@ -13,13 +13,13 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from grpc import aio
+
+from config.settings import Settings
+from core.clock import FixedClock
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import promotions_pb2_grpc as ppb_grpc
 from promo.v1 import rewards_pb2 as rpb
 from promo.v1 import rewards_pb2_grpc as rpb_grpc
-
-from config.settings import Settings
-from core.clock import FixedClock
 from server.app import Dependencies, start_server
 from storage.db import create_pool
 from tests.conftest import Api, rpc_error_reason

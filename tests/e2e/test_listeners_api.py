@@ -10,12 +10,12 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from promo.v1 import listeners_pb2 as pb
-from promo.v1 import listeners_pb2_grpc as pb_grpc
 
 from config.settings import Settings
 from core.clock import FixedClock
 from core.events import EventType
+from promo.v1 import listeners_pb2 as pb
+from promo.v1 import listeners_pb2_grpc as pb_grpc
 from storage import webhooks as repo
 from tests.conftest import Api, rpc_error_reason
 from tests.integration.test_webhook_delivery import (

@@ -7,9 +7,9 @@ import asyncio
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+
 from promo.v1 import reward_types_pb2 as pb
 from promo.v1 import reward_types_pb2_grpc as pb_grpc
-
 from tests.conftest import Api, rpc_error_reason
 
 

@@ -11,10 +11,10 @@ import pytest
 import trustme
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from promo.v1 import reward_types_pb2 as pb
-from promo.v1 import reward_types_pb2_grpc as pb_grpc
 
 from config.settings import Settings
+from promo.v1 import reward_types_pb2 as pb
+from promo.v1 import reward_types_pb2_grpc as pb_grpc
 from server.app import Dependencies, start_server
 from tests.conftest import Api
 
