@@ -258,7 +258,11 @@ async def test_attempts_run_out_then_redelivery_of_the_dead_delivery(
         [row] = await deliveries(pool)
         assert (row["status"], row["attempts"]) == ("DEAD", 2)
         assert "gave up after 2 attempts" in row["last_error"]
-        assert (await outbox_row(pool, emitted.outbox_job_ids[0]))["status"] == "dead"
+
+        async def outbox_dead() -> bool:  # the worker records it just after the delivery row
+            return bool((await outbox_row(pool, emitted.outbox_job_ids[0]))["status"] == "dead")
+
+        await wait_until(outbox_dead, what="dead outbox job")
 
         listener.default = 200  # the listener is fixed; an operator redelivers
         async with pool.acquire() as conn, conn.transaction():
