@@ -50,3 +50,8 @@ def format_decimal(value: Decimal | None) -> str:
     if value is None:
         return ""
     return format(value, "f")
+
+
+def plain(value: Decimal) -> Decimal:
+    """The same amount without trailing zeros or exponent (25.000000 -> 25, 7.50 -> 7.5)."""
+    return value.quantize(1) if value == value.to_integral() else value.normalize()

@@ -15,6 +15,7 @@ from decimal import Decimal
 from core.caps import LIFETIME_START, period_window
 from core.catalogue.promotions import CapPeriod, Promotion, PromotionReward, RewardKind
 from core.catalogue.reward_types import RewardType
+from core.money import plain
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def apply_bounds(reward: PromotionReward, reward_type: RewardType,
         return Denial("BELOW_MINIMUM", f"{reward.reward_type}: computed value {value} is below "
                                        f"the minimum {low}")
     if high is not None and value > high:
-        return high
+        return plain(high)
     return value
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from core.catalogue.reward_types import RewardType
+from core.reward_formulas import RewardFormula, compile_rewards
 from storage import promotions as promotions_repo
 from storage import reward_types as reward_types_repo
 from storage.promotions import StoredPromotion
@@ -24,6 +25,8 @@ class CachedPromotion:
     stored: StoredPromotion
     reward_types: dict[str, RewardType]
     loaded_at: float
+    # TIERED and CALCULATED rewards, compiled once per load (by reward type).
+    formulas: dict[str, RewardFormula]
 
 
 class PromotionCache:
@@ -49,6 +52,7 @@ class PromotionCache:
                 stored = await promotions_repo.get(conn, code)
                 names = [r.reward_type for r in stored.promotion.rewards]
                 types = {n: await reward_types_repo.get(conn, n) for n in names}
-            entry = CachedPromotion(stored, types, time.monotonic())
+            entry = CachedPromotion(stored, types, time.monotonic(),
+                                    compile_rewards(stored.promotion))
             self._entries[code] = entry
             return entry

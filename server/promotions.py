@@ -19,6 +19,7 @@ from core.clock import Clock
 from core.errors import InvalidArgument
 from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.reward_formulas import compile_rewards
 from promo.v1 import promotions_pb2 as pb
 from promo.v1 import promotions_pb2_grpc as pb_grpc
 from server.convert import request_fingerprint, timestamp
@@ -104,6 +105,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
 
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
             promotion = domain.validate_promotion(draft, await _reward_types(conn, draft))
+            compile_rewards(promotion)
             stored = await repo.insert(conn, replace(promotion, status=status))
             return await with_usage(conn, stored, self._clock.now())
 
@@ -161,6 +163,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             domain.check_editable(stored.promotion)
             merged = replace(stored.promotion, **{p: getattr(patch, p) for p in paths})
             promotion = domain.validate_promotion(merged, await _reward_types(conn, merged))
+            compile_rewards(promotion)
             saved = await repo.save(conn, stored.id, promotion)
             return await with_usage(conn, saved, self._clock.now())
 

@@ -16,8 +16,9 @@ from grpc import aio
 
 from core.catalogue.promotions import RewardKind
 from core.clock import Clock
-from core.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from core.errors import Aborted, InvalidArgument, NotFound
 from core.money import parse_decimal
+from core.reward_formulas import evaluate_reward
 from core.rewards import CUSTOMERS_WINDOW_START, Denial, charges_for, decide_values
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import rewards_pb2 as pb
@@ -26,7 +27,9 @@ from server.convert import timestamp
 from server.deps import Dependencies
 from server.promotion_cache import CachedPromotion, PromotionCache
 from server.promotion_convert import KIND_TO_PB, PERIOD_TO_PB
+from storage import aggregates as aggregates_repo
 from storage import campaigns as campaigns_repo
+from storage import customers as customers_repo
 from storage import promotions as repo
 from storage.idempotency import validate_request_id
 from storage.promotions import GrantCharge, GrantOutcome
@@ -134,13 +137,27 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
     async def _computed(self, cached: CachedPromotion,
                         request: pb.GetRewardRequest) -> dict[str, Decimal | Denial]:
-        formula_rewards = [r for r in cached.stored.promotion.rewards
-                           if r.kind in (RewardKind.TIERED, RewardKind.CALCULATED)]
-        if formula_rewards:
-            raise FailedPrecondition(
-                "TIERED and CALCULATED rewards need the formula engine, which this server "
-                "version does not include yet", reason="FORMULAS_UNAVAILABLE")
-        return {}
+        """Evaluate the TIERED and CALCULATED rewards for this customer: their properties and,
+        per formula, every aggregate it needs in one statement over the lookback window."""
+        if not cached.formulas:
+            return {}
+        now = self._clock.now()
+        async with self._pool.acquire() as conn:
+            try:
+                customer = await customers_repo.get(conn, request.customer_id)
+                properties, currency = dict(customer.properties), customer.currency
+            except NotFound:
+                properties, currency = {}, None
+            values: dict[str, Decimal | Denial] = {}
+            for reward_type, formula in cached.formulas.items():
+                specs = formula.compiled.aggregates
+                found = await aggregates_repo.aggregate_for_customers(
+                    conn, specs, [request.customer_id], now - formula.lookback, now) \
+                    if specs else {}
+                values[reward_type] = evaluate_reward(
+                    formula, aggregates=found.get(request.customer_id, {}),
+                    properties=properties, currency=currency)
+        return values
 
     def _answer(self, cached: CachedPromotion, request: pb.GetRewardRequest,
                 outcome: GrantOutcome) -> pb.GetRewardResponse:

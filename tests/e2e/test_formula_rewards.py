@@ -1,0 +1,137 @@
+"""TIERED and CALCULATED rewards through GetReward, with customer data recorded over the API:
+the seeds' use cases (seed 000) pay the documented amounts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+import pytest
+
+from core.clock import FixedClock
+from promo.v1 import customers_pb2 as cpb
+from promo.v1 import customers_pb2_grpc as cpb_grpc
+from promo.v1 import promotions_pb2 as ppb
+from promo.v1 import promotions_pb2_grpc as ppb_grpc
+from promo.v1 import rewards_pb2 as rpb
+from tests.conftest import Api, rpc_error_reason
+from tests.e2e.campaign_helpers import ts
+from tests.e2e.promo_helpers import cap, get_reward, promotion, reward_type
+
+
+async def _customer(api: Api, customer_id: str, clock: FixedClock, *,
+                    properties: dict[str, str] | None = None,
+                    events: list[tuple[str, str, int]] = ()) -> None:  # type: ignore[assignment]
+    """events: (kind, amount, days ago)."""
+    stub = cpb_grpc.CustomerServiceStub(api.channel)
+    await stub.UpsertCustomers(cpb.UpsertCustomersRequest(
+        request_id=f"u-{customer_id}", customers=[cpb.Customer(
+            customer_id=customer_id, currency="USD",
+            properties={k: cpb.PropertyValue(string_value=v)
+                        for k, v in (properties or {}).items()})]), metadata=api.key())
+    if events:
+        await stub.RecordEvents(cpb.RecordEventsRequest(request_id=f"e-{customer_id}", events=[
+            cpb.Event(external_id=f"{customer_id}-{i}", customer_id=customer_id, kind=kind,
+                      amount=amount, currency="USD",
+                      occurred_at=ts(clock.now() - timedelta(days=days, minutes=i)))
+            for i, (kind, amount, days) in enumerate(events)]), metadata=api.key())
+
+
+def _tier(condition: str, value: str) -> ppb.Tier:
+    return ppb.Tier(condition=condition, value=value)
+
+
+async def _value(api: Api, customer: str, code: str) -> str | rpb.GetRewardResponse:
+    response = await get_reward(api, customer, code)
+    return response.grant.rewards[0].value if response.HasField("grant") else response
+
+
+async def test_tiered_cashback_on_the_last_deposit(api: Api, clock: FixedClock) -> None:
+    await reward_type(api)
+    last = "last(deposit.amount)"
+    await promotion(api, "CASHBACK", rewards=[ppb.PromotionReward(
+        reward_type="cashback", kind=ppb.REWARD_KIND_TIERED, rounding=ppb.ROUNDING_MODE_ROUND,
+        decimals=2, tiers=[_tier(f"{last} >= 50 and {last} <= 100", f"{last} * 10%"),
+                           _tier(f"{last} >= 101 and {last} <= 200", f"{last} * 20%"),
+                           _tier(f"{last} > 200", f"{last} * 30%")])])
+    cases = {"a": "75", "b": "150", "c": "300", "d": "40", "e": "75.55"}
+    for customer, amount in cases.items():
+        # An older, bigger deposit must not count: "last" is the latest one.
+        await _customer(api, customer, clock, events=[("deposit", "9999", 5),
+                                                      ("deposit", amount, 1)])
+    assert await _value(api, "a", "CASHBACK") == "7.50"
+    assert await _value(api, "b", "CASHBACK") == "30.00"
+    assert await _value(api, "c", "CASHBACK") == "90.00"
+    assert await _value(api, "e", "CASHBACK") == "7.56"  # 7.555 rounds half up
+    below = await _value(api, "d", "CASHBACK")
+    assert isinstance(below, rpb.GetRewardResponse)
+    assert below.denial_reason == rpb.DENIAL_REASON_NOT_ELIGIBLE
+    nobody = await _value(api, "stranger", "CASHBACK")  # no data at all: no tier matches
+    assert isinstance(nobody, rpb.GetRewardResponse)
+    assert "NO_MATCHING_TRANSACTIONS" in nobody.denial_message
+
+
+async def test_loyalty_tiers_pay_a_share_of_the_last_order(api: Api, clock: FixedClock) -> None:
+    await reward_type(api, "points", category=2)
+    await promotion(api, "LOYAL", rewards=[ppb.PromotionReward(
+        reward_type="points", kind=ppb.REWARD_KIND_TIERED, rounding=ppb.ROUNDING_MODE_ROUND_DOWN,
+        decimals=0, tiers=[_tier('customer.tier == "Gold"', "last(order.amount) * 25%"),
+                           _tier('customer.tier == "Silver"', "last(order.amount) * 20%"),
+                           _tier('customer.tier == "Bronze"', "last(order.amount) * 15%")])])
+    for name, tier in (("g", "Gold"), ("s", "Silver"), ("b", "Bronze"), ("n", "None")):
+        await _customer(api, name, clock, properties={"tier": tier},
+                        events=[("order", "200", 2), ("order", "99", 1)])
+    assert [await _value(api, c, "LOYAL") for c in "gsb"] == ["24", "19", "14"]
+    untiered = await _value(api, "n", "LOYAL")
+    assert isinstance(untiered, rpb.GetRewardResponse)
+    assert untiered.denial_reason == rpb.DENIAL_REASON_NOT_ELIGIBLE
+
+
+async def test_calculated_reward_with_bounds_window_and_budget(api: Api,
+                                                              clock: FixedClock) -> None:
+    await reward_type(api, min_value="5", max_value="25")
+    await promotion(api, "TENPCT", rewards=[ppb.PromotionReward(
+        reward_type="cashback", kind=ppb.REWARD_KIND_CALCULATED,
+        formula="last(deposit.amount) * 10%", lookback_days=7)],
+        caps=[cap(ppb.CAP_PERIOD_LIFETIME, "50")])
+    await _customer(api, "x", clock, events=[("deposit", "100", 1)])
+    await _customer(api, "big", clock, events=[("deposit", "1000", 1)])
+    await _customer(api, "small", clock, events=[("deposit", "30", 1)])
+    await _customer(api, "old", clock, events=[("deposit", "100", 10)])  # outside 7 days
+    await _customer(api, "y", clock, events=[("deposit", "200", 1)])
+    assert await _value(api, "x", "TENPCT") == "10"
+    assert await _value(api, "big", "TENPCT") == "25"  # cut to the reward type's maximum
+    small = await _value(api, "small", "TENPCT")
+    assert isinstance(small, rpb.GetRewardResponse)
+    assert small.denial_reason == rpb.DENIAL_REASON_BELOW_MINIMUM
+    old = await _value(api, "old", "TENPCT")
+    assert isinstance(old, rpb.GetRewardResponse)
+    assert old.denial_reason == rpb.DENIAL_REASON_NOT_ELIGIBLE
+    over = await _value(api, "y", "TENPCT")  # 10 + 25 + 20 > 50: the budget holds
+    assert isinstance(over, rpb.GetRewardResponse)
+    assert over.denial_reason == rpb.DENIAL_REASON_BUDGET_CAP_REACHED
+
+
+@pytest.mark.parametrize(("reward", "field", "fragment"), [
+    (ppb.PromotionReward(reward_type="cashback", kind=ppb.REWARD_KIND_CALCULATED,
+                         formula="last(deposit.amount) *"),
+     "rewards[0].formula", "line 1, column 23"),
+    (ppb.PromotionReward(reward_type="cashback", kind=ppb.REWARD_KIND_TIERED,
+                         tiers=[_tier("customer.tier = \"Gold\"", "1")]),
+     "rewards[0].tiers[0].condition", "line 1, column 15"),
+    (ppb.PromotionReward(reward_type="cashback", kind=ppb.REWARD_KIND_CALCULATED,
+                         formula='template("spins")'),
+     "rewards[0].formula", "must compute an amount"),
+])
+async def test_bad_formulas_are_rejected_with_positions(api: Api, reward: ppb.PromotionReward,
+                                                       field: str, fragment: str) -> None:
+    await reward_type(api)
+    stub = ppb_grpc.PromotionServiceStub(api.channel)
+    with pytest.raises(grpc.RpcError) as err:
+        await stub.CreatePromotion(ppb.CreatePromotionRequest(request_id="x", promotion=(
+            ppb.Promotion(promotion_code="BAD", name="Bad", rewards=[reward]))),
+            metadata=api.key())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_error_reason(err.value) in ("FORMULA_SYNTAX", "FORMULA_INVALID")
+    assert (err.value.details() or "").startswith(field)
+    assert fragment in (err.value.details() or "")
