@@ -12,7 +12,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from config.settings import Settings
-from server import campaigns, customers, listeners, promotions, reward_types, rewards
+from server import (
+    campaigns,
+    customers,
+    formulas,
+    listeners,
+    promotions,
+    reward_types,
+    rewards,
+)
 from server.auth import Authenticator
 from server.deps import Dependencies
 from server.interceptors import CallObserver, ServiceInterceptor
@@ -20,7 +28,8 @@ from server.interceptors import CallObserver, ServiceInterceptor
 log = logging.getLogger("promo.server")
 
 # Every servicer module exposes SERVICE_NAME, ROLES (method -> roles) and register(server, deps).
-SERVICE_MODULES = (reward_types, promotions, rewards, campaigns, listeners, customers)
+SERVICE_MODULES = (reward_types, promotions, rewards, campaigns, listeners, customers,
+                   formulas)
 SERVICE_NAMES = tuple(name for module in SERVICE_MODULES
                       for name in getattr(module, "SERVICE_NAMES", (module.SERVICE_NAME,)))
 METHOD_ROLES: dict[str, set[str]] = {

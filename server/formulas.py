@@ -1,0 +1,157 @@
+"""FormulaService: validate a formula and dry-run it against a customer, saving nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from decimal import Decimal, InvalidOperation
+
+from grpc import aio
+
+from core.errors import InvalidArgument
+from core.formula import (
+    FORMULA_LANGUAGE_VERSION,
+    CompiledFormula,
+    FormulaInputs,
+    Outcome,
+    ResultOptions,
+    VariableValue,
+    compile_formula,
+)
+from core.money import format_decimal, parse_decimal, plain
+from core.periods import (
+    FixedPeriod,
+    Period,
+    RelativeKind,
+    RelativePeriod,
+    TimeBackPeriod,
+    resolve_period,
+)
+from core.rounding import RoundingMode
+from promo.v1 import formulas_pb2 as pb
+from promo.v1 import formulas_pb2_grpc as pb_grpc
+from server.convert import timestamp
+from server.deps import Dependencies
+from server.promotion_convert import ROUNDING_FROM_PB
+from storage import aggregates as aggregates_repo
+from storage import customers as customers_repo
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FormulaService"].full_name
+ROLES = {f"/{SERVICE_NAME}/ValidateFormula": {"admin"},
+         f"/{SERVICE_NAME}/DryRunFormula": {"admin"}}
+_RELATIVE = {pb.RELATIVE_KIND_LAST_FULL_DAY: RelativeKind.LAST_FULL_DAY,
+             pb.RELATIVE_KIND_LAST_FULL_WEEK: RelativeKind.LAST_FULL_WEEK,
+             pb.RELATIVE_KIND_LAST_FULL_MONTH: RelativeKind.LAST_FULL_MONTH,
+             pb.RELATIVE_KIND_LAST_WEEKEND: RelativeKind.LAST_WEEKEND,
+             pb.RELATIVE_KIND_TODAY_SO_FAR: RelativeKind.TODAY_SO_FAR}
+_OUTCOMES = {Outcome.AMOUNT: pb.DRY_RUN_OUTCOME_AMOUNT,
+             Outcome.TEMPLATE: pb.DRY_RUN_OUTCOME_TEMPLATE,
+             Outcome.SKIPPED: pb.DRY_RUN_OUTCOME_SKIPPED}
+
+
+def _variables(messages: list[pb.FormulaVariable]) -> dict[str, VariableValue]:
+    found: dict[str, VariableValue] = {}
+    for index, variable in enumerate(messages):
+        field = f"variables[{index}]"
+        if variable.per_currency:
+            found[variable.name] = {
+                code: parse_decimal(text, field=f"{field}.per_currency[{code}]",
+                                    allow_negative=True) or Decimal(0)
+                for code, text in variable.per_currency.items()}
+        else:
+            try:
+                found[variable.name] = Decimal(variable.value)
+            except InvalidOperation:
+                found[variable.name] = variable.value
+    return found
+
+
+def _compile(source: str, variables: list[pb.FormulaVariable]) -> CompiledFormula:
+    return compile_formula(source, variables=_variables(variables))
+
+
+def _period(message: pb.TransactionPeriod) -> Period:
+    which = message.WhichOneof("period")
+    if which == "fixed":
+        return FixedPeriod(message.fixed.start.ToDatetime(UTC), message.fixed.end.ToDatetime(UTC))
+    if which == "time_back":
+        units = {pb.TIME_UNIT_HOURS: "hours", pb.TIME_UNIT_DAYS: "days"}
+        if message.time_back.unit not in units:
+            raise InvalidArgument("period.time_back.unit is required: TIME_UNIT_HOURS or "
+                                  "TIME_UNIT_DAYS", reason="INVALID_PERIOD",
+                                  metadata={"field": "period.time_back.unit"})
+        return TimeBackPeriod(message.time_back.amount,
+                              units[message.time_back.unit])  # type: ignore[arg-type]
+    if which == "relative":
+        kind = _RELATIVE.get(message.relative.kind)
+        if kind is None:
+            raise InvalidArgument("period.relative.kind is required", reason="INVALID_PERIOD",
+                                  metadata={"field": "period.relative.kind"})
+        return RelativePeriod(kind, message.relative.time_zone or None)
+    raise InvalidArgument("period is required: this formula reads transactions",
+                          reason="INVALID_PERIOD", metadata={"field": "period"})
+
+
+class FormulaServicer(pb_grpc.FormulaServiceServicer):
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    async def ValidateFormula(self, request: pb.ValidateFormulaRequest,
+                              context: aio.ServicerContext) -> pb.ValidateFormulaResponse:
+        compiled = _compile(request.source, list(request.variables))
+        return pb.ValidateFormulaResponse(
+            language_version=FORMULA_LANGUAGE_VERSION,
+            aggregates=[pb.AggregateDescription(key=a.key, description=a.describe())
+                        for a in compiled.aggregates],
+            properties_used=list(compiled.properties_used),
+            variables_used=list(compiled.variables_used),
+            returns_template=compiled.returns_template)
+
+    async def DryRunFormula(self, request: pb.DryRunFormulaRequest,
+                            context: aio.ServicerContext) -> pb.DryRunFormulaResponse:
+        compiled = _compile(request.source, list(request.variables))
+        rounding = ROUNDING_FROM_PB.get(request.rounding, "NONE")
+        options = ResultOptions(
+            rounding=RoundingMode[rounding],
+            decimals=request.decimals if request.decimals or rounding != "NONE" else 2,
+            factor=parse_decimal(request.rounding_factor, field="rounding_factor",
+                                 allow_empty=True),
+            cap_amount=parse_decimal(request.cap_amount, field="cap_amount", allow_empty=True),
+            min_allowed=parse_decimal(request.min_allowed, field="min_allowed",
+                                      allow_empty=True))
+        now = self._deps.clock.now()
+        response = pb.DryRunFormulaResponse()
+        async with self._deps.pool.acquire() as conn:
+            customer = await customers_repo.get(conn, request.customer_id)
+            found = {}
+            if compiled.aggregates:
+                window = resolve_period(_period(request.period), now=now,
+                                        customer_time_zone=customer.time_zone)
+                response.window_start.CopyFrom(timestamp(window.start))
+                response.window_end.CopyFrom(timestamp(window.end))
+                per_customer = await aggregates_repo.aggregate_for_customers(
+                    conn, compiled.aggregates, [customer.customer_id], window.start, window.end)
+                found = per_customer.get(customer.customer_id, {})
+        evaluation = compiled.evaluate(
+            FormulaInputs(aggregates=found, properties=dict(customer.properties),
+                          currency=customer.currency), options)
+        response.outcome = _OUTCOMES[evaluation.outcome]
+        response.amount = format_decimal(evaluation.amount)
+        response.template = evaluation.template or ""
+        response.skip_reason = evaluation.skip_reason.name if evaluation.skip_reason else ""
+        response.skip_detail = evaluation.skip_detail or ""
+        response.raw_value = format_decimal(plain(evaluation.raw_value)
+                                            if evaluation.raw_value is not None else None)
+        response.value_after_rounding = format_decimal(evaluation.value_after_rounding)
+        response.value_after_cap = format_decimal(evaluation.value_after_cap)
+        response.branch = evaluation.branch or ""
+        response.explanation = evaluation.explain()
+        for spec in compiled.aggregates:
+            value = found.get(spec.key)
+            response.aggregates.add(key=spec.key, description=spec.describe(),
+                                    value=format_decimal(value.value) if value else "",
+                                    count=value.count if value else 0)
+        return response
+
+
+def register(server: aio.Server, deps: Dependencies) -> None:
+    pb_grpc.add_FormulaServiceServicer_to_server(FormulaServicer(deps), server)
