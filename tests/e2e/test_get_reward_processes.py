@@ -24,6 +24,8 @@ from tests.conftest import ADMIN_KEY, RUNTIME_KEY, Api
 from tests.e2e.promo_helpers import cap, get_reward, promotion, reward_type
 from tests.e2e.test_promo_up import _free_port
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture
 async def other_process(settings: Settings) -> AsyncIterator[Api]:
@@ -36,7 +38,7 @@ async def other_process(settings: Settings) -> AsyncIterator[Api]:
                    {"name": "runtime", "key": RUNTIME_KEY, "roles": ["runtime"]}]))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli.main", "serve", env=env,
-        cwd=Path(__file__).resolve().parents[2])
+        cwd=PROJECT_ROOT)
     channel = aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
