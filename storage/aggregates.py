@@ -20,14 +20,18 @@ by tests/integration/test_aggregates_sql.py:
   [NOT] DISTINCT FROM) so that ``NOT`` cannot turn "unknown" into a match.
 * Field aggregates count only events whose field is a number; ``avg`` is computed in Python by
   ``core.formula.memory.average`` from SUM and COUNT, never by the database's AVG.
-* ``first`` / ``last``: ``min`` / ``max`` of ``ARRAY[epoch(occurred_at), id, value]``: arrays
-  compare element by element, so the smallest array is the earliest event, ties broken by the
-  smaller id, without sorting each group (as ``array_agg(... ORDER BY ...)`` would).
+* ``first`` / ``last``: ``(array_agg(value ORDER BY occurred_at, id) FILTER (...))[1]`` (and
+  DESC for last). Measured against ``min(ARRAY[extract(epoch FROM occurred_at), id, value])``,
+  which needs no per-group sort: the ordered aggregate was 7-20% faster (1M events, 20,000
+  customers, a 7-day window; groups are small, while building a numeric array per row is not).
 
-Why chunks (1,000 customers per statement by default): the covering-index scans were measured
-at their best around there (DESIGN: 1.2-2M events/s); a chunk bounds the statement's memory (its
-hash table and result) and duration (no long-held snapshot), and lets a caller interleave
-evaluation and progress bookkeeping between chunks.
+Why chunks (1,000 customers per statement by default): a chunk bounds the statement's memory
+(its groups and its result) and duration (no long-held snapshot), and lets the caller work on
+one chunk (decode, evaluate formulas) while the database computes the next: the iterators below
+send chunk k+1 before handing back chunk k. Measured with bench/formula_batch.py: 500-1,000 per
+chunk was best; 2,000 and 5,000 were slower (up to ~1.5x: less overlap, bigger statements).
+The plan stays an index-only scan of events_customer_time feeding a GroupAggregate, also as
+the generic plan a prepared statement switches to.
 """
 
 from __future__ import annotations
@@ -159,7 +163,12 @@ def _build(specs: Sequence[AggregateSpec], first_param: int) -> _Statement:
                       empty=MappingProxyType(empty_aggregates(specs)))
 
 
-_ZERO = Decimal(0)
+# Immutable, so small counts can share their AggregateValue (most customers' counts are small).
+_COUNTS = tuple(AggregateValue(Decimal(n), n) for n in range(1024))
+
+
+def _counted(n: int) -> AggregateValue:
+    return _COUNTS[n] if n < 1024 else AggregateValue(Decimal(n), n)
 
 
 def _spec_decoder(spec: AggregateSpec, param: _Params,
@@ -173,7 +182,7 @@ def _spec_decoder(spec: AggregateSpec, param: _Params,
     if spec.func == "count":
         condition = where()
         n = column(f"count(*) FILTER (WHERE {condition})")
-        return lambda row: AggregateValue(Decimal(row[n]), row[n])
+        return lambda row: _counted(row[n])
     if spec.field is None:  # AggregateSpec allows it only for count
         raise ValueError(f"{spec.func} needs a field")
     value = _number_operand(spec.field, param)
@@ -198,20 +207,23 @@ def _spec_decoder(spec: AggregateSpec, param: _Params,
     if func in ("min", "max"):
         m = column(f"{func}({value}) FILTER (WHERE {condition})")
         return lambda row: AggregateValue(row[m], row[n])
-    pick = "min" if func == "first" else "max"
-    a = column(f"{pick}(ARRAY[extract(epoch FROM e.occurred_at), e.id::numeric, {value}]) "
-               f"FILTER (WHERE {condition})")
-    return lambda row: AggregateValue(row[a][2] if row[n] else None, row[n])
+    order = "e.occurred_at, e.id" if func == "first" else "e.occurred_at DESC, e.id DESC"
+    a = column(f"(array_agg({value} ORDER BY {order}) FILTER (WHERE {condition}))[1]")
+    return lambda row: AggregateValue(row[a], row[n])
 
 
 def _decode(statement: _Statement, rows: Sequence[asyncpg.Record],
             ids: Sequence[str]) -> dict[str, Aggregates]:
-    """One chunk's result, in the order of ``ids``; customers without a row share
-    ``statement.empty``."""
+    """One chunk's result by customer id; customers without a row share ``statement.empty``."""
     decoders = statement.decoders
-    found = {row[0]: {key: decode(row) for key, decode in decoders} for row in rows}
-    empty = statement.empty
-    return {customer_id: found.get(customer_id, empty) for customer_id in ids}
+    out: dict[str, Aggregates] = {row[0]: {key: decode(row) for key, decode in decoders}
+                                  for row in rows}
+    if len(out) < len(ids):
+        empty = statement.empty
+        for customer_id in ids:
+            if customer_id not in out:
+                out[customer_id] = empty
+    return out
 
 
 def _check_aware(*moments: datetime) -> None:

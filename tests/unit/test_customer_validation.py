@@ -14,6 +14,7 @@ from core.customers import (
     EventInput,
     Problem,
     Unreadable,
+    attribute_value,
     raise_if_problems,
     unknown_customer_problems,
     validate_customers,
@@ -171,3 +172,16 @@ def test_duplicate_customers_in_one_batch() -> None:
     with pytest.raises(InvalidArgument) as err:
         validate_customers([CustomerInput(customer_id="a"), CustomerInput(customer_id="a")])
     assert "customers[1]: customer_id 'a' repeats customers[0]" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("96.5", Decimal("96.5")), ("-3", Decimal(-3)), ("007", Decimal(7)),
+     ("1" * 30 + "." + "9" * 30, Decimal("1" * 30 + "." + "9" * 30)),
+     ("1" * 31, "1" * 31), ("1e3", "1e3"), (" 5", " 5"), ("5.", "5."), (".5", ".5"),
+     ("+5", "+5"), ("", ""), ("Roulette", "Roulette"), ("NaN", "NaN"), ("٣", "٣")],
+)
+def test_attribute_values_in_plain_decimal_notation_are_numbers(text: str,
+                                                                 value: str | Decimal) -> None:
+    got = attribute_value(text)
+    assert got == value and type(got) is type(value)

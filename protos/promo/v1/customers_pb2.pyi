@@ -338,8 +338,10 @@ class Event(_message.Message):
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional, at most 50: game, game_category, product, ... Names: a letter or '_' then up to 63
         letters, digits or '_', except "amount" and "currency" (formulas use those for the event's own
-        fields). Values: at most 500 characters; numeric-looking values compare as numbers in formula
-        filters.
+        fields). Values: at most 500 characters. For formulas a value in plain decimal notation
+        ("96.5", "-3", "1234": optional '-', up to 30 digits, optional '.' and up to 30 digits) is a
+        number: it compares with numbers (rtp > 95, game_id = 1234) and never equals text
+        (game_id = "1234" does not match it); any other value is text.
         """
 
     @_builtins.property
