@@ -108,6 +108,39 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=12, ge=1, le=100)
     webhook_deadline_seconds: int = Field(default=86400, ge=1)
     webhook_secret_grace_seconds: int = Field(default=86400, ge=0)
+    # One worker job claims up to this many due deliveries and sends them together.
+    webhook_batch_size: int = Field(default=100, ge=1, le=1000)
+    # Sends (HTTP POSTs and e-mails) one worker process has in flight at once.
+    webhook_concurrency: int = Field(default=32, ge=1, le=1000)
+    # E-mail listeners: an SMTP relay. No host: the e-mail channel is off.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = True
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    smtp_from: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("smtp_host", "smtp_username", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _smtp_complete(cls, value: str | None, info: Any) -> str | None:
+        value = value.strip() if value and value.strip() else None
+        if info.data.get("smtp_host") is None:
+            return value
+        if value is None:
+            raise ValueError("PROMO_SMTP_HOST is set: set PROMO_SMTP_FROM too (the sender "
+                             "address of alert e-mails, e.g. promo-alerts@example.com)")
+        address = value.rpartition("<")[2].removesuffix(">").strip()  # "Name <a@b>" or "a@b"
+        if "@" not in address or " " in address or any(ch in value for ch in "\r\n"):
+            raise ValueError(f"PROMO_SMTP_FROM {value[:100]!r} is not an e-mail address")
+        if (info.data.get("smtp_username") is None) != (info.data.get("smtp_password") is None):
+            raise ValueError("set both PROMO_SMTP_USERNAME and PROMO_SMTP_PASSWORD, or neither")
+        return value
 
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

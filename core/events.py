@@ -4,6 +4,9 @@ Why here: emitters (campaigns, code pools, dynamic bonuses), the storage layer t
 outbox, the worker that delivers and the API that registers listeners must agree on the event
 numbers, on the exact bytes of a body (the signature covers them), on what a listener URL may
 be, and on which HTTP answers are worth retrying. All of that is pure, so it lives in the core.
+A listener receives events over one channel: a webhook (an HTTP POST) or e-mail (for alerts read
+by people); the rules for recipient addresses, the SMTP answers worth retrying and the text of
+an alert e-mail are here too.
 
 Event numbers are part of the public contract (listeners switch on them) and never change or get
 reused. The scheduled-campaign event keeps the number 5 of the source API (seed 001,
@@ -138,6 +141,91 @@ def validate_secret(secret: str, *, field: str = "secret") -> str:
     return secret
 
 
+class Channel(enum.StrEnum):
+    """How a listener receives its events. Stored as these strings."""
+
+    WEBHOOK = "WEBHOOK"  # a signed JSON POST to the listener's URL
+    EMAIL = "EMAIL"  # a plain-text e-mail to the listener's recipients
+
+
+MIN_EMAIL_RECIPIENTS = 1
+MAX_EMAIL_RECIPIENTS = 20
+MAX_EMAIL_ADDRESS_LENGTH = 254  # RFC 5321's limit on a forward path, less the angle brackets
+MAX_EMAIL_LOCAL_PART_LENGTH = 64
+# RFC 5322 "atext": what an unquoted local part may hold, besides dots between atoms.
+_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                   "!#$%&'*+-/=?^_`{|}~")
+_LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def validate_email_address(address: str, *, field: str = "email") -> str:
+    """A plain address ``local@domain.tld`` as it would appear in SMTP's RCPT TO; returned with
+    its domain lowercased.
+
+    Deliberately narrower than RFC 5322: no display name ("Ops <ops@x>"), no quoted local part,
+    no comments, no IP-literal domain, and the domain needs a dot (an alert to ``root@localhost``
+    is almost certainly a mistake). Anything that could break out of a header (spaces, commas,
+    line breaks) is refused, so an address can never inject a header or a second recipient.
+    """
+
+    def bad(problem: str) -> InvalidArgument:
+        return InvalidArgument(f"{field} {address[:100]!r} {problem}", reason="INVALID_EMAIL",
+                               metadata={"field": field})
+
+    if not address:
+        raise InvalidArgument(f"{field} must not be empty", reason="INVALID_EMAIL",
+                              metadata={"field": field})
+    if len(address) > MAX_EMAIL_ADDRESS_LENGTH:
+        raise bad(f"is longer than {MAX_EMAIL_ADDRESS_LENGTH} characters")
+    if not address.isascii() or not address.isprintable() or " " in address:
+        raise bad("must be a plain ASCII address without spaces, e.g. ops@example.com")
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise bad("is not an e-mail address: expected local-part@domain, e.g. ops@example.com")
+    if len(local) > MAX_EMAIL_LOCAL_PART_LENGTH:
+        raise bad(f"has a local part longer than {MAX_EMAIL_LOCAL_PART_LENGTH} characters")
+    atoms = local.split(".")
+    if any(not atom or not set(atom) <= _ATEXT for atom in atoms):
+        raise bad("has a local part that is not allowed (letters, digits, and !#$%&'*+-/=?^_`{|}~ "
+                  "in dot-separated parts; no quotes, spaces or '@')")
+    domain = domain.lower().removesuffix(".")
+    labels = domain.split(".")
+    if len(labels) < 2:
+        raise bad("needs a domain with a dot, e.g. example.com")
+    for label in labels:
+        if (not label or len(label) > 63 or not set(label) <= _LABEL
+                or label.startswith("-") or label.endswith("-")):
+            raise bad("has a domain that is not a valid host name (letters, digits and hyphens "
+                      "in dot-separated labels; IDN domains in their xn-- form)")
+    if labels[-1].isdigit():
+        raise bad("has a domain that is an IP address; use a host name")
+    return f"{local}@{domain}"
+
+
+def validate_email_recipients(addresses: list[str] | tuple[str, ...], *,
+                              field: str = "email_recipients") -> list[str]:
+    """1-20 distinct valid addresses (compared without case), in the order given."""
+    if not MIN_EMAIL_RECIPIENTS <= len(addresses) <= MAX_EMAIL_RECIPIENTS:
+        raise InvalidArgument(
+            f"{field} must list {MIN_EMAIL_RECIPIENTS}-{MAX_EMAIL_RECIPIENTS} addresses, "
+            f"got {len(addresses)}", reason="INVALID_EMAIL", metadata={"field": field})
+    result: list[str] = []
+    seen: set[str] = set()
+    for index, address in enumerate(addresses):
+        clean = validate_email_address(address, field=f"{field}[{index}]")
+        if clean.lower() in seen:
+            raise InvalidArgument(f"{field}[{index}] {clean!r} is listed twice",
+                                  reason="INVALID_EMAIL", metadata={"field": field})
+        seen.add(clean.lower())
+        result.append(clean)
+    return result
+
+
+def mailto_uri(recipients: list[str] | tuple[str, ...]) -> str:
+    """Where an e-mail attempt went, in the delivery log's URL column (RFC 6068)."""
+    return "mailto:" + ",".join(recipients)
+
+
 def validate_description(description: str, *, field: str = "description") -> str:
     if len(description) > MAX_DESCRIPTION_LENGTH:
         raise InvalidArgument(f"{field} must be at most {MAX_DESCRIPTION_LENGTH} characters",
@@ -182,6 +270,17 @@ def classify_status(status_code: int) -> Outcome:
     if status_code >= 500 or status_code in RETRYABLE_4XX:
         return Outcome.RETRY
     return Outcome.REJECTED
+
+
+# SMTP's three-digit replies (RFC 5321 section 4.2.1): 2yz done, 4yz "transient negative
+# completion" (try again later), 5yz "permanent negative completion" (do not repeat as is).
+def classify_smtp_code(code: int) -> Outcome:
+    """2xx delivered, 4xx retried, 5xx rejected; anything else (no valid reply) retried."""
+    if 200 <= code < 300:
+        return Outcome.DELIVERED
+    if 500 <= code < 600:
+        return Outcome.REJECTED
+    return Outcome.RETRY
 
 
 # The envelope.
@@ -235,3 +334,102 @@ class Envelope:
                     "occurred_at": self.occurred_at.isoformat(), "data": dict(self.data)}
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False,
                           allow_nan=False, default=_json_default).encode()
+
+
+# Alert e-mails: what a person reads. The same facts as the webhook body, as text.
+
+SUBJECT_PREFIX = "[promo]"
+MAX_SUBJECT_LENGTH = 200
+
+_TITLES: Mapping[EventType, str] = {
+    EventType.SCHEDULED_CAMPAIGN: "Campaign awaiting clearance",
+    EventType.CAMPAIGN_EXECUTED: "Campaign executed",
+    EventType.CODE_POOL_THRESHOLD: "Code pool threshold",
+    EventType.CODE_POOL_DEPLETED: "Code pool depleted",
+    EventType.FALLBACK_CODE_ACTIVE: "Fallback code active",
+    EventType.BONUS_SKIPPED: "Bonus skipped",
+    EventType.BONUS_CALCULATED: "Bonus calculated",
+    EventType.BONUS_ISSUED: "Bonus issued",
+}
+
+
+def event_title(event_type: EventType) -> str:
+    return _TITLES.get(event_type, event_type.name.replace("_", " ").capitalize())
+
+
+def _text(value: object) -> str:
+    """One payload value as a person reads it: lists comma separated, JSON for nested objects,
+    yes/no for booleans, and no line breaks (a subject or a "key: value" line stays one line)."""
+    if value is None:
+        text = "-"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, list | tuple):
+        text = ", ".join(_text(item) for item in value)
+    elif isinstance(value, Mapping):
+        text = json.dumps(value, ensure_ascii=False, default=str, separators=(", ", ": "))
+    else:
+        text = str(value)
+    return " ".join(text.split())
+
+
+def _facts(event_type: EventType, data: Mapping[str, Any]) -> str:
+    """The key facts of an event for a subject line; empty when a key fact is missing."""
+    def get(key: str) -> str:
+        return _text(data.get(key)) if data.get(key) not in (None, "") else ""
+
+    name = get("name") or get("campaign_id")
+    code = get("promotion_code")
+    customer = get("customer_id")
+    money = " ".join(part for part in (get("amount"), get("currency")) if part)
+    facts: dict[EventType, str] = {
+        EventType.SCHEDULED_CAMPAIGN: name and (
+            f"{name} needs approvals by {get('clearance_required_by')}"
+            if get("clearance_required_by") else name),
+        EventType.CAMPAIGN_EXECUTED: name and (
+            f"{name}: {get('approved_count')} approved, {get('rejected_count')} rejected"
+            if get("approved_count") and get("rejected_count") else name),
+        EventType.CODE_POOL_THRESHOLD: code and (
+            f"{code} has {get('remaining')} codes left" if get("remaining") else code),
+        EventType.CODE_POOL_DEPLETED: code and (
+            f"{code} has no codes left" + (
+                "; the fallback code is active" if data.get("fallback_code_active") is True
+                else "; the promotion is paused" if data.get("promotion_paused") is True
+                else "")),
+        EventType.FALLBACK_CODE_ACTIVE: code and (
+            f"{code} now hands out {get('fallback_code')}" if get("fallback_code") else code),
+        EventType.BONUS_SKIPPED: customer and (
+            f"customer {customer}" + (f" ({get('reason')})" if get("reason") else "")),
+        EventType.BONUS_CALCULATED: customer and (
+            f"{money} for customer {customer}" if money else f"customer {customer}"),
+        EventType.BONUS_ISSUED: customer and (
+            f"{money} to customer {customer}" if money else f"customer {customer}"),
+    }
+    return facts.get(event_type, "")
+
+
+def email_subject(event_type: EventType, data: Mapping[str, Any]) -> str:
+    """``[promo] <title>: <key facts>``, e.g. "[promo] Code pool threshold: LOYALTY10 has 40
+    codes left"; one line, at most MAX_SUBJECT_LENGTH characters."""
+    facts = _facts(event_type, data)
+    subject = f"{SUBJECT_PREFIX} {event_title(event_type)}" + (f": {facts}" if facts else "")
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        subject = subject[:MAX_SUBJECT_LENGTH - 3].rstrip() + "..."
+    return subject
+
+
+def email_text(event_type: EventType, data: Mapping[str, Any], *, event_id: str,
+               occurred_at: str, delivery_id: int, attempt: int, body: str) -> str:
+    """The plain-text body: the title, every data key (the documented ones first, in their
+    order, then any others sorted), the event's identity, and the exact JSON a webhook gets."""
+    documented = [key for key in PAYLOAD_FIELDS.get(event_type, ()) if key in data]
+    keys = documented + sorted(key for key in data if key not in documented)
+    width = max((len(key) for key in keys), default=0)
+    lines = [f"{event_title(event_type)} (event type {int(event_type)})", ""]
+    lines += [f"{key + ':':<{width + 1}} {_text(data[key])}" for key in keys] or ["(no data)"]
+    lines += ["", f"Event id:    {event_id}", f"Occurred at: {occurred_at}",
+              f"Delivery:    {delivery_id}, attempt {attempt}", "",
+              "This alert may arrive more than once (delivery is at least once); every copy",
+              "carries the same Promo-Event-Id header.", "", "The event as JSON:",
+              body, ""]
+    return "\n".join(lines)

@@ -1,7 +1,10 @@
-"""ListenerService: webhook listeners and their delivery log, a thin layer over storage.webhooks.
+"""ListenerService: listeners (webhook or e-mail) and their delivery log, a thin layer over
+storage.webhooks.
 
 Secrets are write-only: a generated one is returned once (in the Register/Update response, and
 so also to a retry with the same request_id, which replays that response); no read returns one.
+E-mail listeners have recipients instead of a URL and no secret; registering one needs the
+server's SMTP settings (PROMO_SMTP_HOST), else FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import uuid
 import asyncpg
 from grpc import aio
 
-from core.errors import InvalidArgument
+from core.errors import FailedPrecondition, InvalidArgument
 from core.events import (
+    Channel,
     DeliveryStatus,
     EventType,
     parse_event_type,
     validate_description,
+    validate_email_recipients,
     validate_listener_url,
     validate_secret,
 )
@@ -35,7 +40,10 @@ ROLES = {f"/{SERVICE_NAME}/{m}": {"admin"} for m in (
     "RegisterListener", "GetListener", "ListListeners", "UpdateListener", "UnregisterListener",
     "ListDeliveries", "GetDelivery", "RedeliverEvent")}
 
-UPDATABLE_FIELDS = frozenset({"url", "active", "description", "secret"})
+UPDATABLE_FIELDS = frozenset({"url", "active", "description", "secret", "email_recipients"})
+# Fields that belong to one channel only.
+CHANNEL_FIELDS = {Channel.WEBHOOK: frozenset({"url", "secret"}),
+                  Channel.EMAIL: frozenset({"email_recipients"})}
 GENERATED_SECRET_BYTES = 32
 
 _STATUS_TO_PB = {
@@ -46,6 +54,11 @@ _STATUS_TO_PB = {
     DeliveryStatus.CANCELLED: pb.DELIVERY_STATUS_CANCELLED,
 }
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+
+_CHANNEL_TO_PB = {Channel.WEBHOOK: pb.LISTENER_CHANNEL_WEBHOOK,
+                  Channel.EMAIL: pb.LISTENER_CHANNEL_EMAIL}
+EMAIL_DISABLED = ("e-mail listeners are not available: this server has no SMTP relay "
+                  "configured (set PROMO_SMTP_HOST and PROMO_SMTP_FROM, see docs/webhooks.md)")
 
 
 def generate_secret() -> str:
@@ -62,6 +75,18 @@ def _event_type(value: int, *, field: str, required: bool) -> EventType | None:
     return parse_event_type(value, field=field)
 
 
+def _channel(value: int, *, field: str) -> Channel:
+    if value == 0:
+        return Channel.WEBHOOK
+    channel = next((c for c, number in _CHANNEL_TO_PB.items() if number == value), None)
+    if channel is None:
+        raise InvalidArgument(
+            f"{field} {value} is not a listener channel; known channels: "
+            "LISTENER_CHANNEL_WEBHOOK (1), LISTENER_CHANNEL_EMAIL (2)",
+            reason="INVALID_CHANNEL", metadata={"field": field})
+    return channel
+
+
 def _id(value: int, field: str) -> int:
     if value <= 0:
         raise InvalidArgument(f"{field} is required (a positive id)",
@@ -72,16 +97,17 @@ def _id(value: int, field: str) -> int:
 
 def listener_to_pb(row: repo.ListenerRow) -> pb.Listener:
     return pb.Listener(
-        listener_id=row.id, event_type=row.event_type, url=row.url,
+        listener_id=row.id, event_type=pb.EventType.ValueType(row.event_type), url=row.url,
         active=row.active, description=row.description,
         secret_rotate_time=timestamp(row.secret_rotated_at),
-        create_time=timestamp(row.create_time), update_time=timestamp(row.update_time))
+        create_time=timestamp(row.create_time), update_time=timestamp(row.update_time),
+        channel=_CHANNEL_TO_PB[row.channel], email_recipients=list(row.email_recipients))
 
 
 def delivery_to_pb(row: repo.DeliveryRow) -> pb.Delivery:
     return pb.Delivery(
         delivery_id=row.id, event_id=row.event_id,
-        event_type=row.event_type,
+        event_type=pb.EventType.ValueType(row.event_type),
         listener_id=row.listener_id, status=_STATUS_TO_PB[row.status],
         attempt_count=row.attempts, last_status_code=row.last_status_code or 0,
         last_error=row.last_error or "", last_latency_ms=row.last_latency_ms or 0.0,
@@ -102,25 +128,55 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
 
+    def _email_enabled(self) -> bool:
+        settings = self._deps.settings
+        return settings is not None and settings.smtp_host is not None
+
     async def RegisterListener(self, request: pb.RegisterListenerRequest,
                                context: aio.ServicerContext) -> pb.RegisterListenerResponse:
         given = request.listener
         event_type = _event_type(given.event_type, field="listener.event_type", required=True)
         assert event_type is not None
-        url = validate_listener_url(given.url, field="listener.url")
+        channel = _channel(given.channel, field="listener.channel")
+        recipients: list[str] = []
+        secret: str | None = None
+        if channel is Channel.EMAIL:
+            if given.url:
+                raise InvalidArgument(
+                    "listener.url is for webhooks; an e-mail listener has email_recipients",
+                    reason="INVALID_URL", metadata={"field": "listener.url"})
+            if given.secret:
+                raise InvalidArgument(
+                    "listener.secret is for webhooks: e-mails are not signed; leave it empty",
+                    reason="INVALID_SECRET", metadata={"field": "listener.secret"})
+            recipients = validate_email_recipients(list(given.email_recipients),
+                                                   field="listener.email_recipients")
+            url = ""
+        else:
+            if given.email_recipients:
+                raise InvalidArgument(
+                    "listener.email_recipients is for e-mail listeners (channel "
+                    "LISTENER_CHANNEL_EMAIL); a webhook has a url",
+                    reason="INVALID_EMAIL", metadata={"field": "listener.email_recipients"})
+            url = validate_listener_url(given.url, field="listener.url")
+            secret = (validate_secret(given.secret, field="listener.secret") if given.secret
+                      else None)
         description = validate_description(given.description, field="listener.description")
-        secret = (validate_secret(given.secret, field="listener.secret") if given.secret
-                  else None)
         active = given.active if given.HasField("active") else True
+        if channel is Channel.EMAIL and not self._email_enabled():
+            raise FailedPrecondition(EMAIL_DISABLED, reason="EMAIL_NOT_CONFIGURED",
+                                     metadata={"field": "listener.channel"})
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            chosen = secret or generate_secret()
+            chosen = "" if channel is Channel.EMAIL else secret or generate_secret()
             row = await repo.insert_listener(
                 conn, event_type=int(event_type), url=url, secret=chosen, active=active,
-                description=description, now=self._deps.clock.now())
+                description=description, now=self._deps.clock.now(), channel=channel,
+                email_recipients=recipients)
             return pb.RegisterListenerResponse(
                 listener=listener_to_pb(row),
-                generated_secret="" if secret else chosen).SerializeToString()
+                generated_secret="" if secret or channel is Channel.EMAIL else chosen,
+            ).SerializeToString()
 
         raw = await idempotency.run_once(
             self._deps.pool, scope="RegisterListener", request_id=request.request_id,
@@ -159,8 +215,9 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                                   reason="EMPTY_UPDATE_MASK", metadata={"field": "update_mask"})
         unknown = sorted(paths - UPDATABLE_FIELDS)
         if unknown:
-            hint = ("; event_type never changes: register a new listener instead"
-                    if "event_type" in unknown else "")
+            fixed = [f for f in ("event_type", "channel") if f in unknown]
+            hint = (f"; {' and '.join(fixed)} never change: register a new listener instead"
+                    if fixed else "")
             raise InvalidArgument(
                 f"update_mask names fields that cannot be updated: {', '.join(unknown)}; "
                 f"updatable fields are {', '.join(sorted(UPDATABLE_FIELDS))}{hint}",
@@ -172,12 +229,26 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
         active = given.active if "active" in paths else None
         secret = (validate_secret(given.secret, field="listener.secret")
                   if "secret" in paths and given.secret else None)
+        recipients = (validate_email_recipients(list(given.email_recipients),
+                                                field="listener.email_recipients")
+                      if "email_recipients" in paths else None)
 
         async def work(conn: asyncpg.Connection) -> bytes:
+            current = await repo.get_listener(conn, listener_id, for_update=True)
+            foreign = sorted(paths & CHANNEL_FIELDS[Channel.WEBHOOK if current.channel
+                                                    is Channel.EMAIL else Channel.EMAIL])
+            if foreign:
+                kind = "an e-mail" if current.channel is Channel.EMAIL else "a webhook"
+                raise FailedPrecondition(
+                    f"listener {listener_id} is {kind} listener: it has no "
+                    f"{', '.join(foreign)} (update_mask)",
+                    reason="WRONG_CHANNEL",
+                    metadata={"field": "update_mask", "channel": current.channel.value})
             generated = generate_secret() if "secret" in paths and secret is None else None
             row = await repo.update_listener(
                 conn, listener_id, now=self._deps.clock.now(), url=url, active=active,
-                description=description, secret=secret or generated)
+                description=description, secret=secret or generated,
+                email_recipients=recipients)
             return pb.UpdateListenerResponse(
                 listener=listener_to_pb(row),
                 generated_secret=generated or "").SerializeToString()

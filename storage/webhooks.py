@@ -1,23 +1,38 @@
-"""Webhook listeners, events, deliveries and attempts in PostgreSQL.
+"""Listeners (webhook or e-mail), events, deliveries and attempts in PostgreSQL.
 
 Why this shape: an event is written in the transaction of the change that caused it, with one
 delivery row and one outbox job per active listener of its type, in a single statement (emitters
 such as batch bonus runs emit many events per transaction). The outbox job only points at the
-delivery; the worker reads the listener's current URL and secret at each attempt, so an update
-or a deactivation applies to deliveries already on their way. Nothing here talks HTTP.
+delivery; the worker reads the listener's current URL, recipients and secret at each attempt, so
+an update or a deactivation applies to deliveries already on their way. Nothing here talks HTTP
+or SMTP.
+
+The worker's side works in batches (``claim_batch``, ``start_batch``, ``finish_batch``): one
+worker job claims up to N due delivery jobs with FOR UPDATE SKIP LOCKED and logs all their
+attempts as started in a few statements, sends without holding a connection, then records every
+result in one statement. A claimed job's due time moves to the end of its lease while it is in
+flight, so another copy of its arq job (or another worker) does not start it again; if the worker
+dies, the job is due again when the lease runs out and the sweeper queues it.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from core.errors import FailedPrecondition, NotFound
-from core.events import REDELIVERABLE, DeliveryStatus, Envelope, EventType
+from core.events import (
+    REDELIVERABLE,
+    Channel,
+    DeliveryStatus,
+    Envelope,
+    EventType,
+    mailto_uri,
+)
 from storage import outbox
 
 DELIVER_KIND = "webhook.deliver"
@@ -39,7 +54,8 @@ class EmittedEvent:
 
 @dataclass(frozen=True)
 class ListenerRow:
-    """A listener as the API shows it: never its secret."""
+    """A listener as the API shows it: never its secret. ``url`` is empty for an e-mail
+    listener, ``email_recipients`` empty for a webhook."""
 
     id: int
     event_type: int
@@ -49,6 +65,8 @@ class ListenerRow:
     secret_rotated_at: datetime | None
     create_time: datetime
     update_time: datetime
+    channel: Channel = Channel.WEBHOOK
+    email_recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,25 +101,68 @@ class AttemptRow:
 
 @dataclass(frozen=True)
 class DeliveryWork:
-    """Everything one delivery attempt needs, read before the HTTP call (then the connection is
-    released). ``listener_*`` are None when the listener was unregistered."""
+    """One claimed delivery job and everything its attempt needs, read before the send (then the
+    connection is released). ``delivery_id`` is None when the job points at no delivery;
+    ``listener_*`` are None when the listener was unregistered."""
 
-    delivery_id: int
+    job_id: int
+    job_attempts: int  # the outbox job's attempts, this one included
+    job_max_attempts: int
+    own: bool  # the job the calling outbox runner started (it records the job's own outcome)
+    delivery_id: int | None
     status: DeliveryStatus
-    outbox_job_id: int | None
+    outbox_job_id: int | None  # the delivery's current job (a redelivery replaces it)
     event_id: str
     event_type: int
     body: bytes
-    occurred_at: datetime
+    occurred_at: datetime | None
     deliver_by: datetime | None
-    run_started_at: datetime
+    run_started_at: datetime | None
     attempts: int
-    listener_id: int
+    listener_id: int | None
+    channel: Channel
     listener_url: str | None
+    email_recipients: tuple[str, ...]
     listener_active: bool
     secret: str | None
     previous_secret: str | None
     secret_rotated_at: datetime | None
+
+    @property
+    def target(self) -> str:
+        """Where an attempt goes, as the attempt log shows it: the URL, or mailto:..."""
+        if self.channel is Channel.EMAIL:
+            return mailto_uri(self.email_recipients)
+        return self.listener_url or ""
+
+
+@dataclass(frozen=True)
+class Closing:
+    """A claimed job that ends without a send: its delivery closes (``delivery_status`` None:
+    left as it is) and, unless it is the caller's own job, its outbox row is settled."""
+
+    work: DeliveryWork
+    delivery_status: DeliveryStatus | None
+    job_status: str  # 'done' or 'dead'
+    error: str | None
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """The result of one send, for ``finish_batch``."""
+
+    work: DeliveryWork
+    attempt: int
+    finished_at: datetime
+    status_code: int | None
+    error: str | None
+    latency_ms: float
+    new_status: DeliveryStatus
+    # The outbox row's next state (ignored for the caller's own job): 'done', 'dead', or
+    # 'pending' again at retry_at.
+    job_status: str
+    retry_at: datetime | None = None
+    job_error: str | None = None  # the outbox row's last_error
 
 
 # Events.
@@ -178,14 +239,16 @@ async def emit_event(
 # Listeners.
 
 _LISTENER_COLUMNS = ("id, event_type, url, active, description, secret_rotated_at, create_time, "
-                     "update_time")
+                     "update_time, channel, email_recipients")
 
 
 def _listener(row: asyncpg.Record) -> ListenerRow:
     return ListenerRow(id=row["id"], event_type=row["event_type"], url=row["url"],
                        active=row["active"], description=row["description"],
                        secret_rotated_at=row["secret_rotated_at"],
-                       create_time=row["create_time"], update_time=row["update_time"])
+                       create_time=row["create_time"], update_time=row["update_time"],
+                       channel=Channel(row["channel"]),
+                       email_recipients=tuple(row["email_recipients"]))
 
 
 def _listener_not_found(listener_id: int) -> NotFound:
@@ -194,12 +257,16 @@ def _listener_not_found(listener_id: int) -> NotFound:
 
 
 async def insert_listener(conn: asyncpg.Connection, *, event_type: int, url: str, secret: str,
-                          active: bool, description: str, now: datetime) -> ListenerRow:
+                          active: bool, description: str, now: datetime,
+                          channel: Channel = Channel.WEBHOOK,
+                          email_recipients: list[str] | tuple[str, ...] = ()) -> ListenerRow:
+    """A webhook listener (url and secret) or an e-mail listener (recipients; url and secret
+    empty)."""
     row = await conn.fetchrow(
         f"""INSERT INTO webhook_listeners (event_type, url, secret, active, description,
-                                           create_time, update_time)
-            VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {_LISTENER_COLUMNS}""",
-        event_type, url, secret, active, description, now)
+                                           create_time, update_time, channel, email_recipients)
+            VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8) RETURNING {_LISTENER_COLUMNS}""",
+        event_type, url, secret, active, description, now, channel.value, list(email_recipients))
     assert row is not None
     return _listener(row)
 
@@ -229,12 +296,15 @@ async def list_listeners(conn: asyncpg.Connection, *, event_type: int | None,
 async def update_listener(conn: asyncpg.Connection, listener_id: int, *, now: datetime,
                           url: str | None = None, active: bool | None = None,
                           description: str | None = None,
-                          secret: str | None = None) -> ListenerRow:
+                          secret: str | None = None,
+                          email_recipients: list[str] | None = None) -> ListenerRow:
     """Change the given fields (None: keep). A new secret keeps the old one as previous_secret,
-    which the worker still signs with for PROMO_WEBHOOK_SECRET_GRACE_SECONDS."""
+    which the worker still signs with for PROMO_WEBHOOK_SECRET_GRACE_SECONDS. The caller checks
+    that the fields fit the listener's channel (the table's CHECK refuses a mismatch)."""
     row = await conn.fetchrow(
         f"""UPDATE webhook_listeners
                SET url = coalesce($2, url), active = coalesce($3, active),
+                   email_recipients = coalesce($7::text[], email_recipients),
                    description = coalesce($4, description),
                    previous_secret = CASE WHEN $5::text IS NULL THEN previous_secret
                                           ELSE secret END,
@@ -243,7 +313,7 @@ async def update_listener(conn: asyncpg.Connection, listener_id: int, *, now: da
                    secret = coalesce($5, secret),
                    update_time = $6
              WHERE id = $1 RETURNING {_LISTENER_COLUMNS}""",
-        listener_id, url, active, description, secret, now)
+        listener_id, url, active, description, secret, now, email_recipients)
     if row is None:
         raise _listener_not_found(listener_id)
     return _listener(row)
@@ -376,78 +446,184 @@ async def redeliver(conn: asyncpg.Connection, delivery_id: int, *, now: datetime
     return await get_delivery(conn, delivery_id), job_id
 
 
-# The worker's side.
+# The worker's side: batches.
 
-async def load_work(conn: asyncpg.Connection, delivery_id: int, *,
-                    lock: bool = False) -> DeliveryWork | None:
-    """The delivery with its event and current listener; None if the delivery does not exist."""
-    row = await conn.fetchrow(
-        f"""SELECT d.id, d.status, d.outbox_job_id, d.deliver_by, d.run_started_at, d.attempts,
-                   d.listener_id, e.event_id::text AS event_uuid, e.event_type, e.body,
-                   e.occurred_at, l.url, coalesce(l.active, false) AS active, l.secret,
-                   l.previous_secret, l.secret_rotated_at
-              FROM webhook_deliveries d
-              JOIN webhook_events e ON e.id = d.event_id
-              LEFT JOIN webhook_listeners l ON l.id = d.listener_id
-             WHERE d.id = $1{" FOR UPDATE OF d" if lock else ""}""", delivery_id)
-    if row is None:
-        return None
+_CLAIM_SQL = """
+WITH own AS (
+    -- The job the caller's outbox runner already started (attempts counted, lease set): move its
+    -- due time to the end of the lease, so a second copy of its arq job cannot start it too.
+    UPDATE outbox_jobs SET due_at = $2::timestamptz + $3::interval
+     WHERE id = $1 AND status = 'pending' AND due_at <= $2::timestamptz
+    RETURNING id, attempts, max_attempts, payload, true AS own),
+picked AS MATERIALIZED (
+    -- Other due delivery jobs nobody holds: not leased (a leased one is queued or running
+    -- elsewhere), not locked by another claimer. Materialized: evaluated exactly once.
+    SELECT id FROM outbox_jobs
+     WHERE status = 'pending' AND kind = $5 AND due_at <= $2::timestamptz
+       AND (locked_until IS NULL OR locked_until < $2::timestamptz)
+       AND id IS DISTINCT FROM $1
+     ORDER BY due_at, id
+     LIMIT $4
+     FOR UPDATE SKIP LOCKED),
+others AS (
+    UPDATE outbox_jobs j
+       SET attempts = j.attempts + 1, locked_until = $2::timestamptz + $3::interval,
+           due_at = $2::timestamptz + $3::interval
+      FROM picked
+     WHERE j.id = picked.id
+    RETURNING j.id, j.attempts, j.max_attempts, j.payload, false AS own),
+jobs AS (
+    -- The payload is {"delivery_id": n}; rows written through storage.outbox.add_job hold it as
+    -- a JSON string of that object.
+    SELECT *, CASE jsonb_typeof(payload)
+                  WHEN 'object' THEN payload ->> 'delivery_id'
+                  WHEN 'string' THEN substring(
+                      payload #>> '{}' FROM '"delivery_id"[[:space:]]*:[[:space:]]*([0-9]+)')
+              END AS delivery_ref
+      FROM (SELECT * FROM own UNION ALL SELECT * FROM others) AS claimed)
+SELECT jobs.id AS job_id, jobs.attempts AS job_attempts, jobs.max_attempts AS job_max_attempts,
+       jobs.own, d.id AS delivery_id, d.status, d.outbox_job_id, d.deliver_by, d.run_started_at,
+       d.attempts, d.listener_id, e.event_id::text AS event_uuid, e.event_type, e.body,
+       e.occurred_at, l.channel, l.url, l.email_recipients, coalesce(l.active, false) AS active,
+       l.secret, l.previous_secret, l.secret_rotated_at
+  FROM jobs
+  LEFT JOIN webhook_deliveries d
+         ON d.id = CASE WHEN jobs.delivery_ref ~ '^[0-9]{1,18}$'
+                        THEN jobs.delivery_ref::bigint END
+  LEFT JOIN webhook_events e ON e.id = d.event_id
+  LEFT JOIN webhook_listeners l ON l.id = d.listener_id
+ ORDER BY jobs.own DESC, jobs.id
+"""
+
+
+def _work(row: asyncpg.Record) -> DeliveryWork:
     return DeliveryWork(
-        delivery_id=row["id"], status=DeliveryStatus(row["status"]),
-        outbox_job_id=row["outbox_job_id"], event_id=row["event_uuid"],
-        event_type=row["event_type"], body=row["body"].encode(), occurred_at=row["occurred_at"],
-        deliver_by=row["deliver_by"], run_started_at=row["run_started_at"],
-        attempts=row["attempts"], listener_id=row["listener_id"], listener_url=row["url"],
+        job_id=row["job_id"], job_attempts=row["job_attempts"],
+        job_max_attempts=row["job_max_attempts"], own=row["own"],
+        delivery_id=row["delivery_id"],
+        status=DeliveryStatus(row["status"] or DeliveryStatus.PENDING.value),
+        outbox_job_id=row["outbox_job_id"], event_id=row["event_uuid"] or "",
+        event_type=row["event_type"] or 0, body=(row["body"] or "").encode(),
+        occurred_at=row["occurred_at"], deliver_by=row["deliver_by"],
+        run_started_at=row["run_started_at"], attempts=row["attempts"] or 0,
+        listener_id=row["listener_id"], channel=Channel(row["channel"] or Channel.WEBHOOK.value),
+        listener_url=row["url"], email_recipients=tuple(row["email_recipients"] or ()),
         listener_active=row["active"], secret=row["secret"],
         previous_secret=row["previous_secret"], secret_rotated_at=row["secret_rotated_at"])
 
 
-async def close_delivery(conn: asyncpg.Connection, delivery_id: int, *, status: DeliveryStatus,
-                         error: str, now: datetime) -> None:
-    """End a pending delivery without an HTTP attempt (cancelled, or past its deadline)."""
-    await conn.execute(
-        """UPDATE webhook_deliveries SET status = $2, last_error = left($3, $5), update_time = $4
-            WHERE id = $1 AND status = 'PENDING'""",
-        delivery_id, status.value, error, now, MAX_ERROR_LENGTH)
+async def claim_batch(conn: asyncpg.Connection, *, own_job_id: int | None, now: datetime,
+                      lease: timedelta, limit: int) -> list[DeliveryWork]:
+    """Claim the caller's own delivery job (already started by the outbox runner) and up to
+    ``limit`` other due, unleased delivery jobs, in one statement; return them with their
+    delivery, event and current listener, the own job first.
 
-
-async def start_attempt(conn: asyncpg.Connection, delivery_id: int, *, outbox_job_id: int,
-                        url: str, now: datetime) -> int:
-    """Log an attempt as started (before the HTTP call) and return its number. An earlier
-    attempt that never finished (its worker died) is marked interrupted now."""
-    await conn.execute(
-        """UPDATE webhook_attempts
-              SET finished_at = $2,
-                  error = 'interrupted: the worker stopped before recording a result'
-            WHERE delivery_id = $1 AND finished_at IS NULL""", delivery_id, now)
-    attempt: int = await conn.fetchval(
-        """UPDATE webhook_deliveries SET attempts = attempts + 1, update_time = $2
-            WHERE id = $1 RETURNING attempts""", delivery_id, now)
-    await conn.execute(
-        """INSERT INTO webhook_attempts (delivery_id, attempt, outbox_job_id, url, started_at)
-           VALUES ($1, $2, $3, $4, $5)""", delivery_id, attempt, outbox_job_id, url, now)
-    return attempt
-
-
-async def finish_attempt(conn: asyncpg.Connection, delivery_id: int, attempt: int, *,
-                         now: datetime, status_code: int | None, error: str | None,
-                         latency_ms: float, new_status: DeliveryStatus) -> None:
-    """Record an attempt's result and the delivery's new status.
-
-    A 2xx always wins (it was delivered, even if the listener was unregistered meanwhile);
-    any other result only moves a delivery that is still PENDING.
+    Each other job's attempt is counted and it is leased until now + ``lease``; every claimed
+    job's due time moves there too, so nothing starts it again while it is in flight (a worker
+    that dies leaves it due when the lease ends; the sweeper queues it then). If the own job is
+    missing from the answer, another runner already has it in flight: leave it alone.
     """
+    rows = await conn.fetch(_CLAIM_SQL, own_job_id, now, lease, limit, DELIVER_KIND)
+    return [_work(row) for row in rows]
+
+
+_START_SQL = """
+WITH go AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS t(delivery_id, job_id, url)),
+started AS (
+    -- Only a delivery still pending and still carried by this job is attempted.
+    UPDATE webhook_deliveries d SET attempts = d.attempts + 1, update_time = $4
+      FROM go
+     WHERE d.id = go.delivery_id AND d.status = 'PENDING' AND d.outbox_job_id = go.job_id
+    RETURNING d.id, d.attempts, go.job_id, go.url),
+interrupted AS (
+    -- An earlier attempt that never finished: its worker stopped before recording a result.
+    UPDATE webhook_attempts a
+       SET finished_at = $4, error = 'interrupted: the worker stopped before recording a result'
+      FROM started
+     WHERE a.delivery_id = started.id AND a.finished_at IS NULL),
+logged AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, outbox_job_id, url, started_at)
+    SELECT id, attempts, job_id, url, $4 FROM started
+    RETURNING delivery_id, attempt),
+closed AS (
+    UPDATE webhook_deliveries d
+       SET status = c.status, last_error = left(c.error, $8), update_time = $4
+      FROM unnest($5::bigint[], $6::text[], $7::text[]) AS c(delivery_id, status, error)
+     WHERE d.id = c.delivery_id AND d.status = 'PENDING')
+SELECT delivery_id, attempt FROM logged
+"""
+
+
+async def start_batch(conn: asyncpg.Connection, *, now: datetime, attempts: list[DeliveryWork],
+                      closings: list[Closing]) -> dict[int, int]:
+    """Log the attempts as started (before any send) and close the deliveries that end without
+    one (cancelled, or past their deadline), in one statement. Returns {delivery id: attempt
+    number} for the deliveries actually started: one that stopped being pending meanwhile (e.g.
+    its listener was unregistered) is missing, and must not be sent."""
+    closing = [c for c in closings if c.delivery_status is not None and c.work.delivery_id]
+    rows = await conn.fetch(
+        _START_SQL,
+        [w.delivery_id for w in attempts], [w.job_id for w in attempts],
+        [w.target for w in attempts], now,
+        [c.work.delivery_id for c in closing],
+        [c.delivery_status.value for c in closing if c.delivery_status is not None],
+        [c.error or "" for c in closing], MAX_ERROR_LENGTH)
+    return {row["delivery_id"]: row["attempt"] for row in rows}
+
+
+_FINISH_SQL = """
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::timestamptz[], $4::integer[],
+                         $5::text[], $6::double precision[], $7::text[])
+           AS t(delivery_id, attempt, finished_at, status_code, error, latency_ms, new_status)),
+attempts AS (
+    UPDATE webhook_attempts a
+       SET finished_at = r.finished_at, status_code = r.status_code,
+           error = left(r.error, $12), latency_ms = r.latency_ms
+      FROM r
+     WHERE a.delivery_id = r.delivery_id AND a.attempt = r.attempt),
+deliveries AS (
+    -- A delivered answer always wins (it was delivered, even if the listener was unregistered
+    -- meanwhile); any other result only moves a delivery that is still pending.
+    UPDATE webhook_deliveries d
+       SET status = CASE WHEN r.new_status = 'DELIVERED' OR d.status = 'PENDING'
+                         THEN r.new_status ELSE d.status END,
+           delivered_at = CASE WHEN r.new_status = 'DELIVERED' THEN r.finished_at
+                               ELSE d.delivered_at END,
+           last_status_code = r.status_code, last_error = left(r.error, $12),
+           last_latency_ms = r.latency_ms, update_time = r.finished_at
+      FROM r
+     WHERE d.id = r.delivery_id),
+jobs AS (
+    UPDATE outbox_jobs j
+       SET status = s.status,
+           due_at = coalesce(s.retry_at, j.due_at),
+           locked_until = NULL,
+           last_error = CASE WHEN s.status = 'done' THEN NULL ELSE left(s.error, 2000) END,
+           finished_at = CASE WHEN s.status = 'pending' THEN NULL ELSE $11::timestamptz END
+      FROM unnest($8::bigint[], $9::text[], $10::text[], $13::timestamptz[])
+           AS s(job_id, status, error, retry_at)
+     WHERE j.id = s.job_id AND j.status = 'pending')
+SELECT 1
+"""
+
+
+async def finish_batch(conn: asyncpg.Connection, *, now: datetime,
+                       results: list[AttemptResult], closings: list[Closing]) -> None:
+    """Record every send's result (attempt log and delivery) and settle the outbox rows of the
+    claimed jobs other than the caller's own (done, dead, or pending again at their retry
+    time), in one statement."""
+    settle: list[tuple[int, str, str | None, datetime | None]] = [
+        (r.work.job_id, r.job_status, r.job_error, r.retry_at) for r in results
+        if not r.work.own]
+    settle += [(c.work.job_id, c.job_status, c.error, None) for c in closings if not c.work.own]
     await conn.execute(
-        """UPDATE webhook_attempts
-              SET finished_at = $3, status_code = $4, error = left($5, $7), latency_ms = $6
-            WHERE delivery_id = $1 AND attempt = $2""",
-        delivery_id, attempt, now, status_code, error, latency_ms, MAX_ERROR_LENGTH)
-    await conn.execute(
-        """UPDATE webhook_deliveries
-              SET status = CASE WHEN $2 = 'DELIVERED' OR status = 'PENDING' THEN $2
-                                ELSE status END,
-                  delivered_at = CASE WHEN $2 = 'DELIVERED' THEN $3 ELSE delivered_at END,
-                  last_status_code = $4, last_error = left($5, $7), last_latency_ms = $6,
-                  update_time = $3
-            WHERE id = $1""",
-        delivery_id, new_status.value, now, status_code, error, latency_ms, MAX_ERROR_LENGTH)
+        _FINISH_SQL,
+        [r.work.delivery_id for r in results], [r.attempt for r in results],
+        [r.finished_at for r in results], [r.status_code for r in results],
+        [r.error for r in results], [r.latency_ms for r in results],
+        [r.new_status.value for r in results],
+        [job for job, *_ in settle], [status for _, status, _, _ in settle],
+        [error for _, _, error, _ in settle], now, MAX_ERROR_LENGTH,
+        [retry_at for *_, retry_at in settle])

@@ -39,7 +39,10 @@ class WebhookListener:
     secrets: list[str] = field(default_factory=lambda: [SECRET])
     script: deque[Step] = field(default_factory=deque)
     default: int = 200
+    # If set: the answer to the first request of each event id (repeats follow the script).
+    first_answer: int | None = None
     received: list[Received] = field(default_factory=list)
+    connections: int = 0  # TCP connections accepted (keep-alive reuse shows as fewer)
     processed: dict[str, bytes] = field(default_factory=dict)
     hung: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -71,7 +74,14 @@ class WebhookListener:
             await self._server.wait_closed()
             self._server = None
 
+    async def close_idle_connections(self) -> None:
+        """Close every open connection, as a server does with idle keep-alive connections."""
+        for writer in list(self._writers):
+            writer.close()
+        await asyncio.sleep(0.05)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         self._writers.add(writer)
         try:
             while await self._one_request(reader, writer):
@@ -99,10 +109,16 @@ class WebhookListener:
             error = exc
         event_id = headers.get(HEADER_EVENT_ID.lower(), "")
         duplicate = event_id in self.processed
+        first = not any(r.event_id == event_id for r in self.received if HEADER_EVENT_ID.lower()
+                        in r.headers)
         if error is None and not duplicate:
             self.processed[event_id] = body  # "process" it once, whatever happens next
         self.received.append(Received(headers, body, error, duplicate))
-        step = self.script.popleft() if self.script else self.default
+        step: Step
+        if first and self.first_answer is not None:
+            step = self.first_answer
+        else:
+            step = self.script.popleft() if self.script else self.default
         if step == "hang":
             self.hung.set()
             await self.release.wait()

@@ -21,6 +21,11 @@ from workers.registry import HANDLERS, SWEEP_HOOKS, PermanentJobError
 log = logging.getLogger("promo.worker")
 
 
+class JobAlreadyRunning(Exception):
+    """Raised by a handler that finds its job already in flight elsewhere (two copies of its arq
+    job started at the same moment): the runner leaves the row to the one running it."""
+
+
 def backoff_seconds(attempt: int, *, base: float, maximum: float,
                     rng: random.Random | None = None) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, times 0.5-1.0."""
@@ -47,6 +52,10 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
         if fn is None:
             raise PermanentJobError(f"no handler registered for outbox kind {job.kind!r}")
         await fn(ctx, job)
+    except JobAlreadyRunning:
+        log.info("outbox job already in flight elsewhere; left to it", extra={
+            "outbox_job_id": job.id, "kind": job.kind})
+        return "already running"
     except PermanentJobError as exc:
         async with pool.acquire() as conn:
             await outbox.fail_attempt(conn, job.id, now=clock.now(), error=str(exc),

@@ -1,32 +1,40 @@
 """ListenerService through a real server: registration and secrets, updates, unregistering,
 the delivery log with paging and filters, redelivery through a real worker to a real listener,
-and every bad input."""
+e-mail listeners (registration, updates, a redelivered alert through a real SMTP server), and
+every bad input."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from grpc import aio
 
 from config.settings import Settings
 from core.clock import FixedClock
 from core.events import EventType
 from promo.v1 import listeners_pb2 as pb
 from promo.v1 import listeners_pb2_grpc as pb_grpc
+from server.app import Dependencies, start_server
 from storage import webhooks as repo
 from tests.conftest import Api, rpc_error_reason
+from tests.integration.test_email_delivery import Relay, smtp_server
 from tests.integration.test_webhook_delivery import (
     SECRET,
     WebhookListener,
     running_worker,
     wait_until,
 )
+from tests.webhook_listener import free_port
 from workers.outbox import sweep_once
 
 SCHEDULED = pb.EVENT_TYPE_SCHEDULED_CAMPAIGN
+EMAIL = pb.LISTENER_CHANNEL_EMAIL
+ALERTS = ["ops@example.com", "crm-team@example.org"]
 
 
 def _stub(api: Api) -> pb_grpc.ListenerServiceStub:
@@ -163,6 +171,32 @@ async def test_update_mask_is_checked(api: Api, paths: list[str], reason: str,
      "INVALID_DESCRIPTION", "at most 2000"),
     (pb.Listener(event_type=SCHEDULED, url="https://h/x"), "", "INVALID_REQUEST_ID",
      "request_id is required"),
+    (pb.Listener(event_type=SCHEDULED, url="https://h/x", channel=9), "r",  # type: ignore
+     "INVALID_CHANNEL", "9 is not a listener channel"),
+    (pb.Listener(event_type=SCHEDULED, url="https://h/x", email_recipients=ALERTS), "r",
+     "INVALID_EMAIL", "email_recipients is for e-mail listeners"),
+    # E-mail listeners: checked before the server's SMTP settings are (these have none).
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL), "r", "INVALID_EMAIL",
+     "must list 1-20 addresses, got 0"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL,
+                 email_recipients=[f"a{i}@example.com" for i in range(21)]), "r",
+     "INVALID_EMAIL", "must list 1-20 addresses, got 21"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL, email_recipients=["ops@example"]), "r",
+     "INVALID_EMAIL", "needs a domain with a dot"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL, email_recipients=["Ops <ops@x.com>"]),
+     "r", "INVALID_EMAIL", "without spaces"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL,
+                 email_recipients=["ops@example.com\r\nBcc: thief@evil.example"]), "r",
+     "INVALID_EMAIL", "listener.email_recipients[0]"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL, email_recipients=["ops.example.com"]),
+     "r", "INVALID_EMAIL", "is not an e-mail address"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL,
+                 email_recipients=["ops@example.com", "OPS@Example.com"]), "r",
+     "INVALID_EMAIL", "listed twice"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL, email_recipients=ALERTS,
+                 url="https://h/x"), "r", "INVALID_URL", "an e-mail listener has"),
+    (pb.Listener(event_type=SCHEDULED, channel=EMAIL, email_recipients=ALERTS,
+                 secret=SECRET), "r", "INVALID_SECRET", "e-mails are not signed"),
 ])
 async def test_bad_registration_is_invalid_argument_and_writes_nothing(
         api: Api, listener: pb.Listener, request_id: str, reason: str, fragment: str) -> None:
@@ -390,3 +424,145 @@ async def test_wrong_role_is_permission_denied(api: Api) -> None:
     with pytest.raises(grpc.RpcError) as err:
         await _stub(api).ListListeners(pb.ListListenersRequest(), metadata=api.key("listener"))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.fixture
+def smtp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def mail_settings(settings: Settings, smtp_port: int) -> Settings:
+    return settings.model_copy(update={
+        "smtp_host": "127.0.0.1", "smtp_port": smtp_port,
+        "smtp_from": "alerts@promo.example.com", "smtp_starttls": False,
+        "smtp_timeout_seconds": 2.0})
+
+
+@pytest.fixture
+async def mail_api(mail_settings: Settings, pool: asyncpg.Pool,
+                   clock: FixedClock) -> AsyncIterator[Api]:
+    """A real server whose settings name an SMTP relay (e-mail listeners are allowed)."""
+    running = await start_server(mail_settings, Dependencies(pool=pool, clock=clock))
+    channel = aio.insecure_channel(running.address)
+    try:
+        yield Api(channel=channel, address=running.address)
+    finally:
+        await channel.close()
+        await running.stop(0)
+
+
+async def test_email_listeners_need_the_smtp_settings(api: Api) -> None:
+    stub = _stub(api)
+    with pytest.raises(grpc.RpcError) as err:
+        await stub.RegisterListener(pb.RegisterListenerRequest(
+            request_id="mail", listener=pb.Listener(
+                event_type=pb.EVENT_TYPE_CODE_POOL_THRESHOLD, channel=EMAIL,
+                email_recipients=ALERTS)), metadata=api.key())
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert rpc_error_reason(err.value) == "EMAIL_NOT_CONFIGURED"
+    assert "PROMO_SMTP_HOST" in (err.value.details() or "")
+    listed = await stub.ListListeners(pb.ListListenersRequest(), metadata=api.key())
+    assert list(listed.listeners) == []
+
+
+async def test_register_and_update_an_email_listener(mail_api: Api) -> None:
+    stub = _stub(mail_api)
+    created = await stub.RegisterListener(pb.RegisterListenerRequest(
+        request_id="mail", listener=pb.Listener(
+            event_type=pb.EVENT_TYPE_CODE_POOL_THRESHOLD, channel=EMAIL,
+            email_recipients=["Ops@Example.COM", "crm-team@example.org"],
+            description="pool alerts")), metadata=mail_api.key())
+    listener = created.listener
+    assert created.generated_secret == ""  # e-mails are not signed
+    assert listener.channel == EMAIL and listener.url == ""
+    assert list(listener.email_recipients) == ["Ops@example.com", "crm-team@example.org"]
+    webhook = await _register(mail_api, request_id="hook")  # channel unset: a webhook
+    assert webhook.channel == pb.LISTENER_CHANNEL_WEBHOOK and not webhook.email_recipients
+    got = await stub.GetListener(pb.GetListenerRequest(listener_id=listener.listener_id),
+                                 metadata=mail_api.key())
+    assert got.listener == listener
+
+    updated = await stub.UpdateListener(pb.UpdateListenerRequest(
+        request_id="u1", listener=pb.Listener(listener_id=listener.listener_id,
+                                              email_recipients=["oncall@example.net"]),
+        update_mask=field_mask_pb2.FieldMask(paths=["email_recipients"])),
+        metadata=mail_api.key())
+    assert list(updated.listener.email_recipients) == ["oncall@example.net"]
+    for paths, listener_id, reason, fragment in (
+            (["url"], listener.listener_id, "WRONG_CHANNEL",
+             "is an e-mail listener: it has no url"),
+            (["secret"], listener.listener_id, "WRONG_CHANNEL", "it has no secret"),
+            (["email_recipients"], webhook.listener_id, "WRONG_CHANNEL",
+             "it has no email_recipients")):
+        with pytest.raises(grpc.RpcError) as err:
+            await stub.UpdateListener(pb.UpdateListenerRequest(
+                request_id=f"bad-{paths[0]}-{listener_id}", listener=pb.Listener(
+                    listener_id=listener_id, url="https://h/x", email_recipients=ALERTS),
+                update_mask=field_mask_pb2.FieldMask(paths=paths)), metadata=mail_api.key())
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert rpc_error_reason(err.value) == reason
+        assert fragment in (err.value.details() or "")
+    for paths, reason, fragment in ((["channel"], "INVALID_UPDATE_MASK", "channel never change"),
+                                    (["email_recipients"], "INVALID_EMAIL", "got 0")):
+        with pytest.raises(grpc.RpcError) as err:
+            await stub.UpdateListener(pb.UpdateListenerRequest(
+                request_id="bad", listener=pb.Listener(listener_id=listener.listener_id),
+                update_mask=field_mask_pb2.FieldMask(paths=paths)), metadata=mail_api.key())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert rpc_error_reason(err.value) == reason
+        assert fragment in (err.value.details() or "")
+    again = await stub.GetListener(pb.GetListenerRequest(listener_id=listener.listener_id),
+                                   metadata=mail_api.key())
+    assert list(again.listener.email_recipients) == ["oncall@example.net"]
+
+
+async def test_a_refused_alert_is_redelivered_by_email(
+        mail_api: Api, mail_settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
+        smtp_port: int) -> None:
+    """FAILED on a 5xx, then RedeliverEvent: a new run through a real worker and a real SMTP
+    server; the log shows both attempts with the relay's reply codes."""
+    clock.set(datetime.now(UTC))
+    stub = _stub(mail_api)
+    relay = Relay()
+    relay.data_replies.append("550 5.7.1 Relaying denied")
+    created = (await stub.RegisterListener(pb.RegisterListenerRequest(
+        request_id="mail", listener=pb.Listener(event_type=SCHEDULED, channel=EMAIL,
+                                                email_recipients=ALERTS)),
+        metadata=mail_api.key())).listener
+    [event_id] = await _emit(pool, clock)
+    assert mail_settings.redis_url
+    from arq import create_pool as create_arq_pool
+    from arq.connections import RedisSettings
+
+    redis = await create_arq_pool(RedisSettings.from_dsn(mail_settings.redis_url))
+    ctx = {"pool": pool, "redis": redis, "clock": clock, "settings": mail_settings}
+
+    async def status_is(value: int) -> bool:
+        listed = await stub.ListDeliveries(pb.ListDeliveriesRequest(event_id=event_id),
+                                           metadata=mail_api.key())
+        return listed.deliveries[0].status == value
+
+    try:
+        with smtp_server(relay, smtp_port):
+            async with running_worker(mail_settings, clock=clock):
+                assert await sweep_once(ctx) == 1
+                await wait_until(lambda: status_is(pb.DELIVERY_STATUS_FAILED), what="FAILED")
+                [failed] = (await stub.ListDeliveries(pb.ListDeliveriesRequest(
+                    listener_id=created.listener_id), metadata=mail_api.key())).deliveries
+                assert (failed.attempt_count, failed.last_status_code) == (1, 550)
+                assert failed.last_error == "SMTP 550: 5.7.1 Relaying denied"
+                await stub.RedeliverEvent(pb.RedeliverEventRequest(
+                    request_id="again", delivery_id=failed.delivery_id), metadata=mail_api.key())
+                assert await sweep_once(ctx) == 1
+                await wait_until(lambda: status_is(pb.DELIVERY_STATUS_DELIVERED),
+                                 what="DELIVERED")
+    finally:
+        await redis.aclose()
+    detail = await stub.GetDelivery(pb.GetDeliveryRequest(delivery_id=failed.delivery_id),
+                                    metadata=mail_api.key())
+    assert [(a.attempt, a.status_code) for a in detail.attempts] == [(1, 550), (2, 250)]
+    assert {a.url for a in detail.attempts} == {"mailto:" + ",".join(ALERTS)}
+    [accepted] = relay.accepted
+    assert accepted.rcpt_tos == ALERTS and accepted.message["Promo-Event-Id"] == event_id
+    assert accepted.message["Subject"] == "[promo] Campaign awaiting clearance: c0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -15,12 +16,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+import trustme
 from arq import create_pool as create_arq_pool
 from arq.connections import ArqRedis, RedisSettings
 
 from config.settings import Settings
 from core.clock import Clock, SystemClock
-from core.events import EventType
+from core.events import EventType, Outcome
 from core.webhook_signature import (
     HEADER_EVENT_TYPE,
     HEADER_SIGNATURE,
@@ -120,8 +122,16 @@ async def deliveries(pool: asyncpg.Pool) -> list[asyncpg.Record]:
 
 async def settled(pool: asyncpg.Pool, statuses: Iterable[str] = ("DELIVERED", "FAILED",
                                                                   "DEAD", "CANCELLED")) -> bool:
+    """Every delivery finished, and every delivery job too (a job's outbox row is settled just
+    after its delivery: a worker stopped in between leaves it to the sweeper)."""
     rows = await deliveries(pool)
-    return bool(rows) and all(r["status"] in set(statuses) for r in rows)
+    if not rows or not all(r["status"] in set(statuses) for r in rows):
+        return False
+    async with pool.acquire() as conn:
+        pending: int = await conn.fetchval(
+            "SELECT count(*) FROM outbox_jobs WHERE kind = 'webhook.deliver'"
+            " AND status = 'pending'")
+    return pending == 0
 
 
 async def attempts(pool: asyncpg.Pool, delivery_id: int) -> list[repo.AttemptRow]:
@@ -324,8 +334,11 @@ async def test_a_worker_killed_mid_delivery_causes_a_retry_not_a_loss(
     try:
         sweep_ctx = {"pool": pool, "redis": redis, "clock": SystemClock(), "settings": fast}
         assert await sweep_once(sweep_ctx) == 0  # still leased
-        async with pool.acquire() as conn:  # the lease runs out
-            await conn.execute("UPDATE outbox_jobs SET locked_until = now() - interval '1 s'")
+        async with pool.acquire() as conn:  # time passes: the lease runs out
+            # (an attempt in flight holds its job's lease and due time until the lease's end)
+            await conn.execute(
+                "UPDATE outbox_jobs SET locked_until = locked_until - $1::interval,"
+                " due_at = due_at - $1::interval", timedelta(seconds=fast.job_lease_seconds + 1))
         assert await sweep_once(sweep_ctx) == 1
     finally:
         await redis.aclose()
@@ -428,3 +441,263 @@ async def test_secret_rotation_signs_with_both_secrets_during_the_grace_period(
     assert latest.headers[HEADER_SIGNATURE.lower()].count("v1=") == 1
     with pytest.raises(SignatureError):
         verify(SECRET, latest.headers, latest.body, now=int(time.time()))
+
+
+# Batches: one worker job claims the other due deliveries too (PROMO_WEBHOOK_BATCH_SIZE).
+
+async def test_a_batch_with_mixed_answers_records_each_delivery_on_its_own(
+        fast: Settings, pool: asyncpg.Pool, arq_redis: ArqRedis) -> None:
+    small = fast.model_copy(update={"webhook_batch_size": 7})  # 30 deliveries: several chunks
+    ok, flaky, refuser = (await WebhookListener().start(),
+                          await WebhookListener(first_answer=503).start(),  # then 200
+                          await WebhookListener(default=400).start())
+    try:
+        ids = {name: await add_listener(pool, server.url) for name, server in
+               (("ok", ok), ("flaky", flaky), ("refuser", refuser))}
+        events = [await emit(pool, arq_redis, small, payload={"campaign_id": f"c{i}"})
+                  for i in range(10)]
+        async with running_worker(small):
+            await wait_until(lambda: settled(pool), what="30 deliveries", within=20)
+    finally:
+        for server in (ok, flaky, refuser):
+            await server.stop()
+    rows = await deliveries(pool)
+    by_listener = {name: [r for r in rows if r["listener_id"] == listener_id]
+                   for name, listener_id in ids.items()}
+    assert {(r["status"], r["attempts"]) for r in by_listener["ok"]} == {("DELIVERED", 1)}
+    assert {(r["status"], r["attempts"]) for r in by_listener["flaky"]} == {("DELIVERED", 2)}
+    assert {(r["status"], r["attempts"], r["last_status_code"])
+            for r in by_listener["refuser"]} == {("FAILED", 1, 400)}
+    event_ids = {e.event_id for e in events if e is not None}
+    assert sorted(r.event_id for r in ok.received) == sorted(event_ids)  # each exactly once
+    assert len(flaky.received) == 20 and set(flaky.processed) == event_ids
+    assert len(refuser.received) == 10
+    async with pool.acquire() as conn:
+        jobs = await conn.fetch("SELECT status, attempts, locked_until, last_error "
+                                "FROM outbox_jobs ORDER BY id")
+        unfinished = await conn.fetchval(
+            "SELECT count(*) FROM webhook_attempts WHERE finished_at IS NULL")
+    assert sorted(j["status"] for j in jobs) == ["dead"] * 10 + ["done"] * 20
+    assert all(j["locked_until"] is None for j in jobs) and unfinished == 0
+    assert all("listener refused the delivery: HTTP 400" in j["last_error"]
+               for j in jobs if j["status"] == "dead")
+    for row in by_listener["flaky"]:
+        assert [a.status_code for a in await attempts(pool, row["id"])] == [503, 200]
+
+
+async def test_two_copies_of_one_job_make_one_attempt(fast: Settings, pool: asyncpg.Pool,
+                                                      listener: WebhookListener) -> None:
+    """arq delivers at least once: two copies of a delivery's job running at once send it
+    once; the second finds it in flight and leaves its outbox row alone."""
+    listener.answer((0.3, 200))
+    await add_listener(pool, listener.url)
+    emitted = await emit(pool, None, fast)
+    assert emitted is not None
+    [job_id] = emitted.outbox_job_ids
+    ctx: dict[str, Any] = {"pool": pool, "clock": SystemClock(), "settings": fast,
+                           "redis": None}
+    await webhooks.setup(ctx)
+    try:
+        outcomes = await asyncio.gather(run_outbox_job(ctx, job_id), run_outbox_job(ctx, job_id))
+    finally:
+        await webhooks.teardown(ctx)
+    # The second copy either lost the race to start the row ("not due": its due time already
+    # moved to the end of the lease) or started it too and then found it in flight.
+    assert outcomes.count("done") == 1
+    assert {*outcomes} - {"done"} <= {"already running", "not due or already done"}
+    assert len(listener.received) == 1
+    [row] = await deliveries(pool)
+    assert (row["status"], row["attempts"]) == ("DELIVERED", 1)
+    assert (await outbox_row(pool, job_id))["status"] == "done"
+
+
+async def test_a_worker_killed_mid_batch_loses_none_of_its_deliveries(
+        fast: Settings, pool: asyncpg.Pool, listener: WebhookListener) -> None:
+    listener.answer(*["hang"] * 5)
+    await add_listener(pool, listener.url)
+    emitted = [await emit(pool, None, fast, payload={"campaign_id": f"c{i}"}) for i in range(5)]
+    job_ids = [job for e in emitted if e is not None for job in e.outbox_job_ids]
+    ctx: dict[str, Any] = {"pool": pool, "clock": SystemClock(), "settings": fast,
+                           "redis": None}
+    await webhooks.setup(ctx)
+    doomed = asyncio.create_task(run_outbox_job(ctx, job_ids[0]))  # claims all five
+
+    async def all_hung() -> bool:
+        return len(listener.received) == 5
+
+    await wait_until(all_hung, what="five requests in flight")
+    doomed.cancel()  # the worker process is gone
+    with contextlib.suppress(asyncio.CancelledError):
+        await doomed
+    await webhooks.teardown(ctx)
+    async with pool.acquire() as conn:
+        jobs = await conn.fetch("SELECT status, attempts, due_at, locked_until FROM outbox_jobs")
+    now = datetime.now(UTC)
+    assert [(j["status"], j["attempts"]) for j in jobs] == [("pending", 1)] * 5
+    assert all(j["due_at"] > now and j["locked_until"] > now for j in jobs)  # in flight
+    assert [(r["status"], r["attempts"]) for r in await deliveries(pool)] == [("PENDING", 1)] * 5
+
+    assert fast.redis_url
+    redis = await create_arq_pool(RedisSettings.from_dsn(fast.redis_url))
+    try:
+        sweep_ctx = {"pool": pool, "redis": redis, "clock": SystemClock(), "settings": fast}
+        assert await sweep_once(sweep_ctx) == 0  # still leased
+        async with pool.acquire() as conn:  # time passes: the lease runs out
+            await conn.execute(
+                "UPDATE outbox_jobs SET locked_until = locked_until - $1::interval,"
+                " due_at = due_at - $1::interval", timedelta(seconds=fast.job_lease_seconds + 1))
+        assert await sweep_once(sweep_ctx) == 5
+    finally:
+        await redis.aclose()
+    listener.release.set()
+    async with running_worker(fast):
+        await wait_until(lambda: settled(pool), what="delivery after the crash")
+    for row in await deliveries(pool):
+        assert (row["status"], row["attempts"]) == ("DELIVERED", 2)
+        first, second = await attempts(pool, row["id"])
+        assert first.error is not None and first.error.startswith("interrupted")
+        assert second.status_code == 200
+    assert len(listener.processed) == 5  # each seen twice, processed once
+
+
+async def test_connections_are_kept_alive_and_a_closed_one_is_replaced(
+        fast: Settings, pool: asyncpg.Pool, arq_redis: ArqRedis,
+        listener: WebhookListener) -> None:
+    await add_listener(pool, listener.url)
+    async with running_worker(fast):
+        for count in range(1, 4):
+            await emit(pool, arq_redis, fast, payload={"campaign_id": f"c{count}"})
+            await wait_until(lambda: settled(pool), what=f"delivery {count}")
+        assert listener.connections == 1  # one connection for three deliveries
+        await listener.close_idle_connections()  # as a server does after its keep-alive time
+        await emit(pool, arq_redis, fast, payload={"campaign_id": "after-close"})
+        await wait_until(lambda: settled(pool), what="delivery on a new connection")
+    assert listener.connections == 2
+    assert [(r["status"], r["attempts"]) for r in await deliveries(pool)] == [
+        ("DELIVERED", 1)] * 4  # the closed connection cost no failed attempt
+    assert all(r.verify_error is None for r in listener.received)
+
+
+# The HTTP client itself, against raw HTTP/1.1 answers.
+
+@contextlib.asynccontextmanager
+async def raw_server(answers: list[bytes], *, tls: ssl.SSLContext | None = None,
+                     ) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A server that reads one request per answer (headers and Content-Length body), writes the
+    next raw answer (b"" closes the connection without one), and records the requests."""
+    requests: list[bytes] = []
+    script = list(answers)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while script:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")), b"0"))
+                requests.append(head + await reader.readexactly(length))
+                answer = script.pop(0)
+                if not answer:
+                    break
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.lower():
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/hook?x=1", requests
+    finally:
+        server.close()
+
+
+async def _client(settings: Settings) -> tuple[dict[str, Any], webhooks.Http11Client]:
+    ctx: dict[str, Any] = {"settings": settings}
+    client = await webhooks.setup(ctx)
+    assert isinstance(client, webhooks.Http11Client)
+    return ctx, client
+
+
+async def test_http_client_answers(fast: Settings) -> None:
+    ctx, client = await _client(fast)
+    big = b"x" * 5000
+    answers = [
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/hook\r\n"
+        b"Content-Length: 0\r\n\r\n",
+        b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big),
+    ]
+    try:
+        async with raw_server(answers) as (url, requests):
+            got = [await client.post(url, b'{"a":1}', {"X-Test": str(i)}, 2.0)
+                   for i in range(4)]
+    finally:
+        await webhooks.teardown(ctx)
+    assert got[0] == (204, None, Outcome.DELIVERED)
+    assert got[1] == (200, None, Outcome.DELIVERED)
+    assert got[2] == (302, "HTTP 302: redirected to https://elsewhere.example/hook; redirects "
+                      "are not followed, register the final URL", Outcome.REJECTED)
+    assert got[3] == (503, "HTTP 503: " + "x" * 512, Outcome.RETRY)
+    assert len(requests) == 4
+    first = requests[0].split(b"\r\n")
+    assert first[0] == b"POST /hook?x=1 HTTP/1.1"
+    assert b"Host: 127.0.0.1:" + url.split(":")[2].split("/")[0].encode() in first
+    assert first[-1] == b'{"a":1}' and b"Content-Length: 7" in first
+
+
+async def test_http_client_failures(fast: Settings) -> None:
+    ctx, client = await _client(fast)
+    try:
+        async with raw_server([b""]) as (url, _):  # accepts, reads, closes without an answer
+            assert await client.post(url, b"{}", {}, 2.0) == (
+                None, "RemoteProtocolError: Server disconnected without sending a response.",
+                Outcome.RETRY)
+        async with raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]) as (
+                url, _):  # the answer's body is cut short
+            code, error, outcome = await client.post(url, b"{}", {}, 2.0)
+            assert (code, outcome) == (None, Outcome.RETRY)
+            assert error is not None and "RemoteProtocolError" in error
+        async with raw_server([b"garbage\r\n\r\n"]) as (url, _):
+            code, error, outcome = await client.post(url, b"{}", {}, 2.0)
+            assert (code, outcome) == (None, Outcome.RETRY)
+        code, error, outcome = await client.post(f"http://127.0.0.1:{free_port()}/x", b"{}",
+                                                 {}, 2.0)
+        assert (code, outcome) == (None, Outcome.RETRY)
+        assert error is not None and error.startswith("ConnectError")
+        # Not plain http(s): left to httpx, which reports it as before.
+        code, error, outcome = await client.post("ftp://127.0.0.1/x", b"{}", {}, 2.0)
+        assert (code, outcome) == (None, Outcome.REJECTED)
+        assert error is not None and error.startswith("UnsupportedProtocol")
+    finally:
+        await webhooks.teardown(ctx)
+
+
+async def test_http_client_speaks_tls(fast: Settings, tmp_path: Any,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    ctx, client = await _client(fast)  # trusts certifi's authorities, not the test's
+    try:
+        async with raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"] * 2,
+                              tls=server_context) as (url, requests):
+            code, error, outcome = await client.post(url, b"{}", {}, 2.0)
+            assert (code, outcome) == (None, Outcome.RETRY)
+            assert error is not None and "CERTIFICATE_VERIFY_FAILED" in error
+            monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+            await webhooks.teardown(ctx)
+            ctx, client = await _client(fast)
+            assert client is not None
+            # certifi's bundle is what httpx trusts by default; SSL_CERT_FILE is honoured too
+            code, error, outcome = await client.post(url, b"{}", {}, 2.0)
+    finally:
+        await webhooks.teardown(ctx)
+    assert (code, error, outcome) == (200, None, Outcome.DELIVERED)
+    assert len(requests) == 1

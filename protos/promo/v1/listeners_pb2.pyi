@@ -69,6 +69,34 @@ EVENT_TYPE_BONUS_ISSUED: EventType.ValueType  # 112
 """A dynamic bonus was issued."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _ListenerChannel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ListenerChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ListenerChannel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LISTENER_CHANNEL_UNSPECIFIED: _ListenerChannel.ValueType  # 0
+    """Unset: WEBHOOK (listeners registered before channels existed are webhooks)."""
+    LISTENER_CHANNEL_WEBHOOK: _ListenerChannel.ValueType  # 1
+    """A signed JSON POST to url."""
+    LISTENER_CHANNEL_EMAIL: _ListenerChannel.ValueType  # 2
+    """A plain-text e-mail to email_recipients. Needs the server's SMTP settings
+    (PROMO_SMTP_HOST); without them registering one fails with FAILED_PRECONDITION.
+    """
+
+class ListenerChannel(_ListenerChannel, metaclass=_ListenerChannelEnumTypeWrapper):
+    """ListenerChannel is how a listener receives its events."""
+
+LISTENER_CHANNEL_UNSPECIFIED: ListenerChannel.ValueType  # 0
+"""Unset: WEBHOOK (listeners registered before channels existed are webhooks)."""
+LISTENER_CHANNEL_WEBHOOK: ListenerChannel.ValueType  # 1
+"""A signed JSON POST to url."""
+LISTENER_CHANNEL_EMAIL: ListenerChannel.ValueType  # 2
+"""A plain-text e-mail to email_recipients. Needs the server's SMTP settings
+(PROMO_SMTP_HOST); without them registering one fails with FAILED_PRECONDITION.
+"""
+Global___ListenerChannel: _TypeAlias = ListenerChannel  # noqa: Y015
+
 class _DeliveryStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -105,7 +133,9 @@ Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
 class Listener(_message.Message):
-    """Listener receives one event type at one URL."""
+    """Listener receives one event type over one channel: at one URL, or at a list of e-mail
+    addresses.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -118,13 +148,15 @@ class Listener(_message.Message):
     SECRET_ROTATE_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    EMAIL_RECIPIENTS_FIELD_NUMBER: _builtins.int
     listener_id: _builtins.int
     """Output only. Assigned by the server."""
     event_type: Global___EventType.ValueType
     """Required at registration; never changes (register another listener instead)."""
     url: _builtins.str
-    """Required. An absolute http:// or https:// URL, at most 2,048 characters, without a user
-    name, password or fragment.
+    """WEBHOOK only, and required there: an absolute http:// or https:// URL, at most 2,048
+    characters, without a user name, password or fragment. Empty for an e-mail listener.
     """
     active: _builtins.bool
     """Inactive listeners get no new deliveries, and their pending ones are cancelled at their
@@ -133,9 +165,14 @@ class Listener(_message.Message):
     description: _builtins.str
     """Optional free text, at most 2,000 characters."""
     secret: _builtins.str
-    """Input only, never returned: the signing secret (16-256 printable characters). On
-    registration, empty means "generate one". On update (mask path "secret"), empty means
-    "generate a new one"; the previous secret keeps signing too for a grace period.
+    """WEBHOOK only. Input only, never returned: the signing secret (16-256 printable
+    characters). On registration, empty means "generate one". On update (mask path "secret"),
+    empty means "generate a new one"; the previous secret keeps signing too for a grace period.
+    E-mail listeners have no secret (setting one is INVALID_ARGUMENT).
+    """
+    channel: Global___ListenerChannel.ValueType
+    """Set at registration (unspecified: WEBHOOK); never changes (register another listener
+    instead). Always set in responses.
     """
     @_builtins.property
     def secret_rotate_time(self) -> _timestamp_pb2.Timestamp:
@@ -149,6 +186,12 @@ class Listener(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
+    @_builtins.property
+    def email_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """EMAIL only, and required there: 1-20 distinct plain addresses (local@domain.tld, no display
+        names), each at most 254 characters. Empty for a webhook.
+        """
+
     def __init__(
         self,
         *,
@@ -161,10 +204,12 @@ class Listener(_message.Message):
         secret_rotate_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        channel: Global___ListenerChannel.ValueType = ...,
+        email_recipients: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "create_time", b"create_time", "secret_rotate_time", b"secret_rotate_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "create_time", b"create_time", "description", b"description", "event_type", b"event_type", "listener_id", b"listener_id", "secret", b"secret", "secret_rotate_time", b"secret_rotate_time", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "channel", b"channel", "create_time", b"create_time", "description", b"description", "email_recipients", b"email_recipients", "event_type", b"event_type", "listener_id", b"listener_id", "secret", b"secret", "secret_rotate_time", b"secret_rotate_time", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
     _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
@@ -186,7 +231,9 @@ class RegisterListenerRequest(_message.Message):
     """
     @_builtins.property
     def listener(self) -> Global___Listener:
-        """Required: event_type and url; optional: active, description, secret."""
+        """Required: event_type, and url (WEBHOOK) or email_recipients (EMAIL); optional: channel,
+        active, description, secret (WEBHOOK).
+        """
 
     def __init__(
         self,
@@ -212,7 +259,7 @@ class RegisterListenerResponse(_message.Message):
     GENERATED_SECRET_FIELD_NUMBER: _builtins.int
     generated_secret: _builtins.str
     """The secret the server generated (43 URL-safe characters from 32 random bytes); empty when
-    the caller gave one. Shown only here: store it now.
+    the caller gave one, and for an e-mail listener. Shown only here: store it now.
     """
     @_builtins.property
     def listener(self) -> Global___Listener: ...
@@ -346,7 +393,9 @@ class UpdateListenerRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Required. Paths among url, active, description, secret."""
+        """Required. Paths among url, active, description, secret (webhooks) and email_recipients
+        (e-mail listeners).
+        """
 
     def __init__(
         self,
@@ -468,7 +517,9 @@ class Delivery(_message.Message):
     attempt_count: _builtins.int
     """HTTP attempts over the delivery's life (all runs)."""
     last_status_code: _builtins.int
-    """The last answer's HTTP status (0: none, e.g. a timeout or a refused connection)."""
+    """The last answer's HTTP status, or for an e-mail listener the SMTP reply code (250: accepted)
+    (0: none, e.g. a timeout or a refused connection).
+    """
     last_error: _builtins.str
     """The last attempt's error (empty after a success)."""
     last_latency_ms: _builtins.float
@@ -517,7 +568,7 @@ Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
 
 @_typing.final
 class DeliveryAttempt(_message.Message):
-    """DeliveryAttempt is one HTTP attempt."""
+    """DeliveryAttempt is one attempt: an HTTP POST, or an e-mail handed to the SMTP relay."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -531,9 +582,9 @@ class DeliveryAttempt(_message.Message):
     attempt: _builtins.int
     """1, 2, ... over the delivery's life."""
     url: _builtins.str
-    """The URL it was sent to."""
+    """The URL it was sent to; for an e-mail, "mailto:" and the recipients, comma separated."""
     status_code: _builtins.int
-    """0: no HTTP answer."""
+    """0: no answer. For an e-mail, the SMTP reply code."""
     error: _builtins.str
     latency_ms: _builtins.float
     @_builtins.property
@@ -662,7 +713,7 @@ class GetDeliveryResponse(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     EVENT_BODY_FIELD_NUMBER: _builtins.int
     event_body: _builtins.str
-    """The exact JSON body POSTed to the listener."""
+    """The exact JSON body POSTed to the listener (an e-mail carries it too, after its text)."""
     @_builtins.property
     def delivery(self) -> Global___Delivery: ...
     @_builtins.property

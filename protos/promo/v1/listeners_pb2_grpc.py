@@ -26,13 +26,16 @@ if _version_not_supported:
 
 
 class ListenerServiceStub:
-    """ListenerService registers webhook listeners per event type and lets operators watch and
-    repeat deliveries (docs/webhooks.md). Every call requires the `admin` role.
+    """ListenerService registers listeners per event type and lets operators watch and repeat
+    deliveries (docs/webhooks.md). Every call requires the `admin` role.
 
-    Each event is POSTed as JSON to every active listener of its type, signed with the listener's
-    secret (headers Promo-Event-Id, Promo-Event-Type, Promo-Timestamp,
-    Promo-Signature: v1=<hex>). Timeouts, connection errors, 5xx, 408, 425 and 429 are retried
-    with exponential backoff and jitter; other answers outside 2xx fail the delivery at once.
+    A listener has a channel. WEBHOOK (the default): each event is POSTed as JSON to the
+    listener's URL, signed with its secret (headers Promo-Event-Id, Promo-Event-Type,
+    Promo-Timestamp, Promo-Signature: v1=<hex>); timeouts, connection errors, 5xx, 408, 425 and
+    429 are retried with exponential backoff and jitter, other answers outside 2xx fail the
+    delivery at once. EMAIL: each event is sent as a plain-text alert to the listener's
+    recipients through the configured SMTP relay (event id in the Promo-Event-Id header); SMTP
+    4xx replies, connection errors and timeouts are retried, 5xx replies fail the delivery.
     """
 
     def __init__(self, channel):
@@ -84,13 +87,16 @@ class ListenerServiceStub:
 
 
 class ListenerServiceServicer:
-    """ListenerService registers webhook listeners per event type and lets operators watch and
-    repeat deliveries (docs/webhooks.md). Every call requires the `admin` role.
+    """ListenerService registers listeners per event type and lets operators watch and repeat
+    deliveries (docs/webhooks.md). Every call requires the `admin` role.
 
-    Each event is POSTed as JSON to every active listener of its type, signed with the listener's
-    secret (headers Promo-Event-Id, Promo-Event-Type, Promo-Timestamp,
-    Promo-Signature: v1=<hex>). Timeouts, connection errors, 5xx, 408, 425 and 429 are retried
-    with exponential backoff and jitter; other answers outside 2xx fail the delivery at once.
+    A listener has a channel. WEBHOOK (the default): each event is POSTed as JSON to the
+    listener's URL, signed with its secret (headers Promo-Event-Id, Promo-Event-Type,
+    Promo-Timestamp, Promo-Signature: v1=<hex>); timeouts, connection errors, 5xx, 408, 425 and
+    429 are retried with exponential backoff and jitter, other answers outside 2xx fail the
+    delivery at once. EMAIL: each event is sent as a plain-text alert to the listener's
+    recipients through the configured SMTP relay (event id in the Promo-Event-Id header); SMTP
+    4xx replies, connection errors and timeouts are retried, 5xx replies fail the delivery.
     """
 
     def RegisterListener(self, request, context):
@@ -205,13 +211,16 @@ def add_ListenerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ListenerService:
-    """ListenerService registers webhook listeners per event type and lets operators watch and
-    repeat deliveries (docs/webhooks.md). Every call requires the `admin` role.
+    """ListenerService registers listeners per event type and lets operators watch and repeat
+    deliveries (docs/webhooks.md). Every call requires the `admin` role.
 
-    Each event is POSTed as JSON to every active listener of its type, signed with the listener's
-    secret (headers Promo-Event-Id, Promo-Event-Type, Promo-Timestamp,
-    Promo-Signature: v1=<hex>). Timeouts, connection errors, 5xx, 408, 425 and 429 are retried
-    with exponential backoff and jitter; other answers outside 2xx fail the delivery at once.
+    A listener has a channel. WEBHOOK (the default): each event is POSTed as JSON to the
+    listener's URL, signed with its secret (headers Promo-Event-Id, Promo-Event-Type,
+    Promo-Timestamp, Promo-Signature: v1=<hex>); timeouts, connection errors, 5xx, 408, 425 and
+    429 are retried with exponential backoff and jitter, other answers outside 2xx fail the
+    delivery at once. EMAIL: each event is sent as a plain-text alert to the listener's
+    recipients through the configured SMTP relay (event id in the Promo-Event-Id header); SMTP
+    4xx replies, connection errors and timeouts are retried, 5xx replies fail the delivery.
     """
 
     @staticmethod

@@ -27,13 +27,16 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ListenerServiceStub:
-    """ListenerService registers webhook listeners per event type and lets operators watch and
-    repeat deliveries (docs/webhooks.md). Every call requires the `admin` role.
+    """ListenerService registers listeners per event type and lets operators watch and repeat
+    deliveries (docs/webhooks.md). Every call requires the `admin` role.
 
-    Each event is POSTed as JSON to every active listener of its type, signed with the listener's
-    secret (headers Promo-Event-Id, Promo-Event-Type, Promo-Timestamp,
-    Promo-Signature: v1=<hex>). Timeouts, connection errors, 5xx, 408, 425 and 429 are retried
-    with exponential backoff and jitter; other answers outside 2xx fail the delivery at once.
+    A listener has a channel. WEBHOOK (the default): each event is POSTed as JSON to the
+    listener's URL, signed with its secret (headers Promo-Event-Id, Promo-Event-Type,
+    Promo-Timestamp, Promo-Signature: v1=<hex>); timeouts, connection errors, 5xx, 408, 425 and
+    429 are retried with exponential backoff and jitter, other answers outside 2xx fail the
+    delivery at once. EMAIL: each event is sent as a plain-text alert to the listener's
+    recipients through the configured SMTP relay (event id in the Promo-Event-Id header); SMTP
+    4xx replies, connection errors and timeouts are retried, 5xx replies fail the delivery.
     """
 
     @_typing.overload
@@ -66,13 +69,16 @@ class ListenerServiceStub:
 
 @_typing.type_check_only
 class ListenerServiceAsyncStub(ListenerServiceStub):
-    """ListenerService registers webhook listeners per event type and lets operators watch and
-    repeat deliveries (docs/webhooks.md). Every call requires the `admin` role.
+    """ListenerService registers listeners per event type and lets operators watch and repeat
+    deliveries (docs/webhooks.md). Every call requires the `admin` role.
 
-    Each event is POSTed as JSON to every active listener of its type, signed with the listener's
-    secret (headers Promo-Event-Id, Promo-Event-Type, Promo-Timestamp,
-    Promo-Signature: v1=<hex>). Timeouts, connection errors, 5xx, 408, 425 and 429 are retried
-    with exponential backoff and jitter; other answers outside 2xx fail the delivery at once.
+    A listener has a channel. WEBHOOK (the default): each event is POSTed as JSON to the
+    listener's URL, signed with its secret (headers Promo-Event-Id, Promo-Event-Type,
+    Promo-Timestamp, Promo-Signature: v1=<hex>); timeouts, connection errors, 5xx, 408, 425 and
+    429 are retried with exponential backoff and jitter, other answers outside 2xx fail the
+    delivery at once. EMAIL: each event is sent as a plain-text alert to the listener's
+    recipients through the configured SMTP relay (event id in the Promo-Event-Id header); SMTP
+    4xx replies, connection errors and timeouts are retried, 5xx replies fail the delivery.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -101,13 +107,16 @@ class ListenerServiceAsyncStub(ListenerServiceStub):
     """
 
 class ListenerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ListenerService registers webhook listeners per event type and lets operators watch and
-    repeat deliveries (docs/webhooks.md). Every call requires the `admin` role.
+    """ListenerService registers listeners per event type and lets operators watch and repeat
+    deliveries (docs/webhooks.md). Every call requires the `admin` role.
 
-    Each event is POSTed as JSON to every active listener of its type, signed with the listener's
-    secret (headers Promo-Event-Id, Promo-Event-Type, Promo-Timestamp,
-    Promo-Signature: v1=<hex>). Timeouts, connection errors, 5xx, 408, 425 and 429 are retried
-    with exponential backoff and jitter; other answers outside 2xx fail the delivery at once.
+    A listener has a channel. WEBHOOK (the default): each event is POSTed as JSON to the
+    listener's URL, signed with its secret (headers Promo-Event-Id, Promo-Event-Type,
+    Promo-Timestamp, Promo-Signature: v1=<hex>); timeouts, connection errors, 5xx, 408, 425 and
+    429 are retried with exponential backoff and jitter, other answers outside 2xx fail the
+    delivery at once. EMAIL: each event is sent as a plain-text alert to the listener's
+    recipients through the configured SMTP relay (event id in the Promo-Event-Id header); SMTP
+    4xx replies, connection errors and timeouts are retried, 5xx replies fail the delivery.
     """
 
     @_abc_1.abstractmethod
