@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from core.caps import LIFETIME_START, period_window
+from core.caps import period_window
 from core.catalogue.promotions import CapPeriod, Promotion, PromotionReward, RewardKind
 from core.catalogue.reward_types import RewardType
 from core.money import plain
@@ -101,5 +101,3 @@ def charges_for(promotion: Promotion, values: list[RewardValue], now: datetime) 
     charges.sort(key=lambda c: (c.scope, c.period.value))
     return charges
 
-
-CUSTOMERS_WINDOW_START = LIFETIME_START

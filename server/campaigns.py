@@ -22,11 +22,11 @@ from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from promo.v1 import campaigns_pb2 as pb
 from promo.v1 import campaigns_pb2_grpc as pb_grpc
-from server.convert import request_fingerprint, timestamp
+from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import PERIOD_TO_PB
 from storage import campaigns as repo
-from storage import idempotency, outbox
+from storage import outbox
 from storage import promotions as promotions_repo
 from storage.campaigns import CampaignRow
 from storage.queue import queue_after_commit
@@ -98,9 +98,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             row = await repo.get(conn, spec.campaign_id)
             return pb.CreateCampaignResponse(campaign=campaign_to_pb(row)).SerializeToString()
 
-        raw = await idempotency.run_once(self._deps.pool, scope="CreateCampaign",
-                                         request_id=request.request_id,
-                                         request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._deps.pool, "CreateCampaign", request, work)
         for job_id, due in jobs:
             await queue_after_commit(self._deps.redis, job_id=job_id, due_at=due,
                                      queue_name=self._deps.queue_name)
@@ -119,9 +117,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             return pb.AddCampaignTargetsResponse(
                 added=added, target_count=row.target_count + added).SerializeToString()
 
-        raw = await idempotency.run_once(self._deps.pool, scope="AddCampaignTargets",
-                                         request_id=request.request_id,
-                                         request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._deps.pool, "AddCampaignTargets", request, work)
         return pb.AddCampaignTargetsResponse.FromString(raw)
 
     async def GetCampaign(self, request: pb.GetCampaignRequest,
@@ -156,9 +152,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             row = await repo.get(conn, request.campaign_id)
             return pb.CancelCampaignResponse(campaign=campaign_to_pb(row)).SerializeToString()
 
-        raw = await idempotency.run_once(self._deps.pool, scope="CancelCampaign",
-                                         request_id=request.request_id,
-                                         request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._deps.pool, "CancelCampaign", request, work)
         return pb.CancelCampaignResponse.FromString(raw)
 
     async def GetCampaignReconciliation(
@@ -216,9 +210,9 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
                 updated=len(set(ids)) - len(unknown),
                 unknown_customer_ids=unknown).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._deps.pool, scope=f"UpdateCustomerPromotionStatus:{request.campaign_id}",
-            request_id=request.request_id, request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(
+            self._deps.pool, f"UpdateCustomerPromotionStatus:{request.campaign_id}", request,
+            work)
         return pb.UpdateCustomerPromotionStatusResponse.FromString(raw)
 
     async def ForecastCampaign(self, request: pb.ForecastCampaignRequest,

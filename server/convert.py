@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+import asyncpg
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from storage.idempotency import fingerprint
+from storage.idempotency import fingerprint, run_once
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -25,3 +27,10 @@ def request_fingerprint(request: Message) -> bytes:
     if "request_id" in copy.DESCRIPTOR.fields_by_name:
         copy.ClearField("request_id")  # type: ignore[arg-type]
     return fingerprint(copy.SerializeToString(deterministic=True))
+
+
+async def run_request_once(pool: asyncpg.Pool, scope: str, request: Message,
+                           work: Callable[[asyncpg.Connection], Awaitable[bytes]]) -> bytes:
+    """Run a mutating request's ``work`` once per request_id (see storage.idempotency)."""
+    return await run_once(pool, scope=scope, request_id=request.request_id,  # type: ignore[attr-defined]
+                          request_hash=request_fingerprint(request), work=work)

@@ -19,11 +19,10 @@ from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
-from server.convert import request_fingerprint, timestamp
+from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from storage import customers as customers_repo
 from storage import events as events_repo
-from storage import idempotency
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CustomerService"].full_name
 ROLES = {
@@ -115,9 +114,7 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
                 created_count=outcome.created, updated_count=outcome.updated
             ).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._pool, scope="UpsertCustomers", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._pool, "UpsertCustomers", request, work)
         return pb.UpsertCustomersResponse.FromString(raw)
 
     async def GetCustomer(self, request: pb.GetCustomerRequest,
@@ -167,9 +164,7 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
                 inserted_count=outcome.inserted, duplicate_count=outcome.duplicates,
                 created_customer_count=outcome.created_customers).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._pool, scope="RecordEvents", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._pool, "RecordEvents", request, work)
         return pb.RecordEventsResponse.FromString(raw)
 
     async def ListCustomerEvents(self, request: pb.ListCustomerEventsRequest,

@@ -29,9 +29,8 @@ from core.events import (
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from promo.v1 import listeners_pb2 as pb
 from promo.v1 import listeners_pb2_grpc as pb_grpc
-from server.convert import request_fingerprint, timestamp
+from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
-from storage import idempotency
 from storage import webhooks as repo
 from storage.queue import queue_after_commit
 
@@ -178,9 +177,7 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                 generated_secret="" if secret or channel is Channel.EMAIL else chosen,
             ).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._deps.pool, scope="RegisterListener", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._deps.pool, "RegisterListener", request, work)
         return pb.RegisterListenerResponse.FromString(raw)
 
     async def GetListener(self, request: pb.GetListenerRequest,
@@ -253,9 +250,7 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                 listener=listener_to_pb(row),
                 generated_secret=generated or "").SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._deps.pool, scope="UpdateListener", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._deps.pool, "UpdateListener", request, work)
         return pb.UpdateListenerResponse.FromString(raw)
 
     async def UnregisterListener(self, request: pb.UnregisterListenerRequest,
@@ -268,9 +263,7 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
             return pb.UnregisterListenerResponse(
                 cancelled_deliveries=cancelled).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._deps.pool, scope="UnregisterListener", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._deps.pool, "UnregisterListener", request, work)
         return pb.UnregisterListenerResponse.FromString(raw)
 
     async def ListDeliveries(self, request: pb.ListDeliveriesRequest,
@@ -335,9 +328,7 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
             queued.append(job_id)
             return pb.RedeliverEventResponse(delivery=delivery_to_pb(row)).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._deps.pool, scope="RedeliverEvent", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._deps.pool, "RedeliverEvent", request, work)
         for job_id in queued:  # empty on a replayed request: its job was queued the first time
             await queue_after_commit(self._deps.redis, job_id=job_id, due_at=now,
                                      queue_name=self._deps.queue_name)

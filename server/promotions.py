@@ -13,7 +13,7 @@ from grpc import aio
 
 from core.cap_state import availability, cap_states, windows
 from core.catalogue import promotions as domain
-from core.catalogue.promotions import Promotion, PromotionStatus
+from core.catalogue.promotions import CapPeriod, Promotion, PromotionStatus
 from core.catalogue.reward_types import RewardType
 from core.clock import Clock
 from core.errors import InvalidArgument
@@ -22,17 +22,15 @@ from core.pagination import decode_page_token, effective_page_size, encode_page_
 from core.reward_formulas import compile_rewards
 from promo.v1 import promotions_pb2 as pb
 from promo.v1 import promotions_pb2_grpc as pb_grpc
-from server.convert import request_fingerprint, timestamp
+from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import (
     KIND_FROM_PB,
-    PERIOD_FROM_PB,
     PERIOD_TO_PB,
     STATUS_FROM_PB,
     promotion_from_pb,
     promotion_to_pb,
 )
-from storage import idempotency
 from storage import promotions as repo
 from storage import reward_types as reward_types_repo
 from storage.promotions import StoredPromotion
@@ -50,13 +48,8 @@ _AVAILABILITY_TO_PB = {"AVAILABLE": pb.AVAILABILITY_AVAILABLE,
 
 
 async def _reward_types(conn: asyncpg.Connection, promotion: Promotion) -> dict[str, RewardType]:
-    found: dict[str, RewardType] = {}
-    for reward in promotion.rewards:
-        row = await conn.fetchrow("SELECT 1 FROM reward_types WHERE name = $1",
-                                  reward.reward_type)
-        if row is not None:
-            found[reward.reward_type] = await reward_types_repo.get(conn, reward.reward_type)
-    return found
+    """The reward types the promotion names that exist (validation reports the missing ones)."""
+    return await reward_types_repo.get_many(conn, [r.reward_type for r in promotion.rewards])
 
 
 async def with_usage(conn: asyncpg.Connection, stored: StoredPromotion,
@@ -87,15 +80,14 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
         self._pool = pool
         self._clock = clock
 
-    async def _once(self, scope: str, request: Message, request_id: str,
+    async def _once(self, scope: str, request: Message,
                     work: Callable[[asyncpg.Connection], Awaitable[pb.Promotion]],
                     response_type: type[Message]) -> Message:
         async def run(conn: asyncpg.Connection) -> bytes:
             promotion = await work(conn)
             return response_type(promotion=promotion).SerializeToString()  # type: ignore[call-arg]
 
-        raw = await idempotency.run_once(self._pool, scope=scope, request_id=request_id,
-                                         request_hash=request_fingerprint(request), work=run)
+        raw = await run_request_once(self._pool, scope, request, run)
         return response_type.FromString(raw)
 
     async def CreatePromotion(self, request: pb.CreatePromotionRequest,
@@ -109,7 +101,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             stored = await repo.insert(conn, replace(promotion, status=status))
             return await with_usage(conn, stored, self._clock.now())
 
-        response = await self._once("CreatePromotion", request, request.request_id, work,
+        response = await self._once("CreatePromotion", request, work,
                                     pb.CreatePromotionResponse)
         assert isinstance(response, pb.CreatePromotionResponse)
         return response
@@ -167,12 +159,12 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             saved = await repo.save(conn, stored.id, promotion)
             return await with_usage(conn, saved, self._clock.now())
 
-        response = await self._once("UpdatePromotion", request, request.request_id, work,
+        response = await self._once("UpdatePromotion", request, work,
                                     pb.UpdatePromotionResponse)
         assert isinstance(response, pb.UpdatePromotionResponse)
         return response
 
-    async def _transition(self, scope: str, request: Message, code: str, request_id: str,
+    async def _transition(self, scope: str, request: Message, code: str,
                           target: PromotionStatus, response_type: type[Message]) -> Message:
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
             stored = await repo.get(conn, code, for_update=True)
@@ -183,12 +175,12 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             saved = await repo.save(conn, stored.id, replace(stored.promotion, status=target))
             return await with_usage(conn, saved, self._clock.now())
 
-        return await self._once(scope, request, request_id, work, response_type)
+        return await self._once(scope, request, work, response_type)
 
     async def ActivatePromotion(self, request: pb.ActivatePromotionRequest,
                                 context: aio.ServicerContext) -> pb.ActivatePromotionResponse:
         response = await self._transition("ActivatePromotion", request, request.promotion_code,
-                                          request.request_id, PromotionStatus.ACTIVE,
+                                          PromotionStatus.ACTIVE,
                                           pb.ActivatePromotionResponse)
         assert isinstance(response, pb.ActivatePromotionResponse)
         return response
@@ -196,7 +188,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
     async def DeactivatePromotion(self, request: pb.DeactivatePromotionRequest,
                                   context: aio.ServicerContext) -> pb.DeactivatePromotionResponse:
         response = await self._transition("DeactivatePromotion", request,
-                                          request.promotion_code, request.request_id,
+                                          request.promotion_code,
                                           PromotionStatus.DEACTIVATED,
                                           pb.DeactivatePromotionResponse)
         assert isinstance(response, pb.DeactivatePromotionResponse)
@@ -214,7 +206,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             net = row["granted_amount"] - row["revoked_amount"]
             counter = row["counter_used"]
             out = response.rows.add(
-                scope=row["scope"], period=PERIOD_TO_PB[PERIOD_FROM_PB_NAME[row["period"]]],
+                scope=row["scope"], period=PERIOD_TO_PB[CapPeriod(row["period"])],
                 granted_count=row["granted_count"],
                 granted_amount=format_decimal(row["granted_amount"]),
                 revoked_count=row["revoked_count"],
@@ -225,8 +217,6 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             out.period_start.CopyFrom(timestamp(row["period_start"]))
         return response
 
-
-PERIOD_FROM_PB_NAME = {p.value: p for p in PERIOD_FROM_PB.values()}
 
 
 def register(server: aio.Server, deps: Dependencies) -> None:

@@ -13,9 +13,8 @@ from core.money import format_decimal, parse_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from promo.v1 import reward_types_pb2 as pb
 from promo.v1 import reward_types_pb2_grpc as pb_grpc
-from server.convert import request_fingerprint, timestamp
+from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
-from storage import idempotency
 from storage import reward_types as repo
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardTypeService"].full_name
@@ -60,9 +59,7 @@ class RewardTypeServicer(pb_grpc.RewardTypeServiceServicer):
             created = await repo.insert(conn, reward_type)
             return pb.CreateRewardTypeResponse(reward_type=to_pb(created)).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._pool, scope="CreateRewardType", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._pool, "CreateRewardType", request, work)
         return pb.CreateRewardTypeResponse.FromString(raw)
 
     async def GetRewardType(self, request: pb.GetRewardTypeRequest,
@@ -102,9 +99,7 @@ class RewardTypeServicer(pb_grpc.RewardTypeServiceServicer):
             saved = await repo.update(conn, updated)
             return pb.UpdateRewardTypeResponse(reward_type=to_pb(saved)).SerializeToString()
 
-        raw = await idempotency.run_once(
-            self._pool, scope="UpdateRewardType", request_id=request.request_id,
-            request_hash=request_fingerprint(request), work=work)
+        raw = await run_request_once(self._pool, "UpdateRewardType", request, work)
         return pb.UpdateRewardTypeResponse.FromString(raw)
 
 

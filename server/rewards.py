@@ -14,12 +14,13 @@ from decimal import Decimal
 import asyncpg
 from grpc import aio
 
+from core.caps import LIFETIME_START
 from core.catalogue.promotions import RewardKind
 from core.clock import Clock
 from core.errors import Aborted, InvalidArgument, NotFound
 from core.money import parse_decimal
 from core.reward_formulas import evaluate_reward
-from core.rewards import CUSTOMERS_WINDOW_START, Denial, charges_for, decide_values
+from core.rewards import Denial, charges_for, decide_values
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import rewards_pb2 as pb
 from promo.v1 import rewards_pb2_grpc as pb_grpc
@@ -133,7 +134,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 customer_id=request.customer_id, campaign_key=request.campaign_id,
                 request_id=request.request_id, rewards=rewards, promo_code=promotion.code,
                 now=now, customer_cap=promotion.customer_cap,
-                customers_start=CUSTOMERS_WINDOW_START, charges=charges)
+                customers_start=LIFETIME_START, charges=charges)
 
     async def _computed(self, cached: CachedPromotion,
                         request: pb.GetRewardRequest) -> dict[str, Decimal | Denial]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from core.cap_state import CUSTOMERS_SCOPE
 from core.catalogue.promotions import (
     BudgetCap,
     CapPeriod,
@@ -21,7 +22,6 @@ from core.catalogue.promotions import (
 )
 from core.errors import AlreadyExists, NotFound
 
-CUSTOMERS_SCOPE = "#customers"
 _COLUMNS = ("id, code, name, description, properties, status, time_zone, customer_cap, rewards, "
             "budget_caps, version, create_time, update_time")
 

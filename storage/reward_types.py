@@ -45,6 +45,13 @@ async def get(conn: asyncpg.Connection, name: str, *, for_update: bool = False) 
     return _from_row(row)
 
 
+async def get_many(conn: asyncpg.Connection, names: list[str]) -> dict[str, RewardType]:
+    """The reward types among ``names`` that exist, by name, in one query."""
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM reward_types WHERE name = ANY($1::text[])",
+                            names)
+    return {row["name"]: _from_row(row) for row in rows}
+
+
 async def update(conn: asyncpg.Connection, reward_type: RewardType) -> RewardType:
     row = await conn.fetchrow(
         f"""UPDATE reward_types SET display_name = $2, description = $3, image_url = $4,

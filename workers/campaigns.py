@@ -15,6 +15,7 @@ from core.campaigns import EXECUTE_JOB_KIND, NOTIFY_JOB_KIND, OPEN_STATUSES, Cam
 from core.clock import Clock
 from core.events import EventType
 from storage import campaigns as repo
+from storage.campaigns import CampaignRow
 from storage.outbox import OutboxJob
 from storage.queue import queue_after_commit
 from storage.webhooks import emit_event
@@ -32,14 +33,20 @@ async def _queue(ctx: dict[str, Any], job_ids: list[int], due: Any) -> None:
                                  queue_name=ctx["settings"].queue_name)
 
 
+async def _locked_campaign(conn: Any, job: OutboxJob) -> CampaignRow:
+    """The job's campaign, locked FOR UPDATE until the job's transaction ends."""
+    campaign = await repo.get_by_pk(conn, int(job.payload["campaign"]), lock="FOR UPDATE")
+    if campaign is None:
+        raise PermanentJobError(f"campaign {job.payload['campaign']} does not exist")
+    return campaign
+
+
 @handler(NOTIFY_KIND)
 async def notify_listeners(ctx: dict[str, Any], job: OutboxJob) -> None:
     clock: Clock = ctx["clock"]
     now = clock.now()
     async with ctx["pool"].acquire() as conn, conn.transaction():
-        campaign = await repo.get_by_pk(conn, int(job.payload["campaign"]), lock="FOR UPDATE")
-        if campaign is None:
-            raise PermanentJobError(f"campaign {job.payload['campaign']} does not exist")
+        campaign = await _locked_campaign(conn, job)
         if campaign.status is not CampaignStatus.SCHEDULED:
             log.info("clearance notification skipped", extra={
                 "campaign_id": campaign.campaign_id, "status": campaign.status.value})
@@ -62,9 +69,7 @@ async def execute_campaign(ctx: dict[str, Any], job: OutboxJob) -> None:
     clock: Clock = ctx["clock"]
     now = clock.now()
     async with ctx["pool"].acquire() as conn, conn.transaction():
-        campaign = await repo.get_by_pk(conn, int(job.payload["campaign"]), lock="FOR UPDATE")
-        if campaign is None:
-            raise PermanentJobError(f"campaign {job.payload['campaign']} does not exist")
+        campaign = await _locked_campaign(conn, job)
         if campaign.status not in OPEN_STATUSES:
             return
         if now < campaign.execute_at:  # a clock behind the queue's: try again at the due time
