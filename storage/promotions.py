@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -217,12 +218,16 @@ async def grant(conn: asyncpg.Connection, *, promotion_id: int, version: int, cu
                 campaign_key: str, request_id: str, rewards: list[dict[str, Any]],
                 promo_code: str, now: datetime, customer_cap: int | None,
                 customers_start: datetime, charges: Sequence[GrantCharge]) -> GrantOutcome:
-    """One round trip: the promo_grant function, all or nothing."""
+    """One round trip: the promo_grant function, all or nothing.
+
+    The rewards travel as JSON text (``$6::text::jsonb``), serialised once here; a new grant
+    comes back as its id alone, since this call already holds what it sent."""
     try:
         row = await conn.fetchrow(
-            "SELECT * FROM promo_grant($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
-            " $14, $15)",
-            promotion_id, version, customer_id, campaign_key, request_id, rewards, promo_code,
+            "SELECT * FROM promo_grant($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11,"
+            " $12, $13, $14, $15)",
+            promotion_id, version, customer_id, campaign_key, request_id,
+            json.dumps(rewards, separators=(",", ":")), promo_code,
             now, customer_cap, customers_start, [c.scope for c in charges],
             [c.period for c in charges], [c.start for c in charges],
             [c.amount for c in charges], [c.limit for c in charges])
@@ -232,6 +237,9 @@ async def grant(conn: asyncpg.Connection, *, promotion_id: int, version: int, cu
         reason, scope, period = [*str(getattr(exc, "message", exc)).split("|"), "", ""][:3]
         return GrantOutcome(outcome=reason, denied_scope=scope, denied_period=period)
     assert row is not None
+    if row["outcome"] == "GRANTED":
+        return GrantOutcome(outcome="GRANTED", grant_id=row["grant_id"], grant_status="GRANTED",
+                            rewards=rewards, promo_code=promo_code, granted_at=now)
     return GrantOutcome(outcome=row["outcome"], grant_id=row["grant_id"],
                         grant_status=row["grant_status"], rewards=row["rewards"],
                         promo_code=row["promo_code"], granted_at=row["granted_at"])
