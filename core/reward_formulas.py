@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from core.catalogue.promotions import Promotion, PromotionReward, RewardKind
 from core.errors import InvalidArgument
@@ -87,14 +88,17 @@ def compile_reward(index: int, reward: PromotionReward) -> RewardFormula | None:
         compiled = _compile_part("\n".join(branches) + "\nelse skip", f"{where}.tiers")
     else:
         return None
-    try:
-        options = ResultOptions(rounding=parse_rounding_mode(reward.rounding),
-                                decimals=reward.decimals, factor=reward.rounding_factor)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{where}: {exc.message}", reason=exc.reason,
-                              metadata={"field": f"{where}.rounding"}) from exc
-    return RewardFormula(reward.reward_type, compiled, options,
+    return RewardFormula(reward.reward_type, compiled, _options(index, reward),
                          timedelta(days=reward.lookback_days))
+
+
+def _options(index: int, reward: PromotionReward) -> ResultOptions:
+    try:
+        return ResultOptions(rounding=parse_rounding_mode(reward.rounding),
+                             decimals=reward.decimals, factor=reward.rounding_factor)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"rewards[{index}]: {exc.message}", reason=exc.reason,
+                              metadata={"field": f"rewards[{index}].rounding"}) from exc
 
 
 def compile_rewards(promotion: Promotion) -> dict[str, RewardFormula]:
@@ -104,6 +108,30 @@ def compile_rewards(promotion: Promotion) -> dict[str, RewardFormula]:
         formula = compile_reward(index, reward)
         if formula is not None:
             found[reward.reward_type] = formula
+    return found
+
+
+def stored_forms(formulas: Mapping[str, RewardFormula]) -> dict[str, dict[str, Any]]:
+    """The validated, versioned form of each compiled formula, to keep beside the source."""
+    return {reward_type: f.compiled.to_stored() for reward_type, f in formulas.items()}
+
+
+def load_rewards(promotion: Promotion,
+                 stored: Mapping[str, Mapping[str, Any]]) -> dict[str, RewardFormula]:
+    """Every formula of a saved promotion, from its stored form where there is one (no
+    parsing; an older language version is recompiled from source by from_stored), compiled
+    from source otherwise."""
+    found: dict[str, RewardFormula] = {}
+    for index, reward in enumerate(promotion.rewards):
+        form = stored.get(reward.reward_type)
+        if form is None or reward.kind not in (RewardKind.CALCULATED, RewardKind.TIERED):
+            formula = compile_reward(index, reward)
+            if formula is not None:
+                found[reward.reward_type] = formula
+            continue
+        found[reward.reward_type] = RewardFormula(
+            reward.reward_type, CompiledFormula.from_stored(form), _options(index, reward),
+            timedelta(days=reward.lookback_days))
     return found
 
 

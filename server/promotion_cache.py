@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from core.catalogue.reward_types import RewardType
-from core.reward_formulas import RewardFormula, compile_rewards
+from core.reward_formulas import RewardFormula, load_rewards
 from storage import promotions as promotions_repo
 from storage import reward_types as reward_types_repo
 from storage.promotions import StoredPromotion
@@ -25,7 +25,7 @@ class CachedPromotion:
     stored: StoredPromotion
     reward_types: dict[str, RewardType]
     loaded_at: float
-    # TIERED and CALCULATED rewards, compiled once per load (by reward type).
+    # TIERED and CALCULATED rewards by reward type, from their stored form (no parsing).
     formulas: dict[str, RewardFormula]
 
 
@@ -53,6 +53,6 @@ class PromotionCache:
                 names = [r.reward_type for r in stored.promotion.rewards]
                 types = {n: await reward_types_repo.get(conn, n) for n in names}
             entry = CachedPromotion(stored, types, time.monotonic(),
-                                    compile_rewards(stored.promotion))
+                                    load_rewards(stored.promotion, stored.formulas))
             self._entries[code] = entry
             return entry

@@ -19,7 +19,7 @@ from core.clock import Clock
 from core.errors import InvalidArgument
 from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
-from core.reward_formulas import compile_rewards
+from core.reward_formulas import compile_rewards, stored_forms
 from promo.v1 import promotions_pb2 as pb
 from promo.v1 import promotions_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
@@ -97,8 +97,8 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
 
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
             promotion = domain.validate_promotion(draft, await _reward_types(conn, draft))
-            compile_rewards(promotion)
-            stored = await repo.insert(conn, replace(promotion, status=status))
+            stored = await repo.insert(conn, replace(promotion, status=status),
+                                       formulas=stored_forms(compile_rewards(promotion)))
             return await with_usage(conn, stored, self._clock.now())
 
         response = await self._once("CreatePromotion", request, work,
@@ -155,8 +155,8 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             domain.check_editable(stored.promotion)
             merged = replace(stored.promotion, **{p: getattr(patch, p) for p in paths})
             promotion = domain.validate_promotion(merged, await _reward_types(conn, merged))
-            compile_rewards(promotion)
-            saved = await repo.save(conn, stored.id, promotion)
+            saved = await repo.save(conn, stored.id, promotion,
+                                    formulas=stored_forms(compile_rewards(promotion)))
             return await with_usage(conn, saved, self._clock.now())
 
         response = await self._once("UpdatePromotion", request, work,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -24,7 +24,7 @@ from core.catalogue.promotions import (
 from core.errors import AlreadyExists, NotFound
 
 _COLUMNS = ("id, code, name, description, properties, status, time_zone, customer_cap, rewards, "
-            "budget_caps, version, create_time, update_time")
+            "budget_caps, version, create_time, update_time, formulas")
 
 
 def _dec(value: Decimal | None) -> str | None:
@@ -68,6 +68,9 @@ def _cap_from_json(data: dict[str, Any]) -> BudgetCap:
 class StoredPromotion:
     id: int
     promotion: Promotion
+    # The validated, versioned form of each TIERED/CALCULATED reward's formula, by reward
+    # type (CompiledFormula.to_stored()); empty for rows saved before it was kept.
+    formulas: dict[str, Any] = field(default_factory=dict)
 
 
 def _from_row(row: asyncpg.Record) -> StoredPromotion:
@@ -78,23 +81,27 @@ def _from_row(row: asyncpg.Record) -> StoredPromotion:
         rewards=tuple(reward_from_json(r) for r in row["rewards"]),
         customer_cap=row["customer_cap"],
         budget_caps=tuple(_cap_from_json(c) for c in row["budget_caps"]),
-        version=row["version"], create_time=row["create_time"], update_time=row["update_time"]))
+        version=row["version"], create_time=row["create_time"], update_time=row["update_time"]),
+        formulas=dict(row["formulas"]))
 
 
 def _kinds(promotion: Promotion) -> list[str]:
     return sorted({r.kind.value for r in promotion.rewards})
 
 
-async def insert(conn: asyncpg.Connection, promotion: Promotion) -> StoredPromotion:
+async def insert(conn: asyncpg.Connection, promotion: Promotion, *,
+                 formulas: Mapping[str, Any]) -> StoredPromotion:
+    """Insert a validated promotion with the stored form of its formulas (by reward type)."""
     try:
         row = await conn.fetchrow(
             f"""INSERT INTO promotions (code, name, description, properties, status, time_zone,
-                                        customer_cap, rewards, budget_caps, reward_kinds)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {_COLUMNS}""",
+                                        customer_cap, rewards, budget_caps, reward_kinds,
+                                        formulas)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {_COLUMNS}""",
             promotion.code, promotion.name, promotion.description, dict(promotion.properties),
             promotion.status.value, promotion.time_zone, promotion.customer_cap,
             [reward_to_json(r) for r in promotion.rewards],
-            [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion))
+            [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion), dict(formulas))
     except asyncpg.UniqueViolationError as exc:
         raise AlreadyExists(f"a promotion with code {promotion.code!r} already exists",
                             reason="PROMOTION_EXISTS",
@@ -117,17 +124,23 @@ async def get_by_id(conn: asyncpg.Connection, promotion_id: int) -> StoredPromot
     return _from_row(row) if row is not None else None
 
 
-async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion) -> StoredPromotion:
-    """Write every editable field and the status, bumping the version (caches compare it)."""
+async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion, *,
+               formulas: Mapping[str, Any] | None = None) -> StoredPromotion:
+    """Write every editable field and the status, bumping the version (caches compare it).
+
+    ``formulas`` (the stored form of the rewards' formulas) must come with changed rewards;
+    None keeps the stored forms, for a change of status alone."""
     row = await conn.fetchrow(
         f"""UPDATE promotions SET name = $2, description = $3, properties = $4, status = $5,
                    time_zone = $6, customer_cap = $7, rewards = $8, budget_caps = $9,
-                   reward_kinds = $10, version = version + 1, update_time = now()
+                   reward_kinds = $10, formulas = coalesce($11, formulas),
+                   version = version + 1, update_time = now()
              WHERE id = $1 RETURNING {_COLUMNS}""",
         stored_id, promotion.name, promotion.description, dict(promotion.properties),
         promotion.status.value, promotion.time_zone, promotion.customer_cap,
         [reward_to_json(r) for r in promotion.rewards],
-        [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion))
+        [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion),
+        None if formulas is None else dict(formulas))
     assert row is not None
     if promotion.customer_cap is not None:
         # A cap added later starts from the customers already holding a live grant.

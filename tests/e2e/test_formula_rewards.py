@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import asyncpg
 import grpc
 import pytest
 
 from core.clock import FixedClock
+from core.formula import compile_formula
+from core.formula.model import FORMULA_LANGUAGE_VERSION
 from promo.v1 import customers_pb2 as cpb
 from promo.v1 import customers_pb2_grpc as cpb_grpc
 from promo.v1 import promotions_pb2 as ppb
@@ -135,3 +138,32 @@ async def test_bad_formulas_are_rejected_with_positions(api: Api, reward: ppb.Pr
     assert rpc_error_reason(err.value) in ("FORMULA_SYNTAX", "FORMULA_INVALID")
     assert (err.value.details() or "").startswith(field)
     assert fragment in (err.value.details() or "")
+
+
+async def test_formulas_are_kept_in_their_validated_versioned_form(
+        api: Api, pool: asyncpg.Pool, clock: FixedClock) -> None:
+    """The promotion row keeps each formula's compiled form next to its source; GetReward runs
+    that form (no parsing), and a row without it (saved before it was kept) still works."""
+    await reward_type(api)
+    await promotion(api, "TENPCT", rewards=[ppb.PromotionReward(
+        reward_type="cashback", kind=ppb.REWARD_KIND_CALCULATED,
+        formula="last(deposit.amount) * 10%", lookback_days=7)])
+    stored = await pool.fetchval("SELECT formulas FROM promotions WHERE code = 'TENPCT'")
+    form = stored["cashback"]
+    assert (form["format"], form["version"]) == ("promo.formula", FORMULA_LANGUAGE_VERSION)
+    assert form["source"] == "last(deposit.amount) * 10%"
+    assert form == compile_formula("last(deposit.amount) * 10%").to_stored()
+
+    # The stored form is what runs: make it say 20% while the source still says 10%.
+    twenty = compile_formula("last(deposit.amount) * 20%").to_stored()
+    await pool.execute("UPDATE promotions SET formulas = jsonb_build_object('cashback', $1::jsonb)"
+                       " WHERE code = 'TENPCT'", twenty)
+    await _customer(api, "a", clock, events=[("deposit", "100", 1)])
+    assert await _value(api, "a", "TENPCT") == "20"
+
+    # Without a stored form, the source is compiled: 10%. (The version bump makes the
+    # server's cached copy STALE, as any saved change does.)
+    await pool.execute("UPDATE promotions SET formulas = '{}', version = version + 1"
+                       " WHERE code = 'TENPCT'")
+    await _customer(api, "b", clock, events=[("deposit", "100", 1)])
+    assert await _value(api, "b", "TENPCT") == "10"
