@@ -119,6 +119,29 @@ def up() -> None:
             postgres.stop()
 
 
+def _add_client_commands() -> None:
+    """The operator commands that call a running service over gRPC (cli/commands/)."""
+    from cli.commands import (
+        campaigns,
+        codes,
+        customers,
+        formulas,
+        listeners,
+        promotions,
+        reward_types,
+    )
+    app.add_typer(reward_types.app, name="reward-types")
+    app.add_typer(promotions.app, name="promotions")
+    app.add_typer(codes.app, name="codes")
+    app.add_typer(campaigns.app, name="campaigns")
+    app.add_typer(listeners.app, name="listeners")
+    app.add_typer(formulas.app, name="formulas")
+    app.add_typer(customers.app, name="customers")
+
+
+_add_client_commands()
+
+
 def main() -> None:
     app(prog_name="promo")
 

@@ -12,13 +12,36 @@ import logging
 import signal
 from collections.abc import Callable
 
-from config.settings import Settings
+from config.settings import DEFAULT_UP_METRICS_PORT, Settings
 from server.app import Dependencies, RunningServer, start_server
+from server.metrics import MetricsEndpoint
+from server.promotion_metrics import register_promotions_collector
 from storage.db import create_pool
 from storage.migrate import migrate
 from workers.main import build_worker
+from workers.metrics import register_outbox_collector
 
 log = logging.getLogger("promo.cli")
+
+
+def start_metrics(settings: Settings, port: int | None, *,
+                  default_port: int | None = None) -> MetricsEndpoint | None:
+    """The /metrics endpoint on ``port`` (None or 0: off). With only a ``default_port`` (the
+    `promo up` default), a busy port is logged and skipped instead of stopping the start."""
+    if port:
+        endpoint = MetricsEndpoint(settings.metrics_host, port)
+    elif port is None and default_port:
+        try:
+            endpoint = MetricsEndpoint(settings.metrics_host, default_port)
+        except OSError as exc:
+            log.warning("metrics endpoint not started: port %s is busy (set PROMO_METRICS_PORT "
+                        "to another port, or 0 for none)", default_port,
+                        extra={"error": str(exc)})
+            return None
+    else:
+        return None
+    log.info("metrics endpoint listening", extra={"url": endpoint.url})
+    return endpoint
 
 
 def _stop_event() -> asyncio.Event:
@@ -41,12 +64,19 @@ async def run_server(settings: Settings, *,
                              command_timeout=settings.db_command_timeout_seconds)
     worker_task: asyncio.Task[None] | None = None
     worker = None
+    endpoint: MetricsEndpoint | None = None
     try:
+        # `promo up` (server and worker in one process) serves metrics by default.
+        endpoint = start_metrics(settings, settings.metrics_port,
+                                 default_port=DEFAULT_UP_METRICS_PORT if with_worker else None)
         if settings.migrate_on_start:
             async with pool.acquire() as conn:
                 await migrate(conn)
         running = await start_server(settings, Dependencies(pool=pool))
+        if endpoint is not None:
+            register_promotions_collector(asyncio.get_running_loop(), lambda: pool)
         if with_worker:
+            register_outbox_collector(asyncio.get_running_loop(), lambda: pool)
             worker = build_worker(settings, handle_signals=False)
             worker_task = asyncio.create_task(worker.async_run(), name="promo-worker")
         if on_ready is not None:
@@ -68,12 +98,17 @@ async def run_server(settings: Settings, *,
             worker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker_task
+        if endpoint is not None:
+            endpoint.close()
         await pool.close()
 
 
 async def run_worker(settings: Settings) -> None:
     stop = _stop_event()
     worker = build_worker(settings, handle_signals=False)
+    endpoint = start_metrics(settings, settings.worker_metrics_port)
+    if endpoint is not None:
+        register_outbox_collector(asyncio.get_running_loop(), lambda: worker.ctx.get("pool"))
     task = asyncio.create_task(worker.async_run(), name="promo-worker")
     waiter = asyncio.create_task(stop.wait())
     try:
@@ -87,3 +122,5 @@ async def run_worker(settings: Settings) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if endpoint is not None:
+            endpoint.close()

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 ROLES = frozenset({"admin", "runtime", "listener"})
+DEFAULT_UP_METRICS_PORT = 9464  # `promo up`'s metrics endpoint when PROMO_METRICS_PORT is unset
 
 
 class ApiKeyConfig(BaseModel):
@@ -99,6 +100,8 @@ class Settings(BaseSettings):
     job_retry_max_seconds: float = Field(default=300.0, gt=0)
     sweeper_interval_seconds: int = Field(default=30, ge=1, le=3600)
     job_lease_seconds: int = Field(default=300, ge=5)
+    # Dynamic bonuses: requests pile up this long and are computed together (seed 004).
+    bonus_batch_window_seconds: int = Field(default=300, ge=1, le=86400)
 
     # Campaigns.
     clearance_lead_seconds: float = Field(default=1800.0, ge=0)
@@ -141,6 +144,12 @@ class Settings(BaseSettings):
         if (info.data.get("smtp_username") is None) != (info.data.get("smtp_password") is None):
             raise ValueError("set both PROMO_SMTP_USERNAME and PROMO_SMTP_PASSWORD, or neither")
         return value
+
+    # Prometheus metrics over HTTP (GET /metrics). Unset or 0: off; `promo up` uses
+    # DEFAULT_UP_METRICS_PORT when unset. `promo worker` serves on worker_metrics_port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -25,6 +25,7 @@ class Availability(enum.Enum):
     CAPPED_FOR_PERIOD = "CAPPED_FOR_PERIOD"
     BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
     CUSTOMER_CAP_REACHED = "CUSTOMER_CAP_REACHED"
+    OUT_OF_CODES = "OUT_OF_CODES"
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,14 @@ def cap_states(promotion: Promotion, now: datetime,
     return states
 
 
-def availability(promotion: Promotion, states: list[CapState]) -> Availability:
+def availability(promotion: Promotion, states: list[CapState], *,
+                 codes_available: int | None = None) -> Availability:
+    """``codes_available``: a PERSONALIZED promotion's remaining codes (None otherwise); an
+    empty pool without a fallback code pauses the promotion."""
     if promotion.status is not PromotionStatus.ACTIVE:
         return Availability.NOT_ACTIVE
+    if codes_available is not None and codes_available <= 0 and not promotion.fallback_code:
+        return Availability.OUT_OF_CODES
     reached = [s for s in states if s.reached]
     if any(s.scope == CUSTOMERS_SCOPE for s in reached):
         return Availability.CUSTOMER_CAP_REACHED

@@ -13,10 +13,14 @@ from grpc_reflection.v1alpha import reflection
 
 from config.settings import Settings
 from server import (
+    bonuses,
     campaigns,
+    codes,
     customers,
     formulas,
     listeners,
+    metrics,
+    products,
     promotions,
     reward_types,
     rewards,
@@ -29,7 +33,7 @@ log = logging.getLogger("promo.server")
 
 # Every servicer module exposes SERVICE_NAME, ROLES (method -> roles) and register(server, deps).
 SERVICE_MODULES = (reward_types, promotions, rewards, campaigns, listeners, customers,
-                   formulas)
+                   formulas, products, bonuses, codes)
 SERVICE_NAMES = tuple(name for module in SERVICE_MODULES
                       for name in getattr(module, "SERVICE_NAMES", (module.SERVICE_NAME,)))
 METHOD_ROLES: dict[str, set[str]] = {
@@ -67,6 +71,7 @@ async def start_server(settings: Settings, deps: Dependencies, *,
                        observer: CallObserver | None = None) -> RunningServer:
     """Build and start the server on settings.grpc_host:grpc_port (port 0 picks a free one)."""
     authenticator = Authenticator(settings.api_keys, METHOD_ROLES)
+    observer = observer or metrics.RPC_METRICS  # Prometheus counters (server/metrics.py)
     server = aio.server(interceptors=[ServiceInterceptor(authenticator, observer)],
                         options=[("grpc.so_reuseport", 0),
                                  # A batch of 10,000 events with attributes can pass 4 MB.

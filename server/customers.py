@@ -21,8 +21,10 @@ from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
+from storage import bonuses as bonuses_repo
 from storage import customers as customers_repo
 from storage import events as events_repo
+from storage.queue import queue_after_commit
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CustomerService"].full_name
 ROLES = {
@@ -100,9 +102,10 @@ def _raise_event_problems(problems: list[domain.Problem]) -> None:
 
 
 class CustomerServicer(pb_grpc.CustomerServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, clock: Clock) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Clock, deps: Dependencies | None = None) -> None:
         self._pool = pool
         self._clock = clock
+        self._deps = deps
 
     async def UpsertCustomers(self, request: pb.UpsertCustomersRequest,
                               context: aio.ServicerContext) -> pb.UpsertCustomersResponse:
@@ -160,12 +163,25 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
                 # Nothing was inserted; raising rolls back the request id's claim too.
                 _raise_event_problems(domain.unknown_customer_problems(
                     customer_ids, outcome.missing_customers))
+            # Dynamic-bonus automation rules count the events just stored (storage/bonuses.py).
+            bonus_jobs.extend(await bonuses_repo.on_events_recorded(
+                conn, {e.kind for e in events}, [e.external_id for e in events],
+                now=self._clock.now(), default_window=self._bonus_window()))
             return pb.RecordEventsResponse(
                 inserted_count=outcome.inserted, duplicate_count=outcome.duplicates,
                 created_customer_count=outcome.created_customers).SerializeToString()
 
+        bonus_jobs: list[tuple[int, datetime]] = []
         raw = await run_request_once(self._pool, "RecordEvents", request, work)
+        if self._deps is not None:
+            for job_id, due in bonus_jobs:
+                await queue_after_commit(self._deps.redis, job_id=job_id, due_at=due,
+                                         queue_name=self._deps.queue_name)
         return pb.RecordEventsResponse.FromString(raw)
+
+    def _bonus_window(self) -> int:
+        settings = self._deps.settings if self._deps else None
+        return settings.bonus_batch_window_seconds if settings else 300
 
     async def ListCustomerEvents(self, request: pb.ListCustomerEventsRequest,
                                  context: aio.ServicerContext) -> pb.ListCustomerEventsResponse:
@@ -207,5 +223,5 @@ def _check_customer_id(customer_id: str) -> None:
 
 
 def register(server: aio.Server, deps: Dependencies) -> None:
-    pb_grpc.add_CustomerServiceServicer_to_server(CustomerServicer(deps.pool, deps.clock),
-                                                  server)
+    pb_grpc.add_CustomerServiceServicer_to_server(
+        CustomerServicer(deps.pool, deps.clock, deps), server)

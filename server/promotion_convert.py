@@ -11,6 +11,7 @@ from core.catalogue.promotions import (
     RewardKind,
     Tier,
 )
+from core.codes import AlertThreshold, CodeType, Inventory
 from core.errors import InvalidArgument
 from core.money import format_decimal, parse_decimal
 from promo.v1 import promotions_pb2 as pb
@@ -32,6 +33,28 @@ ROUNDING_TO_PB = {"NONE": pb.ROUNDING_MODE_NONE, "ROUND": pb.ROUNDING_MODE_ROUND
                   "ROUND_DOWN": pb.ROUNDING_MODE_ROUND_DOWN,
                   "MROUND": pb.ROUNDING_MODE_MROUND}
 ROUNDING_FROM_PB = {v: k for k, v in ROUNDING_TO_PB.items()}
+CODE_TYPE_TO_PB = {CodeType.PROMOTION_CODE: pb.CODE_TYPE_PROMOTION_CODE,
+                   CodeType.PERSONALIZED: pb.CODE_TYPE_PERSONALIZED}
+CODE_TYPE_FROM_PB = {v: k for k, v in CODE_TYPE_TO_PB.items()}
+
+
+def _threshold_from_pb(index: int, message: pb.CodeAlertThreshold) -> AlertThreshold:
+    which = message.WhichOneof("level")
+    if which == "remaining_codes":
+        return AlertThreshold(remaining_codes=message.remaining_codes)
+    if which == "remaining_percent":
+        percent = parse_decimal(message.remaining_percent,
+                                field=f"code_alerts[{index}].remaining_percent")
+        return AlertThreshold(remaining_percent=percent)
+    raise InvalidArgument(f"code_alerts[{index}] sets neither remaining_codes nor "
+                          "remaining_percent", reason="INVALID_CODE_SETTINGS",
+                          metadata={"field": f"code_alerts[{index}]"})
+
+
+def threshold_to_pb(threshold: AlertThreshold) -> pb.CodeAlertThreshold:
+    if threshold.remaining_codes is not None:
+        return pb.CodeAlertThreshold(remaining_codes=threshold.remaining_codes)
+    return pb.CodeAlertThreshold(remaining_percent=format_decimal(threshold.remaining_percent))
 
 
 def _enum(value: int, table: dict[int, object], field: str, names: str) -> object:
@@ -69,11 +92,19 @@ def promotion_from_pb(message: pb.Promotion) -> Promotion:
         limit = parse_decimal(cap.limit, field=f"budget_caps[{index}].limit")
         assert limit is not None
         caps.append(BudgetCap(cap.reward_type, period, limit))
+    code_type = CodeType.PROMOTION_CODE
+    if message.code_type:
+        found = _enum(message.code_type, CODE_TYPE_FROM_PB, "code_type",
+                      "CODE_TYPE_PROMOTION_CODE, CODE_TYPE_PERSONALIZED")
+        assert isinstance(found, CodeType)
+        code_type = found
     return Promotion(
         code=message.promotion_code, name=message.name, description=message.description,
         properties=dict(message.properties), time_zone=message.time_zone or "UTC",
         rewards=tuple(reward_from_pb(i, r) for i, r in enumerate(message.rewards)),
-        customer_cap=message.customer_cap or None, budget_caps=tuple(caps))
+        customer_cap=message.customer_cap or None, budget_caps=tuple(caps),
+        code_type=code_type, fallback_code=message.fallback_code.strip(),
+        code_alerts=tuple(_threshold_from_pb(i, t) for i, t in enumerate(message.code_alerts)))
 
 
 def reward_to_pb(reward: PromotionReward) -> pb.PromotionReward:
@@ -96,9 +127,17 @@ def promotion_to_pb(promotion: Promotion) -> pb.Promotion:
         budget_caps=[pb.BudgetCap(reward_type=c.reward_type, period=PERIOD_TO_PB[c.period],
                                   limit=format_decimal(c.limit))
                      for c in promotion.budget_caps],
+        code_type=CODE_TYPE_TO_PB[promotion.code_type], fallback_code=promotion.fallback_code,
+        code_alerts=[threshold_to_pb(t) for t in promotion.code_alerts],
         version=promotion.version)
     if promotion.create_time:
         message.create_time.FromDatetime(promotion.create_time)
     if promotion.update_time:
         message.update_time.FromDatetime(promotion.update_time)
     return message
+
+
+def inventory_to_pb(inventory: Inventory) -> pb.CodeInventory:
+    return pb.CodeInventory(total=inventory.total, used=inventory.used,
+                            available=inventory.available,
+                            fallback_grants=inventory.fallback_grants)

@@ -16,21 +16,25 @@ from core.catalogue import promotions as domain
 from core.catalogue.promotions import CapPeriod, Promotion, PromotionStatus
 from core.catalogue.reward_types import RewardType
 from core.clock import Clock
+from core.codes import CodeType
 from core.errors import InvalidArgument
 from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from core.reward_formulas import compile_rewards, stored_forms
 from promo.v1 import promotions_pb2 as pb
 from promo.v1 import promotions_pb2_grpc as pb_grpc
+from server.code_alerts import AlertDispatcher
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import (
     KIND_FROM_PB,
     PERIOD_TO_PB,
     STATUS_FROM_PB,
+    inventory_to_pb,
     promotion_from_pb,
     promotion_to_pb,
 )
+from storage import code_pools
 from storage import promotions as repo
 from storage import reward_types as reward_types_repo
 from storage.promotions import StoredPromotion
@@ -39,12 +43,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PromotionService"].full_name
 ROLES = {f"/{SERVICE_NAME}/{m.name}": {"admin"}
          for m in pb.DESCRIPTOR.services_by_name["PromotionService"].methods}
 UPDATABLE = frozenset({"name", "description", "properties", "time_zone", "rewards",
-                       "customer_cap", "budget_caps"})
+                       "customer_cap", "budget_caps", "code_type", "fallback_code",
+                       "code_alerts"})
 _AVAILABILITY_TO_PB = {"AVAILABLE": pb.AVAILABILITY_AVAILABLE,
                        "NOT_ACTIVE": pb.AVAILABILITY_NOT_ACTIVE,
                        "CAPPED_FOR_PERIOD": pb.AVAILABILITY_CAPPED_FOR_PERIOD,
                        "BUDGET_EXHAUSTED": pb.AVAILABILITY_BUDGET_EXHAUSTED,
-                       "CUSTOMER_CAP_REACHED": pb.AVAILABILITY_CUSTOMER_CAP_REACHED}
+                       "CUSTOMER_CAP_REACHED": pb.AVAILABILITY_CUSTOMER_CAP_REACHED,
+                       "OUT_OF_CODES": pb.AVAILABILITY_OUT_OF_CODES}
 
 
 async def _reward_types(conn: asyncpg.Connection, promotion: Promotion) -> dict[str, RewardType]:
@@ -61,7 +67,13 @@ async def with_usage(conn: asyncpg.Connection, stored: StoredPromotion,
     used = {key: (row.used, row.grants) for key, row in rows.items()}
     states = cap_states(promotion, now, used)
     message = promotion_to_pb(promotion)
-    message.availability = _AVAILABILITY_TO_PB[availability(promotion, states).value]
+    codes = await code_pools.inventory(conn, stored.id) \
+        if promotion.code_type is CodeType.PERSONALIZED else None
+    if codes is not None:
+        message.code_inventory.CopyFrom(inventory_to_pb(codes))
+        message.fallback_active = codes.available == 0 and bool(promotion.fallback_code)
+    message.availability = _AVAILABILITY_TO_PB[availability(
+        promotion, states, codes_available=None if codes is None else codes.available).value]
     message.customers = await repo.live_customers(conn, stored.id)
     for state in states:
         usage = message.cap_usage.add(scope=state.scope, period=PERIOD_TO_PB[state.period],
@@ -76,9 +88,10 @@ async def with_usage(conn: asyncpg.Connection, stored: StoredPromotion,
 
 
 class PromotionServicer(pb_grpc.PromotionServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, clock: Clock) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Clock, alerts: AlertDispatcher) -> None:
         self._pool = pool
         self._clock = clock
+        self._alerts = alerts
 
     async def _once(self, scope: str, request: Message,
                     work: Callable[[asyncpg.Connection], Awaitable[pb.Promotion]],
@@ -90,6 +103,13 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
         raw = await run_request_once(self._pool, scope, request, run)
         return response_type.FromString(raw)
 
+    async def _sync_codes(self, conn: asyncpg.Connection, stored: StoredPromotion,
+                          raised: list[int]) -> None:
+        """A PERSONALIZED promotion's pool follows its settings; an alert this raises (a new
+        threshold already breached) is dispatched after commit."""
+        raised.append(await code_pools.sync_pool(conn, stored.id, stored.promotion,
+                                                 self._clock.now()))
+
     async def CreatePromotion(self, request: pb.CreatePromotionRequest,
                               context: aio.ServicerContext) -> pb.CreatePromotionResponse:
         draft = promotion_from_pb(request.promotion)
@@ -99,10 +119,14 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             promotion = domain.validate_promotion(draft, await _reward_types(conn, draft))
             stored = await repo.insert(conn, replace(promotion, status=status),
                                        formulas=stored_forms(compile_rewards(promotion)))
+            await self._sync_codes(conn, stored, raised)
             return await with_usage(conn, stored, self._clock.now())
 
+        raised: list[int] = []
         response = await self._once("CreatePromotion", request, work,
                                     pb.CreatePromotionResponse)
+        if any(raised):
+            self._alerts.dispatch_soon()
         assert isinstance(response, pb.CreatePromotionResponse)
         return response
 
@@ -157,10 +181,14 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             promotion = domain.validate_promotion(merged, await _reward_types(conn, merged))
             saved = await repo.save(conn, stored.id, promotion,
                                     formulas=stored_forms(compile_rewards(promotion)))
+            await self._sync_codes(conn, saved, raised)
             return await with_usage(conn, saved, self._clock.now())
 
+        raised: list[int] = []
         response = await self._once("UpdatePromotion", request, work,
                                     pb.UpdatePromotionResponse)
+        if any(raised):
+            self._alerts.dispatch_soon()
         assert isinstance(response, pb.UpdatePromotionResponse)
         return response
 
@@ -220,5 +248,5 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
 
 
 def register(server: aio.Server, deps: Dependencies) -> None:
-    pb_grpc.add_PromotionServiceServicer_to_server(PromotionServicer(deps.pool, deps.clock),
-                                                   server)
+    pb_grpc.add_PromotionServiceServicer_to_server(
+        PromotionServicer(deps.pool, deps.clock, AlertDispatcher(deps)), server)

@@ -17,6 +17,7 @@ from grpc import aio
 from core.caps import LIFETIME_START
 from core.catalogue.promotions import RewardKind
 from core.clock import Clock
+from core.codes import CodeType
 from core.errors import Aborted, InvalidArgument, NotFound
 from core.money import parse_decimal
 from core.reward_formulas import evaluate_reward
@@ -24,8 +25,10 @@ from core.rewards import Denial, charges_for, decide_values
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import rewards_pb2 as pb
 from promo.v1 import rewards_pb2_grpc as pb_grpc
+from server.code_alerts import AlertDispatcher
 from server.convert import timestamp
 from server.deps import Dependencies
+from server.metrics import observe_reward
 from server.promotion_cache import CachedPromotion, PromotionCache
 from server.promotion_convert import KIND_TO_PB, PERIOD_TO_PB
 from storage import aggregates as aggregates_repo
@@ -44,7 +47,8 @@ _DENIALS = {"NOT_ACTIVE": pb.DENIAL_REASON_NOT_ACTIVE,
             "CUSTOMER_CAP_REACHED": pb.DENIAL_REASON_CUSTOMER_CAP_REACHED,
             "BUDGET_CAP_REACHED": pb.DENIAL_REASON_BUDGET_CAP_REACHED,
             "NOT_ELIGIBLE": pb.DENIAL_REASON_NOT_ELIGIBLE,
-            "BELOW_MINIMUM": pb.DENIAL_REASON_BELOW_MINIMUM}
+            "BELOW_MINIMUM": pb.DENIAL_REASON_BELOW_MINIMUM,
+            "OUT_OF_CODES": pb.DENIAL_REASON_OUT_OF_CODES}
 _PERIODS = {p.value: v for p, v in PERIOD_TO_PB.items()}
 
 
@@ -63,10 +67,12 @@ def _parse_grant_id(value: str) -> int:
 
 
 class RewardServicer(pb_grpc.RewardServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, clock: Clock, cache: PromotionCache) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Clock, cache: PromotionCache,
+                 alerts: AlertDispatcher) -> None:
         self._pool = pool
         self._clock = clock
         self._cache = cache
+        self._alerts = alerts
 
     async def GetReward(self, request: pb.GetRewardRequest,
                         context: aio.ServicerContext) -> pb.GetRewardResponse:
@@ -85,11 +91,11 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             cached = await self._cache.get(request.promotion_code)
             outcome = await self._grant(cached, request, external)
             if isinstance(outcome, pb.GetRewardResponse):
-                return outcome
+                return observe_reward(outcome)
             if outcome.outcome == "STALE":
                 self._cache.invalidate(request.promotion_code)
                 continue
-            return self._answer(cached, request, outcome)
+            return observe_reward(self._answer(cached, request, outcome))
         raise Aborted("the promotion changed repeatedly during this call; retry it",
                       reason="CONFIG_CHANGING")
 
@@ -134,7 +140,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 customer_id=request.customer_id, campaign_key=request.campaign_id,
                 request_id=request.request_id, rewards=rewards, promo_code=promotion.code,
                 now=now, customer_cap=promotion.customer_cap,
-                customers_start=LIFETIME_START, charges=charges)
+                customers_start=LIFETIME_START, charges=charges,
+                personalized=promotion.code_type is CodeType.PERSONALIZED,
+                fallback_code=promotion.fallback_code)
 
     async def _computed(self, cached: CachedPromotion,
                         request: pb.GetRewardRequest) -> dict[str, Decimal | Denial]:
@@ -168,6 +176,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             raise NotFound(f"no promotion with code {request.promotion_code!r}",
                            reason="PROMOTION_NOT_FOUND",
                            metadata={"promotion_code": request.promotion_code})
+        if outcome.alert:
+            self._alerts.dispatch_soon()
         if outcome.outcome in ("GRANTED", "EXISTING"):
             assert outcome.grant_id is not None and outcome.rewards is not None
             grant = pb.Grant(
@@ -175,7 +185,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 customer_id=request.customer_id, campaign_id=request.campaign_id,
                 promo_code=outcome.promo_code or promotion.code,
                 properties=dict(promotion.properties), granted_at=timestamp(outcome.granted_at),
-                revoked=outcome.grant_status == "REVOKED")
+                revoked=outcome.grant_status == "REVOKED", fallback_code=outcome.fallback)
             for reward in outcome.rewards:
                 reward_type = cached.reward_types.get(reward["reward_type"])
                 grant.rewards.add(
@@ -201,6 +211,12 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                                f"would be exceeded",
                 denied_scope=outcome.denied_scope or "",
                 denied_period=_PERIODS.get(period, ppb.CAP_PERIOD_UNSPECIFIED))
+        if outcome.outcome == "OUT_OF_CODES":
+            return pb.GetRewardResponse(
+                denial_reason=pb.DENIAL_REASON_OUT_OF_CODES,
+                denial_message=f"promotion {promotion.code} has handed out every personalized "
+                               "code and has no fallback code; it resumes when codes are "
+                               "uploaded")
         raise RuntimeError(f"unexpected grant outcome {outcome.outcome}")
 
     async def RevokeGrant(self, request: pb.RevokeGrantRequest,
@@ -222,5 +238,5 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
 def register(server: aio.Server, deps: Dependencies) -> None:
     cache = PromotionCache(deps.pool)
-    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(deps.pool, deps.clock, cache),
-                                                server)
+    servicer = RewardServicer(deps.pool, deps.clock, cache, AlertDispatcher(deps))
+    pb_grpc.add_RewardServiceServicer_to_server(servicer, server)

@@ -21,10 +21,12 @@ from core.catalogue.promotions import (
     RewardKind,
     Tier,
 )
+from core.codes import AlertThreshold, CodeType
 from core.errors import AlreadyExists, NotFound
 
 _COLUMNS = ("id, code, name, description, properties, status, time_zone, customer_cap, rewards, "
-            "budget_caps, version, create_time, update_time, formulas")
+            "budget_caps, version, create_time, update_time, formulas, code_type, fallback_code, "
+            "code_alerts")
 
 
 def _dec(value: Decimal | None) -> str | None:
@@ -56,6 +58,18 @@ def reward_from_json(data: dict[str, Any]) -> PromotionReward:
         max_value=_undec(data.get("max_value")))
 
 
+def _threshold_to_json(threshold: AlertThreshold) -> dict[str, Any]:
+    if threshold.remaining_codes is not None:
+        return {"remaining_codes": threshold.remaining_codes}
+    return {"remaining_percent": str(threshold.remaining_percent)}
+
+
+def _threshold_from_json(data: dict[str, Any]) -> AlertThreshold:
+    if "remaining_codes" in data:
+        return AlertThreshold(remaining_codes=int(data["remaining_codes"]))
+    return AlertThreshold(remaining_percent=Decimal(data["remaining_percent"]))
+
+
 def _cap_to_json(cap: BudgetCap) -> dict[str, Any]:
     return {"reward_type": cap.reward_type, "period": cap.period.value, "limit": str(cap.limit)}
 
@@ -81,8 +95,15 @@ def _from_row(row: asyncpg.Record) -> StoredPromotion:
         rewards=tuple(reward_from_json(r) for r in row["rewards"]),
         customer_cap=row["customer_cap"],
         budget_caps=tuple(_cap_from_json(c) for c in row["budget_caps"]),
+        code_type=CodeType(row["code_type"]), fallback_code=row["fallback_code"],
+        code_alerts=tuple(_threshold_from_json(t) for t in row["code_alerts"]),
         version=row["version"], create_time=row["create_time"], update_time=row["update_time"]),
         formulas=dict(row["formulas"]))
+
+
+def _code_settings(promotion: Promotion) -> tuple[str, str, list[dict[str, Any]]]:
+    return (promotion.code_type.value, promotion.fallback_code,
+            [_threshold_to_json(t) for t in promotion.code_alerts])
 
 
 def _kinds(promotion: Promotion) -> list[str]:
@@ -96,12 +117,14 @@ async def insert(conn: asyncpg.Connection, promotion: Promotion, *,
         row = await conn.fetchrow(
             f"""INSERT INTO promotions (code, name, description, properties, status, time_zone,
                                         customer_cap, rewards, budget_caps, reward_kinds,
-                                        formulas)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {_COLUMNS}""",
+                                        formulas, code_type, fallback_code, code_alerts)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             RETURNING {_COLUMNS}""",
             promotion.code, promotion.name, promotion.description, dict(promotion.properties),
             promotion.status.value, promotion.time_zone, promotion.customer_cap,
             [reward_to_json(r) for r in promotion.rewards],
-            [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion), dict(formulas))
+            [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion), dict(formulas),
+            *_code_settings(promotion))
     except asyncpg.UniqueViolationError as exc:
         raise AlreadyExists(f"a promotion with code {promotion.code!r} already exists",
                             reason="PROMOTION_EXISTS",
@@ -133,14 +156,15 @@ async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion, *
     row = await conn.fetchrow(
         f"""UPDATE promotions SET name = $2, description = $3, properties = $4, status = $5,
                    time_zone = $6, customer_cap = $7, rewards = $8, budget_caps = $9,
-                   reward_kinds = $10, formulas = coalesce($11, formulas),
+                   reward_kinds = $10, formulas = coalesce($11, formulas), code_type = $12,
+                   fallback_code = $13, code_alerts = $14,
                    version = version + 1, update_time = now()
              WHERE id = $1 RETURNING {_COLUMNS}""",
         stored_id, promotion.name, promotion.description, dict(promotion.properties),
         promotion.status.value, promotion.time_zone, promotion.customer_cap,
         [reward_to_json(r) for r in promotion.rewards],
         [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion),
-        None if formulas is None else dict(formulas))
+        None if formulas is None else dict(formulas), *_code_settings(promotion))
     assert row is not None
     if promotion.customer_cap is not None:
         # A cap added later starts from the customers already holding a live grant.
@@ -222,6 +246,8 @@ class GrantOutcome:
     granted_at: datetime | None = None
     denied_scope: str | None = None
     denied_period: str | None = None
+    alert: bool = False      # the grant raised a code-pool alert: dispatch it
+    fallback: bool = False   # promo_code is the fallback code (the pool was empty)
 
 
 CAP_ERROR_SQLSTATE = "PC001"
@@ -230,20 +256,23 @@ CAP_ERROR_SQLSTATE = "PC001"
 async def grant(conn: asyncpg.Connection, *, promotion_id: int, version: int, customer_id: str,
                 campaign_key: str, request_id: str, rewards: list[dict[str, Any]],
                 promo_code: str, now: datetime, customer_cap: int | None,
-                customers_start: datetime, charges: Sequence[GrantCharge]) -> GrantOutcome:
+                customers_start: datetime, charges: Sequence[GrantCharge],
+                personalized: bool = False, fallback_code: str = "") -> GrantOutcome:
     """One round trip: the promo_grant function, all or nothing.
 
     The rewards travel as JSON text (``$6::text::jsonb``), serialised once here; a new grant
-    comes back as its id alone, since this call already holds what it sent."""
+    comes back as its id (and, for a PERSONALIZED promotion, its code) alone, since this call
+    already holds what it sent."""
     try:
         row = await conn.fetchrow(
             "SELECT * FROM promo_grant($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11,"
-            " $12, $13, $14, $15)",
+            " $12, $13, $14, $15, $16, $17)",
             promotion_id, version, customer_id, campaign_key, request_id,
             json.dumps(rewards, separators=(",", ":")), promo_code,
             now, customer_cap, customers_start, [c.scope for c in charges],
             [c.period for c in charges], [c.start for c in charges],
-            [c.amount for c in charges], [c.limit for c in charges])
+            [c.amount for c in charges], [c.limit for c in charges], personalized,
+            fallback_code)
     except asyncpg.PostgresError as exc:
         if getattr(exc, "sqlstate", None) != CAP_ERROR_SQLSTATE:
             raise
@@ -252,10 +281,14 @@ async def grant(conn: asyncpg.Connection, *, promotion_id: int, version: int, cu
     assert row is not None
     if row["outcome"] == "GRANTED":
         return GrantOutcome(outcome="GRANTED", grant_id=row["grant_id"], grant_status="GRANTED",
-                            rewards=rewards, promo_code=promo_code, granted_at=now)
+                            rewards=rewards, promo_code=row["promo_code"] or promo_code,
+                            granted_at=now, alert=row["alert"],
+                            fallback=personalized and row["promo_code"] == fallback_code)
     return GrantOutcome(outcome=row["outcome"], grant_id=row["grant_id"],
                         grant_status=row["grant_status"], rewards=row["rewards"],
-                        promo_code=row["promo_code"], granted_at=row["granted_at"])
+                        promo_code=row["promo_code"], granted_at=row["granted_at"],
+                        fallback=personalized and bool(fallback_code)
+                        and row["promo_code"] == fallback_code)
 
 
 async def find_existing(conn: asyncpg.Connection, *, promotion_id: int, customer_id: str,

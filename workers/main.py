@@ -21,7 +21,9 @@ from core.clock import Clock, SystemClock
 from storage.db import create_pool
 from storage.migrate import migrate
 from storage.queue import OUTBOX_JOB_FUNCTION
+from workers import bonuses as _bonuses  # noqa: F401  registers bonus.batch + purge
 from workers import campaigns as _campaigns  # noqa: F401  registers campaign.notify/execute
+from workers import codes as _codes  # noqa: F401  dispatches pending code pool alerts
 from workers import webhooks  # registers the webhook.deliver handler
 from workers.outbox import run_outbox_job, sweep_once
 

@@ -51,7 +51,7 @@ from core.webhook_signature import (
 from storage import webhooks as repo
 from storage.outbox import OutboxJob
 from storage.queue import queue_outbox_job
-from workers import email
+from workers import email, metrics
 from workers.outbox import JobAlreadyRunning, backoff_seconds, job_lease
 from workers.registry import PermanentJobError, handler
 
@@ -577,6 +577,7 @@ async def _complete(ctx: dict[str, Any], chunk: _Chunk, start_by: float) -> None
             await repo.finish_batch(conn, now=clock.now(), results=chunk.results,
                                     closings=chunk.closings)
     await _queue_retries(ctx, chunk.results)
+    metrics.record_deliveries(chunk.results, chunk.closings)
 
 
 @handler(repo.DELIVER_KIND)
@@ -621,6 +622,7 @@ async def deliver(ctx: dict[str, Any], job: OutboxJob) -> None:
         raise
     finally:
         _log_batch(job, chunks, began)
+        metrics.record_batch(sum(len(c.claimed) for c in chunks), time.monotonic() - began)
 
     finished: list[repo.AttemptResult | repo.Closing] = [*first.results, *first.closings]
     own = next((r for r in finished if r.work.own), None)

@@ -16,6 +16,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from core.catalogue.reward_types import RewardCategory, RewardType
+from core.codes import AlertThreshold, CodeType, validate_code_settings
 from core.errors import FailedPrecondition, InvalidArgument
 
 CODE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -99,6 +100,10 @@ class Promotion:
     rewards: tuple[PromotionReward, ...] = ()
     customer_cap: int | None = None
     budget_caps: tuple[BudgetCap, ...] = ()
+    # The promo code customers get: the promotion code, or one from a pool of unique codes.
+    code_type: CodeType = CodeType.PROMOTION_CODE
+    fallback_code: str = ""                       # PERSONALIZED: given once the pool is empty
+    code_alerts: tuple[AlertThreshold, ...] = ()  # PERSONALIZED: low-inventory alerts
     version: int = 1
     create_time: datetime | None = None
     update_time: datetime | None = None
@@ -216,6 +221,7 @@ def validate_promotion(promotion: Promotion,
             raise _bad(f"{where}: {cap.reward_type} already has a {cap.period.value} cap",
                        "DUPLICATE_CAP", where)
         seen_caps.add((cap.reward_type, cap.period))
+    validate_code_settings(promotion.code_type, promotion.fallback_code, promotion.code_alerts)
     return replace(promotion, name=name, rewards=rewards)
 
 

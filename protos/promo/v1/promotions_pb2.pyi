@@ -112,6 +112,10 @@ class _AvailabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Availabi
     """A lifetime budget cap is reached: no more grants."""
     AVAILABILITY_CUSTOMER_CAP_REACHED: _Availability.ValueType  # 5
     """The customer cap is reached: no new customers."""
+    AVAILABILITY_OUT_OF_CODES: _Availability.ValueType  # 6
+    """A PERSONALIZED promotion without a fallback code has handed out every code: paused until
+    an upload adds codes.
+    """
 
 class Availability(_Availability, metaclass=_AvailabilityEnumTypeWrapper):
     """Availability summarises whether the promotion can grant right now."""
@@ -127,7 +131,33 @@ AVAILABILITY_BUDGET_EXHAUSTED: Availability.ValueType  # 4
 """A lifetime budget cap is reached: no more grants."""
 AVAILABILITY_CUSTOMER_CAP_REACHED: Availability.ValueType  # 5
 """The customer cap is reached: no new customers."""
+AVAILABILITY_OUT_OF_CODES: Availability.ValueType  # 6
+"""A PERSONALIZED promotion without a fallback code has handed out every code: paused until
+an upload adds codes.
+"""
 Global___Availability: _TypeAlias = Availability  # noqa: Y015
+
+class _CodeType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CodeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CodeType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CODE_TYPE_UNSPECIFIED: _CodeType.ValueType  # 0
+    CODE_TYPE_PROMOTION_CODE: _CodeType.ValueType  # 1
+    """The promotion code itself (the default)."""
+    CODE_TYPE_PERSONALIZED: _CodeType.ValueType  # 2
+    """A unique one-time code from the promotion's pool (CodePoolService.UploadCodes)."""
+
+class CodeType(_CodeType, metaclass=_CodeTypeEnumTypeWrapper):
+    """CodeType is the promo code customers get with a reward."""
+
+CODE_TYPE_UNSPECIFIED: CodeType.ValueType  # 0
+CODE_TYPE_PROMOTION_CODE: CodeType.ValueType  # 1
+"""The promotion code itself (the default)."""
+CODE_TYPE_PERSONALIZED: CodeType.ValueType  # 2
+"""A unique one-time code from the promotion's pool (CodePoolService.UploadCodes)."""
+Global___CodeType: _TypeAlias = CodeType  # noqa: Y015
 
 class _RoundingMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -162,6 +192,68 @@ ROUNDING_MODE_ROUND_DOWN: RoundingMode.ValueType  # 4
 ROUNDING_MODE_MROUND: RoundingMode.ValueType  # 5
 """Nearest multiple of rounding_factor (MROUND(34.75, 0.1) = 34.8)."""
 Global___RoundingMode: _TypeAlias = RoundingMode  # noqa: Y015
+
+@_typing.final
+class CodeAlertThreshold(_message.Message):
+    """CodeAlertThreshold alerts listeners (CODE_POOL_THRESHOLD events) once when the remaining codes
+    fall to an absolute number or a percentage of the pool; an upload that lifts the remaining
+    codes above it again re-arms it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMAINING_CODES_FIELD_NUMBER: _builtins.int
+    REMAINING_PERCENT_FIELD_NUMBER: _builtins.int
+    remaining_codes: _builtins.int
+    """Alert when this many codes (or fewer) remain."""
+    remaining_percent: _builtins.str
+    """Alert when this percentage of the pool's total (or less) remains, e.g. "10"."""
+    def __init__(
+        self,
+        *,
+        remaining_codes: _builtins.int = ...,
+        remaining_percent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "remaining_codes", b"remaining_codes", "remaining_percent", b"remaining_percent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "remaining_codes", b"remaining_codes", "remaining_percent", b"remaining_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_level: _TypeAlias = _typing.Literal["remaining_codes", "remaining_percent"]  # noqa: Y015
+    _WhichOneofArgType_level: _TypeAlias = _typing.Literal["level", b"level"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_level) -> _WhichOneofReturnType_level | None: ...
+
+Global___CodeAlertThreshold: _TypeAlias = CodeAlertThreshold  # noqa: Y015
+
+@_typing.final
+class CodeInventory(_message.Message):
+    """CodeInventory is a PERSONALIZED promotion's pool, as the lobby shows it ("43/100")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    FALLBACK_GRANTS_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    used: _builtins.int
+    available: _builtins.int
+    fallback_grants: _builtins.int
+    """Grants that got the fallback code because the pool was empty."""
+    def __init__(
+        self,
+        *,
+        total: _builtins.int = ...,
+        used: _builtins.int = ...,
+        available: _builtins.int = ...,
+        fallback_grants: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "fallback_grants", b"fallback_grants", "total", b"total", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodeInventory: _TypeAlias = CodeInventory  # noqa: Y015
 
 @_typing.final
 class Tier(_message.Message):
@@ -372,6 +464,11 @@ class Promotion(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CODE_TYPE_FIELD_NUMBER: _builtins.int
+    FALLBACK_CODE_FIELD_NUMBER: _builtins.int
+    CODE_ALERTS_FIELD_NUMBER: _builtins.int
+    CODE_INVENTORY_FIELD_NUMBER: _builtins.int
+    FALLBACK_ACTIVE_FIELD_NUMBER: _builtins.int
     promotion_code: _builtins.str
     """Unique identifier in the promotion system; also the code shown to customers. Never changes."""
     name: _builtins.str
@@ -388,6 +485,14 @@ class Promotion(_message.Message):
     """Output only: unique customers with a live grant."""
     version: _builtins.int
     """Output only: increases with every change."""
+    code_type: Global___CodeType.ValueType
+    """PROMOTION_CODE (default) or PERSONALIZED."""
+    fallback_code: _builtins.str
+    """PERSONALIZED: the code handed out once the pool is empty; empty means the promotion pauses
+    (OUT_OF_CODES) until codes are uploaded.
+    """
+    fallback_active: _builtins.bool
+    """Output only: the pool is empty and the fallback code is being handed out ("default code on")."""
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Returned to the promotion system with every reward."""
@@ -408,6 +513,14 @@ class Promotion(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
+    @_builtins.property
+    def code_alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CodeAlertThreshold]:
+        """PERSONALIZED: low-inventory alerts (an empty pool always alerts, CODE_POOL_DEPLETED)."""
+
+    @_builtins.property
+    def code_inventory(self) -> Global___CodeInventory:
+        """Output only, PERSONALIZED: the pool's numbers."""
+
     def __init__(
         self,
         *,
@@ -426,10 +539,15 @@ class Promotion(_message.Message):
         version: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        code_type: Global___CodeType.ValueType = ...,
+        fallback_code: _builtins.str = ...,
+        code_alerts: _abc.Iterable[Global___CodeAlertThreshold] | None = ...,
+        code_inventory: Global___CodeInventory | None = ...,
+        fallback_active: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_inventory", b"code_inventory", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability", b"availability", "budget_caps", b"budget_caps", "cap_usage", b"cap_usage", "create_time", b"create_time", "customer_cap", b"customer_cap", "customers", b"customers", "description", b"description", "name", b"name", "promotion_code", b"promotion_code", "properties", b"properties", "rewards", b"rewards", "status", b"status", "time_zone", b"time_zone", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability", b"availability", "budget_caps", b"budget_caps", "cap_usage", b"cap_usage", "code_alerts", b"code_alerts", "code_inventory", b"code_inventory", "code_type", b"code_type", "create_time", b"create_time", "customer_cap", b"customer_cap", "customers", b"customers", "description", b"description", "fallback_active", b"fallback_active", "fallback_code", b"fallback_code", "name", b"name", "promotion_code", b"promotion_code", "properties", b"properties", "rewards", b"rewards", "status", b"status", "time_zone", b"time_zone", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from promo.v1 import promotions_pb2 as promo_dot_v1_dot_promotions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16promo/v1/rewards.proto\x12\x08promo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19promo/v1/promotions.proto\"\xd2\x02\n\x10GetRewardRequest\x12\x16\n\x0epromotion_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x04 \x01(\t\x12\x38\n\x07\x63ontext\x18\x05 \x03(\x0b\x32\'.promo.v1.GetRewardRequest.ContextEntry\x12G\n\x0f\x65xternal_values\x18\x06 \x03(\x0b\x32..promo.v1.GetRewardRequest.ExternalValuesEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13\x45xternalValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\rGrantedReward\x12\x13\n\x0breward_type\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.promo.v1.RewardKind\x12\r\n\x05value\x18\x04 \x01(\t\"\xc2\x02\n\x05Grant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x16\n\x0epromotion_code\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x04 \x01(\t\x12(\n\x07rewards\x18\x05 \x03(\x0b\x32\x17.promo.v1.GrantedReward\x12\x12\n\npromo_code\x18\x06 \x01(\t\x12\x33\n\nproperties\x18\x07 \x03(\x0b\x32\x1f.promo.v1.Grant.PropertiesEntry\x12.\n\ngranted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\t \x01(\x08\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x11GetRewardResponse\x12\x1e\n\x05grant\x18\x01 \x01(\x0b\x32\x0f.promo.v1.Grant\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\x12-\n\rdenial_reason\x18\x03 \x01(\x0e\x32\x16.promo.v1.DenialReason\x12\x16\n\x0e\x64\x65nial_message\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65nied_scope\x18\x05 \x01(\t\x12*\n\rdenied_period\x18\x06 \x01(\x0e\x32\x13.promo.v1.CapPeriod\"J\n\x12RevokeGrantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\x13RevokeGrantResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08*\xda\x01\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45NIAL_REASON_NOT_ACTIVE\x10\x01\x12&\n\"DENIAL_REASON_CUSTOMER_CAP_REACHED\x10\x02\x12$\n DENIAL_REASON_BUDGET_CAP_REACHED\x10\x03\x12\x1e\n\x1a\x44\x45NIAL_REASON_NOT_ELIGIBLE\x10\x04\x12\x1f\n\x1b\x44\x45NIAL_REASON_BELOW_MINIMUM\x10\x05\x32\xa1\x01\n\rRewardService\x12\x44\n\tGetReward\x12\x1a.promo.v1.GetRewardRequest\x1a\x1b.promo.v1.GetRewardResponse\x12J\n\x0bRevokeGrant\x12\x1c.promo.v1.RevokeGrantRequest\x1a\x1d.promo.v1.RevokeGrantResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16promo/v1/rewards.proto\x12\x08promo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19promo/v1/promotions.proto\"\xd2\x02\n\x10GetRewardRequest\x12\x16\n\x0epromotion_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x04 \x01(\t\x12\x38\n\x07\x63ontext\x18\x05 \x03(\x0b\x32\'.promo.v1.GetRewardRequest.ContextEntry\x12G\n\x0f\x65xternal_values\x18\x06 \x03(\x0b\x32..promo.v1.GetRewardRequest.ExternalValuesEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13\x45xternalValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\rGrantedReward\x12\x13\n\x0breward_type\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.promo.v1.RewardKind\x12\r\n\x05value\x18\x04 \x01(\t\"\xd9\x02\n\x05Grant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x16\n\x0epromotion_code\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x04 \x01(\t\x12(\n\x07rewards\x18\x05 \x03(\x0b\x32\x17.promo.v1.GrantedReward\x12\x12\n\npromo_code\x18\x06 \x01(\t\x12\x33\n\nproperties\x18\x07 \x03(\x0b\x32\x1f.promo.v1.Grant.PropertiesEntry\x12.\n\ngranted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\t \x01(\x08\x12\x15\n\rfallback_code\x18\n \x01(\x08\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x11GetRewardResponse\x12\x1e\n\x05grant\x18\x01 \x01(\x0b\x32\x0f.promo.v1.Grant\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\x12-\n\rdenial_reason\x18\x03 \x01(\x0e\x32\x16.promo.v1.DenialReason\x12\x16\n\x0e\x64\x65nial_message\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65nied_scope\x18\x05 \x01(\t\x12*\n\rdenied_period\x18\x06 \x01(\x0e\x32\x13.promo.v1.CapPeriod\"J\n\x12RevokeGrantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\x13RevokeGrantResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08*\xfa\x01\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45NIAL_REASON_NOT_ACTIVE\x10\x01\x12&\n\"DENIAL_REASON_CUSTOMER_CAP_REACHED\x10\x02\x12$\n DENIAL_REASON_BUDGET_CAP_REACHED\x10\x03\x12\x1e\n\x1a\x44\x45NIAL_REASON_NOT_ELIGIBLE\x10\x04\x12\x1f\n\x1b\x44\x45NIAL_REASON_BELOW_MINIMUM\x10\x05\x12\x1e\n\x1a\x44\x45NIAL_REASON_OUT_OF_CODES\x10\x06\x32\xa1\x01\n\rRewardService\x12\x44\n\tGetReward\x12\x1a.promo.v1.GetRewardRequest\x1a\x1b.promo.v1.GetRewardResponse\x12J\n\x0bRevokeGrant\x12\x1c.promo.v1.RevokeGrantRequest\x1a\x1d.promo.v1.RevokeGrantResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREWARDREQUEST_EXTERNALVALUESENTRY']._serialized_options = b'8\001'
   _globals['_GRANT_PROPERTIESENTRY']._loaded_options = None
   _globals['_GRANT_PROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_DENIALREASON']._serialized_start=1199
-  _globals['_DENIALREASON']._serialized_end=1417
+  _globals['_DENIALREASON']._serialized_start=1222
+  _globals['_DENIALREASON']._serialized_end=1472
   _globals['_GETREWARDREQUEST']._serialized_start=97
   _globals['_GETREWARDREQUEST']._serialized_end=435
   _globals['_GETREWARDREQUEST_CONTEXTENTRY']._serialized_start=334
@@ -50,15 +50,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRANTEDREWARD']._serialized_start=437
   _globals['_GRANTEDREWARD']._serialized_end=546
   _globals['_GRANT']._serialized_start=549
-  _globals['_GRANT']._serialized_end=871
-  _globals['_GRANT_PROPERTIESENTRY']._serialized_start=822
-  _globals['_GRANT_PROPERTIESENTRY']._serialized_end=871
-  _globals['_GETREWARDRESPONSE']._serialized_start=874
-  _globals['_GETREWARDRESPONSE']._serialized_end=1080
-  _globals['_REVOKEGRANTREQUEST']._serialized_start=1082
-  _globals['_REVOKEGRANTREQUEST']._serialized_end=1156
-  _globals['_REVOKEGRANTRESPONSE']._serialized_start=1158
-  _globals['_REVOKEGRANTRESPONSE']._serialized_end=1196
-  _globals['_REWARDSERVICE']._serialized_start=1420
-  _globals['_REWARDSERVICE']._serialized_end=1581
+  _globals['_GRANT']._serialized_end=894
+  _globals['_GRANT_PROPERTIESENTRY']._serialized_start=845
+  _globals['_GRANT_PROPERTIESENTRY']._serialized_end=894
+  _globals['_GETREWARDRESPONSE']._serialized_start=897
+  _globals['_GETREWARDRESPONSE']._serialized_end=1103
+  _globals['_REVOKEGRANTREQUEST']._serialized_start=1105
+  _globals['_REVOKEGRANTREQUEST']._serialized_end=1179
+  _globals['_REVOKEGRANTRESPONSE']._serialized_start=1181
+  _globals['_REVOKEGRANTRESPONSE']._serialized_end=1219
+  _globals['_REWARDSERVICE']._serialized_start=1475
+  _globals['_REWARDSERVICE']._serialized_end=1636
 # @@protoc_insertion_point(module_scope)

@@ -38,6 +38,8 @@ class _DenialReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenialRe
     """No tier matched, the formula skipped, or the customer is not in the campaign's approved group."""
     DENIAL_REASON_BELOW_MINIMUM: _DenialReason.ValueType  # 5
     """The computed value is below the reward's minimum."""
+    DENIAL_REASON_OUT_OF_CODES: _DenialReason.ValueType  # 6
+    """A PERSONALIZED promotion without a fallback code has no code left to hand out."""
 
 class DenialReason(_DenialReason, metaclass=_DenialReasonEnumTypeWrapper):
     """DenialReason says why no reward was granted. A denial is an answer, not an error."""
@@ -53,6 +55,8 @@ DENIAL_REASON_NOT_ELIGIBLE: DenialReason.ValueType  # 4
 """No tier matched, the formula skipped, or the customer is not in the campaign's approved group."""
 DENIAL_REASON_BELOW_MINIMUM: DenialReason.ValueType  # 5
 """The computed value is below the reward's minimum."""
+DENIAL_REASON_OUT_OF_CODES: DenialReason.ValueType  # 6
+"""A PERSONALIZED promotion without a fallback code has no code left to hand out."""
 Global___DenialReason: _TypeAlias = DenialReason  # noqa: Y015
 
 @_typing.final
@@ -207,6 +211,7 @@ class Grant(_message.Message):
     PROPERTIES_FIELD_NUMBER: _builtins.int
     GRANTED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    FALLBACK_CODE_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
     """Identifies the grant, e.g. for RevokeGrant."""
     promotion_code: _builtins.str
@@ -216,6 +221,8 @@ class Grant(_message.Message):
     """The code to present to the customer: the promotion code, or a personalized code."""
     revoked: _builtins.bool
     """True when the grant has been revoked."""
+    fallback_code: _builtins.bool
+    """promo_code is the promotion's fallback code: its pool of personalized codes was empty."""
     @_builtins.property
     def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantedReward]: ...
     @_builtins.property
@@ -236,10 +243,11 @@ class Grant(_message.Message):
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         granted_at: _timestamp_pb2.Timestamp | None = ...,
         revoked: _builtins.bool = ...,
+        fallback_code: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["granted_at", b"granted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "customer_id", b"customer_id", "grant_id", b"grant_id", "granted_at", b"granted_at", "promo_code", b"promo_code", "promotion_code", b"promotion_code", "properties", b"properties", "revoked", b"revoked", "rewards", b"rewards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "customer_id", b"customer_id", "fallback_code", b"fallback_code", "grant_id", b"grant_id", "granted_at", b"granted_at", "promo_code", b"promo_code", "promotion_code", b"promotion_code", "properties", b"properties", "revoked", b"revoked", "rewards", b"rewards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,187 @@
+"""Dynamic reward definitions: a formula and everything that decides what its value becomes.
+
+A definition says what the formula gives (an amount, a bonus template, or points / gems /
+diamonds, points going to the balance, a leaderboard or level progress), how an amount is
+finished (rounding and decimals, then the cap, then the minimum: core.formula.evaluator's
+pipeline), which data it reads (transactions and properties over a period, or properties only,
+which has no period), whether results wait for an operator, and how long requests pile up
+before their batch runs. Everything is checked when saved, so a batch never meets a bad
+definition.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from core.bonuses.messages import validate_template
+from core.bonuses.windows import check_window_seconds
+from core.errors import InvalidArgument
+from core.formula import CompiledFormula, ResultOptions, compile_formula
+from core.periods import Period, period_from_dict, period_to_dict
+from core.rounding import RoundingMode
+
+DEFINITION_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
+MAX_DISPLAY_NAME = 200
+
+
+class ResultType(enum.Enum):
+    AMOUNT = "AMOUNT"
+    BONUS_TEMPLATE = "BONUS_TEMPLATE"
+    POINTS = "POINTS"
+    GEMS = "GEMS"
+    DIAMONDS = "DIAMONDS"
+
+
+class PointsTarget(enum.Enum):
+    BALANCE = "BALANCE"
+    LEADERBOARD = "LEADERBOARD"
+    LEVEL_PROGRESS = "LEVEL_PROGRESS"
+
+
+class DataMode(enum.Enum):
+    TRANSACTIONS_AND_PROPERTIES = "TRANSACTIONS_AND_PROPERTIES"
+    PROPERTIES_ONLY = "PROPERTIES_ONLY"
+
+
+class ApprovalMode(enum.Enum):
+    AUTOMATIC = "AUTOMATIC"
+    MANUAL = "MANUAL"
+
+
+MESSAGE_FIELDS = ("skipped_message", "calculated_message", "issued_message")
+UPDATABLE = ("display_name", "formula", "result_type", "points_target", "min_allowed",
+             "cap_amount", "rounding", "decimals", "rounding_factor", "data_mode", "period",
+             "approval_mode", "batch_window_seconds", *MESSAGE_FIELDS)
+# Fields whose change alters what a calculation gives (a new revision of the definition).
+CALCULATION_FIELDS = frozenset(UPDATABLE) - {"display_name", "approval_mode",
+                                             "batch_window_seconds", *MESSAGE_FIELDS}
+
+
+@dataclass(frozen=True)
+class BonusDefinition:
+    definition_id: str
+    display_name: str
+    formula: str
+    result_type: ResultType
+    points_target: PointsTarget | None
+    min_allowed: Decimal | None
+    cap_amount: Decimal | None
+    rounding: RoundingMode
+    decimals: int
+    rounding_factor: Decimal | None
+    data_mode: DataMode
+    period: Period | None
+    approval_mode: ApprovalMode
+    batch_window_seconds: int | None  # None: the deployment's default
+    skipped_message: str = ""
+    calculated_message: str = ""
+    issued_message: str = ""
+    revision: int = 1
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+
+    @property
+    def options(self) -> ResultOptions:
+        """The amount pipeline's settings (validated when the definition was)."""
+        return ResultOptions(rounding=self.rounding, decimals=self.decimals,
+                             factor=self.rounding_factor, cap_amount=self.cap_amount,
+                             min_allowed=self.min_allowed)
+
+    def period_dict(self) -> dict[str, object] | None:
+        return None if self.period is None else period_to_dict(self.period)
+
+
+def _bad(field: str, message: str, reason: str = "INVALID_BONUS_DEFINITION") -> InvalidArgument:
+    return InvalidArgument(f"{field}: {message}", reason=reason, metadata={"field": field})
+
+
+def compile_definition_formula(source: str) -> CompiledFormula:
+    """Compile ``source``; errors keep FORMULA_SYNTAX / FORMULA_INVALID with line and column
+    and name the field."""
+    try:
+        return compile_formula(source)
+    except InvalidArgument as exc:
+        metadata = {**exc.metadata, "field": "formula"}
+        raise InvalidArgument(f"formula: {exc.message}", reason=exc.reason,
+                              metadata=metadata) from exc
+
+
+def validate_definition(d: BonusDefinition) -> tuple[BonusDefinition, CompiledFormula]:
+    """Check everything; return the definition (normalised) and its compiled formula."""
+    if not DEFINITION_ID.match(d.definition_id):
+        raise _bad("definition_id", "must be 1-64 characters: lower-case letters, digits, "
+                   f"'_', '.', '-', starting with a letter or digit; got {d.definition_id!r}",
+                   "INVALID_ID")
+    if len(d.display_name) > MAX_DISPLAY_NAME:
+        raise _bad("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
+    if not d.formula.strip():
+        raise _bad("formula", "is required", "MISSING_FIELD")
+    compiled = compile_definition_formula(d.formula)
+    if d.result_type is ResultType.BONUS_TEMPLATE:
+        if compiled.returns_amount:
+            raise _bad("formula", "a BONUS_TEMPLATE definition must give template(\"...\") or "
+                       "skip on every path, not an amount", "FORMULA_INVALID")
+    elif compiled.returns_template:
+        raise _bad("formula", f"a {d.result_type.value} definition must compute an amount, not "
+                   "a bonus template (use result type BONUS_TEMPLATE)", "FORMULA_INVALID")
+    if d.result_type is ResultType.POINTS:
+        if d.points_target is None:
+            raise _bad("points_target", "is required for POINTS: BALANCE, LEADERBOARD or "
+                       "LEVEL_PROGRESS", "MISSING_FIELD")
+    elif d.points_target is not None:
+        raise _bad("points_target", f"applies to POINTS only, not {d.result_type.value}")
+    if d.data_mode is DataMode.PROPERTIES_ONLY:
+        if d.period is not None:
+            raise _bad("period", "a PROPERTIES_ONLY definition has no transaction period")
+        if compiled.aggregates:
+            raise _bad("formula", "a PROPERTIES_ONLY definition reads customer properties "
+                       f"only, but the formula reads {compiled.aggregates[0].describe()}",
+                       "FORMULA_INVALID")
+    elif d.period is None:
+        raise _bad("period", "is required: this definition reads transactions",
+                   "INVALID_PERIOD")
+    if d.min_allowed is not None and d.cap_amount is not None and d.min_allowed > d.cap_amount:
+        raise _bad("min_allowed", f"({d.min_allowed}) is above cap_amount ({d.cap_amount})")
+    try:
+        _ = d.options  # validates rounding, decimals, cap and minimum
+    except InvalidArgument as exc:
+        field = {"factor": "rounding_factor"}.get(exc.metadata.get("field", ""),
+                                                 exc.metadata.get("field", "rounding"))
+        raise InvalidArgument(exc.message, reason=exc.reason,
+                              metadata={**exc.metadata, "field": field}) from exc
+    if d.batch_window_seconds is not None:
+        check_window_seconds(d.batch_window_seconds)
+    for name in MESSAGE_FIELDS:
+        validate_template(getattr(d, name), field=name)
+    return d, compiled
+
+
+def apply_update(current: BonusDefinition, patch: BonusDefinition,
+                 paths: Sequence[str]) -> BonusDefinition:
+    """``current`` with the masked fields taken from ``patch``; a calculation change bumps the
+    revision (results of an older revision can be recalculated)."""
+    if not paths:
+        raise InvalidArgument("update_mask must name at least one field",
+                              reason="INVALID_UPDATE_MASK", metadata={"field": "update_mask"})
+    changes: dict[str, Any] = {}
+    for path in paths:
+        if path not in UPDATABLE:
+            raise InvalidArgument(
+                f"update_mask: {path!r} cannot be updated; updatable fields: "
+                f"{', '.join(UPDATABLE)}", reason="INVALID_UPDATE_MASK",
+                metadata={"field": "update_mask"})
+        changes[path] = getattr(patch, path)
+    updated = replace(current, **changes)
+    if any(getattr(updated, p) != getattr(current, p) for p in paths if p in CALCULATION_FIELDS):
+        updated = replace(updated, revision=current.revision + 1)
+    return updated
+
+
+def period_from_stored(value: Mapping[str, object] | None) -> Period | None:
+    return None if value is None else period_from_dict(value)

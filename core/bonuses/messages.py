@@ -1,0 +1,50 @@
+"""Message templates operators register for a bonus's events ("your bonus of
+{{event.bonus_amount}}"): checked when saved, rendered by plain substitution, never evaluated.
+
+A placeholder is ``{{event.NAME}}`` (spaces inside the braces allowed) where NAME is one of
+:data:`PLACEHOLDERS`. An unknown name is refused when the template is saved, so a typo never
+reaches a customer as literal braces. Rendering replaces each placeholder with the event's value
+as text (missing values become the empty string); nothing else in the text is interpreted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from core.errors import InvalidArgument
+
+MAX_TEMPLATE_LENGTH = 2000
+PLACEHOLDERS = ("bonus_amount", "bonus_template", "customer_id", "formula_id", "bonus_id",
+                "result_type", "currency", "reason", "status")
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_NAME = re.compile(r"event\.([a-z_]+)\Z")
+
+
+def validate_template(text: str, *, field: str) -> str:
+    """The template unchanged, or InvalidArgument naming the first bad placeholder."""
+    if len(text) > MAX_TEMPLATE_LENGTH:
+        raise InvalidArgument(f"{field} is longer than {MAX_TEMPLATE_LENGTH} characters",
+                              reason="INVALID_MESSAGE_TEMPLATE", metadata={"field": field})
+    for match in _PLACEHOLDER.finditer(text):
+        name = _NAME.match(match.group(1))
+        if name is None or name.group(1) not in PLACEHOLDERS:
+            known = ", ".join("{{event." + p + "}}" for p in PLACEHOLDERS)
+            raise InvalidArgument(
+                f"{field}: unknown placeholder {match.group(0)!r} at character "
+                f"{match.start() + 1}; use one of {known}",
+                reason="INVALID_MESSAGE_TEMPLATE", metadata={"field": field})
+    return text
+
+
+def render_template(text: str, values: Mapping[str, object]) -> str:
+    """Replace every ``{{event.NAME}}`` with ``values[NAME]`` as text (None: empty)."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name = _NAME.match(match.group(1))
+        if name is None:
+            return match.group(0)
+        value = values.get(name.group(1))
+        return "" if value is None else str(value)
+
+    return _PLACEHOLDER.sub(substitute, text)

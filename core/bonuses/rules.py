@@ -1,0 +1,266 @@
+"""Triggers: real-time automation rules and weekly schedules that request bonus calculations.
+
+Automation rule (seed 004: "5% of net loss for every 100 bets on Gold Quest"): every ``every``
+events of ``event_kind`` matching ``filters`` fire one calculation request for the customer
+(accumulation: the count carries over between recording calls and restarts after each firing).
+An optional qualification (e.g. a deposit of at least 100 EUR) must come first; with
+``max_executions`` the rule fires at most that many times per qualification, after which a new
+qualifying event is needed ("three times, then a new deposit"). Events that arrive while the
+customer is not qualified are not counted.
+
+The transaction period of a rule's request (the seed's table for automation rules):
+
+* ``DEFINITION``: the definition's own period (fixed dates, time back, relative with a zone),
+  resolved when the rule fires;
+* ``FIRST_TO_LAST``: from the first to the last event the firing counted (inclusive);
+* ``QUALIFICATION_TO_LAST``: from the qualifying event to the last counted event;
+* ``FIRST_TO_FIXED_END`` / ``QUALIFICATION_TO_FIXED_END``: from the first counted event / the
+  qualification to a fixed end date.
+
+A window longer than 31 days is not refused here (the events have already happened): the batch
+skips such a request with INVALID_PERIOD, the vendor's third failure case.
+
+Schedule (seed 004: "every Monday, 10% of all deposits made during the weekend"): on a weekday
+(or every day) at a local time in a fixed zone, one request per listed customer, or per customer
+of a campaign's target group; a definition period such as "last weekend" without a zone then
+resolves in each customer's own zone.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from core.errors import InvalidArgument
+from core.formula import EventRecord, Filter, compile_formula, filter_matches
+from core.periods import load_time_zone
+
+RULE_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
+KIND = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
+MAX_EVERY = 1_000_000
+INCLUSIVE = timedelta(microseconds=1)
+"""Windows are half-open [start, end): the last counted event is included by ending just
+after it."""
+
+
+class PeriodMode(enum.Enum):
+    DEFINITION = "DEFINITION"
+    FIRST_TO_LAST = "FIRST_TO_LAST"
+    QUALIFICATION_TO_LAST = "QUALIFICATION_TO_LAST"
+    FIRST_TO_FIXED_END = "FIRST_TO_FIXED_END"
+    QUALIFICATION_TO_FIXED_END = "QUALIFICATION_TO_FIXED_END"
+
+
+def _bad(field: str, message: str, reason: str = "INVALID_BONUS_RULE") -> InvalidArgument:
+    return InvalidArgument(f"{field}: {message}", reason=reason, metadata={"field": field})
+
+
+@dataclass(frozen=True)
+class Qualification:
+    kind: str
+    min_amount: Decimal | None = None
+    filters: tuple[Filter, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    rule_id: str
+    definition_id: str
+    event_kind: str
+    every: int
+    filters: tuple[Filter, ...] = ()
+    qualification: Qualification | None = None
+    max_executions: int | None = None
+    period_mode: PeriodMode = PeriodMode.DEFINITION
+    period_end: datetime | None = None
+    active: bool = True
+
+
+def validate_rule(rule: Rule) -> Rule:
+    if not RULE_ID.match(rule.rule_id):
+        raise _bad("rule_id", "must be 1-64 characters: lower-case letters, digits, '_', '.', "
+                   f"'-', starting with a letter or digit; got {rule.rule_id!r}", "INVALID_ID")
+    if not KIND.match(rule.event_kind):
+        raise _bad("event_kind", f"{rule.event_kind!r} is not an event kind", "INVALID_KIND")
+    if not 1 <= rule.every <= MAX_EVERY:
+        raise _bad("every", f"must be between 1 and {MAX_EVERY}, got {rule.every}")
+    q = rule.qualification
+    if q is not None:
+        if not KIND.match(q.kind):
+            raise _bad("qualification.kind", f"{q.kind!r} is not an event kind", "INVALID_KIND")
+        if q.min_amount is not None and q.min_amount < 0:
+            raise _bad("qualification.min_amount", "must not be negative")
+    if rule.max_executions is not None:
+        if q is None:
+            raise _bad("max_executions", "limits executions per qualification: set a "
+                       "qualification too")
+        if rule.max_executions < 1:
+            raise _bad("max_executions", f"must be at least 1, got {rule.max_executions}")
+    needs_qualification = rule.period_mode in (PeriodMode.QUALIFICATION_TO_LAST,
+                                               PeriodMode.QUALIFICATION_TO_FIXED_END)
+    if needs_qualification and q is None:
+        raise _bad("period_mode", f"{rule.period_mode.value} needs a qualification")
+    fixed_end = rule.period_mode in (PeriodMode.FIRST_TO_FIXED_END,
+                                     PeriodMode.QUALIFICATION_TO_FIXED_END)
+    if fixed_end and rule.period_end is None:
+        raise _bad("period_end", f"is required for {rule.period_mode.value}", "MISSING_FIELD")
+    if not fixed_end and rule.period_end is not None:
+        raise _bad("period_end", f"applies only to the fixed end modes, not "
+                   f"{rule.period_mode.value}")
+    if rule.period_end is not None and rule.period_end.tzinfo is None:
+        raise _bad("period_end", "must be timezone-aware")
+    return rule
+
+
+@dataclass(frozen=True)
+class RuleState:
+    """One customer's progress on one rule."""
+
+    accumulated: int = 0
+    first_event_at: datetime | None = None  # the earliest counted event (events may arrive
+    last_event_at: datetime | None = None  # out of order), and the latest
+    qualified_at: datetime | None = None
+    executions: int = 0  # since the last qualification
+    fired: int = 0  # ever: numbers each firing (its request key)
+
+
+@dataclass(frozen=True)
+class Firing:
+    number: int
+    period: tuple[datetime, datetime] | None  # None: the definition's period
+
+
+def _matches(filters: Sequence[Filter], event: EventRecord) -> bool:
+    return all(filter_matches(f, event) for f in filters)
+
+
+def qualifies(q: Qualification, event: EventRecord) -> bool:
+    return (event.kind == q.kind and (q.min_amount is None or event.amount >= q.min_amount)
+            and _matches(q.filters, event))
+
+
+def _period(rule: Rule, state: RuleState, last: datetime) -> tuple[datetime, datetime] | None:
+    mode = rule.period_mode
+    if mode is PeriodMode.DEFINITION:
+        return None
+    start = state.first_event_at if mode in (PeriodMode.FIRST_TO_LAST,
+                                             PeriodMode.FIRST_TO_FIXED_END) else state.qualified_at
+    assert start is not None
+    if mode in (PeriodMode.FIRST_TO_LAST, PeriodMode.QUALIFICATION_TO_LAST):
+        return start, max(start, last) + INCLUSIVE
+    assert rule.period_end is not None
+    return start, rule.period_end
+
+
+def apply_event(rule: Rule, state: RuleState,
+                event: EventRecord) -> tuple[RuleState, Firing | None]:
+    """The state after ``event`` (events of one customer in time order), and the firing it
+    caused, if any."""
+    q = rule.qualification
+    if q is not None and qualifies(q, event):
+        # A new qualification: the execution limit starts again, the accumulation too.
+        state = replace(state, qualified_at=event.occurred_at, executions=0, accumulated=0,
+                        first_event_at=None, last_event_at=None)
+    if event.kind != rule.event_kind or not _matches(rule.filters, event):
+        return state, None
+    if q is not None:
+        if state.qualified_at is None:
+            return state, None
+        if rule.max_executions is not None and state.executions >= rule.max_executions:
+            return state, None
+    at = event.occurred_at
+    first = at if state.first_event_at is None else min(state.first_event_at, at)
+    last = at if state.last_event_at is None else max(state.last_event_at, at)
+    state = replace(state, accumulated=state.accumulated + 1, first_event_at=first,
+                    last_event_at=last)
+    if state.accumulated < rule.every:
+        return state, None
+    period = _period(rule, state, last)
+    fired = state.fired + 1
+    state = replace(state, accumulated=0, first_event_at=None, last_event_at=None,
+                    executions=state.executions + 1, fired=fired)
+    return state, Firing(number=fired, period=period)
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    schedule_id: str
+    definition_id: str
+    customer_ids: tuple[str, ...]
+    weekday: int | None  # 1 = Monday ... 7 = Sunday; None = every day
+    local_time: time
+    time_zone: str
+    active: bool = True
+    campaign_id: str | None = None  # instead of customer_ids: the campaign's target group
+    # With campaign_id: the period runs from the campaign's execution (the customers' entrance
+    # into it) to the run ("from campaign entrance till now"), not the definition's period.
+    since_campaign_entrance: bool = False
+
+
+MAX_SCHEDULE_CUSTOMERS = 100_000
+
+
+def validate_schedule(s: Schedule) -> Schedule:
+    if not RULE_ID.match(s.schedule_id):
+        raise _bad("schedule_id", "must be 1-64 characters: lower-case letters, digits, '_', "
+                   f"'.', '-', starting with a letter or digit; got {s.schedule_id!r}",
+                   "INVALID_ID")
+    if s.campaign_id and s.customer_ids:
+        raise _bad("customer_ids", "give customer_ids or campaign_id, not both")
+    if not s.customer_ids and not s.campaign_id:
+        raise _bad("customer_ids", "must name at least one customer (or give campaign_id)",
+                   "MISSING_FIELD")
+    if len(s.customer_ids) > MAX_SCHEDULE_CUSTOMERS:
+        raise _bad("customer_ids", f"at most {MAX_SCHEDULE_CUSTOMERS} customers")
+    if len(set(s.customer_ids)) != len(s.customer_ids):
+        raise _bad("customer_ids", "names a customer more than once", "DUPLICATE_ID")
+    if s.since_campaign_entrance and not s.campaign_id:
+        raise _bad("since_campaign_entrance", "needs campaign_id")
+    if s.weekday is not None and not 1 <= s.weekday <= 7:
+        raise _bad("weekday", f"must be 1 (Monday) to 7 (Sunday), got {s.weekday}")
+    load_time_zone(s.time_zone)
+    return s
+
+
+def next_run(s: Schedule, after: datetime) -> datetime:
+    """The first run strictly after ``after``: the local time on the weekday, in the zone."""
+    zone = ZoneInfo(s.time_zone)
+    local = after.astimezone(zone)
+    day: date = local.date()
+    for offset in range(0, 9):
+        candidate_day = day + timedelta(days=offset)
+        if s.weekday is not None and candidate_day.isoweekday() != s.weekday:
+            continue
+        candidate = datetime.combine(candidate_day, s.local_time, tzinfo=zone)
+        if candidate > after:
+            return candidate
+    raise AssertionError("a weekly schedule always runs within 8 days")  # pragma: no cover
+
+
+def compile_filter(kind: str, text: str, *, field: str) -> tuple[Filter, ...]:
+    """Filter text in the formula's ``where`` syntax (``game = "Gold Quest" and
+    game_category != "Roulette"``) as filters; errors name ``field`` with the column in
+    ``text``."""
+    if not text.strip():
+        return ()
+    if "\n" in text:
+        raise _bad(field, "must be one line")
+    prefix = f"count({kind} where "
+    try:
+        compiled = compile_formula(f"{prefix}{text})")
+    except InvalidArgument as exc:
+        column = max(1, int(exc.metadata.get("column", "1")) - len(prefix))
+        detail = exc.message.split(": ", 1)[-1] if exc.message.startswith("line ") else \
+            exc.message
+        raise InvalidArgument(f"{field}: column {column}: {detail}", reason=exc.reason,
+                              metadata={"field": field, "column": column}) from exc
+    [spec] = compiled.aggregates
+    return spec.filters

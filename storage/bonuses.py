@@ -1,0 +1,1241 @@
+"""Dynamic bonuses in PostgreSQL: definitions, requests, the batch, results and the ledger.
+
+The batch (seed 004: "all calculations are batched by 5-minute intervals"): every request is a
+row assigned to a batching window; one outbox job per (definition, window), due when the window
+closes, computes every pending request of the definition with one aggregate pass
+(storage.aggregates, 1,000 customers per statement), evaluates each customer, and writes the
+results 1,000 requests per transaction. Why this is crash-safe:
+
+* a result is unique per request (``bonus_results.request_pk``), and the request is marked DONE
+  in the same transaction as its result, its ledger entry and its events; a batch that dies
+  mid-way is retried by the outbox and finds only the requests not yet written;
+* the ledger is unique per bonus, events carry dedup keys: nothing is issued or told twice;
+* a session advisory lock per definition keeps two copies of a batch job from computing the same
+  requests at once (the second reports "already running" and the outbox retries it later).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from core.bonuses.definitions import (
+    ApprovalMode,
+    BonusDefinition,
+    DataMode,
+    PointsTarget,
+    ResultType,
+    period_from_stored,
+)
+from core.bonuses.results import (
+    RECALCULABLE,
+    BonusStatus,
+    Decision,
+    check_decision,
+    decide,
+    event_payload,
+)
+from core.bonuses.rules import (
+    PeriodMode,
+    Qualification,
+    Rule,
+    RuleState,
+    Schedule,
+    apply_event,
+    compile_filter,
+    next_run,
+)
+from core.bonuses.windows import window_end, window_start
+from core.customers import PropertyValue, typed_attributes
+from core.errors import AlreadyExists, InvalidArgument, NotFound
+from core.events import EventType
+from core.formula import (
+    AggregateValue,
+    CompiledFormula,
+    Evaluation,
+    FormulaInputs,
+    Outcome,
+    SkipReason,
+)
+from core.formula.memory import EventRecord
+from core.money import plain
+from core.periods import MAX_PERIOD, describe_length, resolve_period
+from core.rounding import RoundingMode
+from storage import aggregates as aggregates_repo
+from storage import outbox
+from storage.customers import decode_properties
+from storage.webhooks import DELIVER_KIND, OUTBOX_MAX_ATTEMPTS, emit_event
+
+BATCH_JOB_KIND = "bonus.batch"
+# A batch must not give up during a long database outage (its requests would wait for the next
+# window's batch of the definition): with the outbox backoff capped at
+# PROMO_JOB_RETRY_MAX_SECONDS (300 s), 1,000 attempts cover days.
+BATCH_MAX_ATTEMPTS = 1000
+WRITE_CHUNK = 1000
+RETENTION = timedelta(days=30)
+_LOCK_CLASS = 7009  # advisory lock namespace: (7009, definition pk)
+_EVENT_TYPES = {BonusStatus.SKIPPED: EventType.BONUS_SKIPPED,
+                BonusStatus.CALCULATED: EventType.BONUS_CALCULATED,
+                BonusStatus.ISSUED: EventType.BONUS_ISSUED}
+
+
+# --- definitions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DefinitionRow:
+    pk: int
+    definition: BonusDefinition
+    formula_stored: dict[str, Any]
+
+    def compiled(self) -> CompiledFormula:
+        return CompiledFormula.from_stored(self.formula_stored)
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _definition(row: asyncpg.Record) -> DefinitionRow:
+    period = _json(row["period"])
+    definition = BonusDefinition(
+        definition_id=row["definition_id"], display_name=row["display_name"],
+        formula=row["formula_source"], result_type=ResultType(row["result_type"]),
+        points_target=PointsTarget(row["points_target"]) if row["points_target"] else None,
+        min_allowed=row["min_allowed"], cap_amount=row["cap_amount"],
+        rounding=RoundingMode(row["rounding"]), decimals=row["decimals"],
+        rounding_factor=row["rounding_factor"], data_mode=DataMode(row["data_mode"]),
+        period=period_from_stored(period), approval_mode=ApprovalMode(row["approval_mode"]),
+        batch_window_seconds=row["batch_window_seconds"],
+        skipped_message=row["skipped_message"], calculated_message=row["calculated_message"],
+        issued_message=row["issued_message"], revision=row["revision"],
+        create_time=row["create_time"], update_time=row["update_time"])
+    return DefinitionRow(pk=row["id"], definition=definition,
+                         formula_stored=_json(row["formula_stored"]))
+
+
+def _not_found(definition_id: str) -> NotFound:
+    return NotFound(f"no bonus definition {definition_id!r}", reason="BONUS_DEFINITION_NOT_FOUND",
+                    metadata={"definition_id": definition_id})
+
+
+def _definition_values(d: BonusDefinition, compiled: CompiledFormula) -> list[Any]:
+    period = d.period_dict()
+    return [d.display_name, d.formula, json.dumps(compiled.to_stored()), d.result_type.value,
+            d.points_target.value if d.points_target else None, d.min_allowed, d.cap_amount,
+            d.rounding.value, d.decimals, d.rounding_factor, d.data_mode.value,
+            None if period is None else json.dumps(period), d.approval_mode.value,
+            d.batch_window_seconds, d.skipped_message, d.calculated_message, d.issued_message]
+
+
+async def insert_definition(conn: asyncpg.Connection, d: BonusDefinition,
+                            compiled: CompiledFormula, *, now: datetime) -> DefinitionRow:
+    row = await conn.fetchrow(
+        """INSERT INTO bonus_definitions
+               (definition_id, display_name, formula_source, formula_stored, result_type,
+                points_target, min_allowed, cap_amount, rounding, decimals, rounding_factor,
+                data_mode, period, approval_mode, batch_window_seconds, skipped_message,
+                calculated_message, issued_message, create_time, update_time)
+           VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14,
+                   $15, $16, $17, $18, $19, $19)
+           ON CONFLICT (definition_id) DO NOTHING
+           RETURNING *""",
+        d.definition_id, *_definition_values(d, compiled), now)
+    if row is None:
+        raise AlreadyExists(f"bonus definition {d.definition_id!r} already exists",
+                            reason="BONUS_DEFINITION_EXISTS",
+                            metadata={"definition_id": d.definition_id})
+    return _definition(row)
+
+
+async def update_definition(conn: asyncpg.Connection, pk: int, d: BonusDefinition,
+                            compiled: CompiledFormula, *, now: datetime) -> DefinitionRow:
+    row = await conn.fetchrow(
+        """UPDATE bonus_definitions
+              SET display_name = $2, formula_source = $3, formula_stored = $4::jsonb,
+                  result_type = $5, points_target = $6, min_allowed = $7, cap_amount = $8,
+                  rounding = $9, decimals = $10, rounding_factor = $11, data_mode = $12,
+                  period = $13::jsonb, approval_mode = $14, batch_window_seconds = $15,
+                  skipped_message = $16, calculated_message = $17, issued_message = $18,
+                  revision = $19, update_time = $20
+            WHERE id = $1 RETURNING *""",
+        pk, *_definition_values(d, compiled), d.revision, now)
+    assert row is not None
+    return _definition(row)
+
+
+async def get_definition(conn: asyncpg.Connection, definition_id: str, *,
+                         for_update: bool = False) -> DefinitionRow:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(
+        f"SELECT * FROM bonus_definitions WHERE definition_id = $1{lock}", definition_id)
+    if row is None:
+        raise _not_found(definition_id)
+    return _definition(row)
+
+
+async def get_definition_by_pk(conn: asyncpg.Connection, pk: int) -> DefinitionRow | None:
+    row = await conn.fetchrow("SELECT * FROM bonus_definitions WHERE id = $1", pk)
+    return None if row is None else _definition(row)
+
+
+async def list_definitions(conn: asyncpg.Connection, *, after_id: str | None,
+                           limit: int) -> list[DefinitionRow]:
+    rows = await conn.fetch(
+        """SELECT * FROM bonus_definitions WHERE $1::text IS NULL OR definition_id > $1
+            ORDER BY definition_id LIMIT $2""", after_id, limit)
+    return [_definition(row) for row in rows]
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accepted:
+    window_start: datetime
+    due_at: datetime
+    accepted: int
+    outbox_job_id: int | None
+
+
+@dataclass(frozen=True)
+class _Customer:
+    customer_id: str
+    time_zone: str | None
+    currency: str | None
+    properties: dict[str, PropertyValue]
+
+
+async def _customers(conn: asyncpg.Connection, ids: Iterable[str], *,
+                     properties: bool = True) -> dict[str, _Customer]:
+    """The customers among ``ids``; their properties only when asked (decoding them is a
+    noticeable part of a large batch whose formula reads none)."""
+    rows = await conn.fetch(
+        """SELECT customer_id, time_zone, currency,
+                  CASE WHEN $2 THEN properties::text END AS properties
+             FROM customers WHERE customer_id = ANY($1::text[])""", list(set(ids)), properties)
+    return {r["customer_id"]: _Customer(
+        r["customer_id"], r["time_zone"], r["currency"],
+        decode_properties(r["properties"]) if properties else {}) for r in rows}
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """One customer's request: ``key`` is unique per definition (a retry adds nothing);
+    ``period`` an explicit transaction window (else the definition's period, resolved at
+    ``now`` in the customer's time zone)."""
+
+    customer_id: str
+    key: str
+    period: tuple[datetime, datetime] | None = None
+
+
+async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
+                       requests: Sequence[NewRequest], *, now: datetime, default_window: int,
+                       source: str = "api") -> Accepted:
+    """Store requests in the current batching window and make sure its batch job exists.
+
+    Run inside the caller's transaction; queue ``outbox_job_id`` after commit. Unknown
+    customers are NOT_FOUND and nothing is stored."""
+    d = row.definition
+    seconds = d.batch_window_seconds or default_window
+    start = window_start(now, seconds)
+    end = window_end(start, seconds)
+    customers = await _customers(conn, (r.customer_id for r in requests))
+    missing = sorted({r.customer_id for r in requests} - customers.keys())
+    if missing:
+        shown = ", ".join(repr(c) for c in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise NotFound(f"unknown customers: {shown}{more}", reason="CUSTOMER_NOT_FOUND",
+                       metadata={"customer_id": missing[0], "count": len(missing)})
+    starts: list[datetime | None] = []
+    ends: list[datetime | None] = []
+    for request in requests:
+        if d.data_mode is DataMode.PROPERTIES_ONLY:
+            starts.append(None)
+            ends.append(None)
+        elif request.period is not None:
+            starts.append(request.period[0])
+            ends.append(request.period[1])
+        else:
+            assert d.period is not None
+            resolved = resolve_period(d.period, now=now,
+                                      customer_time_zone=customers[request.customer_id].time_zone)
+            starts.append(resolved.start)
+            ends.append(resolved.end)
+    accepted = await conn.fetchval(
+        """WITH added AS (
+               INSERT INTO bonus_requests (definition_pk, request_key, customer_id, window_start,
+                                           request_time, period_start, period_end, source)
+               SELECT $1, t.key, t.customer_id, $2, $3, t.period_start, t.period_end, $4
+                 FROM unnest($5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[])
+                      AS t(key, customer_id, period_start, period_end)
+                ORDER BY t.key
+               ON CONFLICT (definition_pk, request_key) DO NOTHING
+               RETURNING 1)
+           SELECT count(*) FROM added""",
+        row.pk, start, now, source, [r.key for r in requests],
+        [r.customer_id for r in requests], starts, ends)
+    job_id = None
+    if accepted:
+        await conn.execute(
+            """INSERT INTO bonus_batches (definition_pk, window_start, window_end)
+               VALUES ($1, $2, $3) ON CONFLICT (definition_pk, window_start) DO NOTHING""",
+            row.pk, start, end)
+        job_id = await outbox.add_job(
+            conn, kind=BATCH_JOB_KIND, due_at=end,
+            payload={"definition": row.pk, "window_start": start.isoformat(),
+                     "window_end": end.isoformat()},
+            dedup_key=f"bonus-batch:{row.pk}:{start.isoformat()}",
+            max_attempts=BATCH_MAX_ATTEMPTS)
+    return Accepted(window_start=start, due_at=end, accepted=int(accepted),
+                    outbox_job_id=job_id)
+
+
+# --- computing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pending:
+    pk: int
+    customer_id: str
+    period_start: datetime | None
+    period_end: datetime | None
+
+
+@dataclass(frozen=True)
+class Computed:
+    request_pk: int
+    customer_id: str
+    evaluation: Evaluation
+    decision: Decision
+    currency: str | None
+    period_start: datetime | None
+    period_end: datetime | None
+
+
+@dataclass
+class Cost:
+    customers: int = 0
+    events_read: int = 0
+
+
+def _rounds(pending: Sequence[_Pending]) -> list[list[_Pending]]:
+    """Split requests so that a customer appears once per aggregate statement (a customer with
+    two requests in one window, e.g. two deposits, gets a second, smaller pass)."""
+    rounds: list[list[_Pending]] = []
+    seen: dict[str, int] = {}
+    for request in pending:
+        index = seen.get(request.customer_id, 0)
+        seen[request.customer_id] = index + 1
+        if index == len(rounds):
+            rounds.append([])
+        rounds[index].append(request)
+    return rounds
+
+
+async def _compute(conn: asyncpg.Connection, row: DefinitionRow, compiled: CompiledFormula,
+                   pending: Sequence[_Pending], approval: ApprovalMode) -> tuple[list[Computed],
+                                                                                  Cost]:
+    """Aggregates for every request in one pass per round, then one evaluation each."""
+    d = row.definition
+    options = d.options
+    customers = await _customers(conn, (p.customer_id for p in pending),
+                                 properties=bool(compiled.properties_used))
+    found: dict[int, Mapping[str, AggregateValue]] = {}
+    cost = Cost(customers=len(customers))
+    if compiled.aggregates and d.data_mode is DataMode.TRANSACTIONS_AND_PROPERTIES:
+        for batch in _rounds(pending):
+            windows = [(p.customer_id, p.period_start, p.period_end) for p in batch
+                       if p.period_start is not None and p.period_end is not None]
+            shared = {(w[1], w[2]) for w in windows}
+            if len(shared) == 1:  # one window for all (fixed dates, a schedule's run in UTC)
+                [(start, end)] = shared
+                values = await aggregates_repo.aggregate_for_customers(
+                    conn, compiled.aggregates, [w[0] for w in windows], start, end)
+            else:
+                values = await aggregates_repo.aggregate_for_windows(
+                    conn, compiled.aggregates, windows)  # type: ignore[arg-type]
+            for p in batch:
+                aggregates = values.get(p.customer_id, {})
+                found[p.pk] = aggregates
+                cost.events_read += sum(v.count for v in aggregates.values())
+    out = []
+    for p in pending:
+        customer = customers.get(p.customer_id)
+        if (p.period_start is not None and p.period_end is not None
+                and p.period_end - p.period_start > MAX_PERIOD):
+            # A trigger's window (e.g. qualification to last bet) grew past the vendor's limit.
+            evaluation = Evaluation(
+                outcome=Outcome.SKIPPED, skip_reason=SkipReason.INVALID_PERIOD,
+                skip_detail=f"the transaction period is "
+                            f"{describe_length(p.period_end - p.period_start)}, more than the "
+                            "31 days allowed")
+            out.append(Computed(p.pk, p.customer_id, evaluation,
+                                decide(evaluation, approval, options),
+                                customer.currency if customer else None, p.period_start,
+                                p.period_end))
+            continue
+        evaluation = compiled.evaluate(FormulaInputs(
+            aggregates=found.get(p.pk, {}),
+            properties=customer.properties if customer else {},
+            currency=customer.currency if customer else None), options)
+        out.append(Computed(p.pk, p.customer_id, evaluation, decide(evaluation, approval, options),
+                            customer.currency if customer else None, p.period_start,
+                            p.period_end))
+    return out, cost
+
+
+def _aggregates_json(compiled: CompiledFormula, evaluation: Evaluation) -> str:
+    used = evaluation.aggregates_used
+    out = []
+    for spec, description in _descriptions(compiled):
+        value = used.get(spec.key)
+        out.append({"key": spec.key, "description": description,
+                    "value": None if value is None or value.value is None
+                    else format(value.value, "f"),
+                    "count": 0 if value is None else value.count, "read": value is not None})
+    return json.dumps(out)
+
+
+_DESCRIBED: dict[int, tuple[CompiledFormula, list[tuple[Any, str]]]] = {}
+
+
+def _descriptions(compiled: CompiledFormula) -> list[tuple[Any, str]]:
+    """Each aggregate with its description, computed once per compiled formula."""
+    found = _DESCRIBED.get(id(compiled))
+    if found is None or found[0] is not compiled:
+        if len(_DESCRIBED) > 100:
+            _DESCRIBED.clear()
+        found = _DESCRIBED[id(compiled)] = (compiled, [(s, s.describe())
+                                                       for s in compiled.aggregates])
+    return found[1]
+
+
+def _raw(evaluation: Evaluation) -> str | None:
+    return None if evaluation.raw_value is None else format(plain(evaluation.raw_value), "f")
+
+
+@dataclass
+class BatchReport:
+    batch_pk: int | None = None
+    requests: int = 0
+    customers: int = 0
+    events_read: int = 0
+    duration_ms: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    outbox_job_ids: list[int] = field(default_factory=list)
+
+
+class BatchBusy(Exception):
+    """Another worker is computing this definition's batch right now."""
+
+
+async def run_batch(pool: asyncpg.Pool, definition_pk: int, window: datetime, *,
+                    now: datetime) -> BatchReport:
+    """Compute every pending request of the definition in windows up to ``window``."""
+    started = time.perf_counter()
+    report = BatchReport()
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_CLASS,
+                                   definition_pk):
+            raise BatchBusy(f"bonus definition {definition_pk} is being computed elsewhere")
+        try:
+            row = await get_definition_by_pk(conn, definition_pk)
+            if row is None:
+                return report
+            report.batch_pk = await conn.fetchval(
+                "SELECT id FROM bonus_batches WHERE definition_pk = $1 AND window_start = $2",
+                definition_pk, window)
+            pending = [_Pending(r["id"], r["customer_id"], r["period_start"], r["period_end"])
+                       for r in await conn.fetch(
+                           """SELECT id, customer_id, period_start, period_end
+                                FROM bonus_requests
+                               WHERE definition_pk = $1 AND status = 'PENDING'
+                                 AND window_start <= $2
+                               ORDER BY id""", definition_pk, window)]
+            if pending:
+                compiled = row.compiled()
+                computed, cost = await _compute(conn, row, compiled, pending,
+                                                row.definition.approval_mode)
+                report.customers, report.events_read = cost.customers, cost.events_read
+                for offset in range(0, len(computed), WRITE_CHUNK):
+                    chunk = computed[offset:offset + WRITE_CHUNK]
+                    async with conn.transaction():
+                        written = await _write_results(conn, row, compiled, chunk, now=now,
+                                                       batch_pk=report.batch_pk)
+                    report.outbox_job_ids += written.outbox_job_ids
+                    report.requests += written.requests
+                    for status, count in written.statuses.items():
+                        report.statuses[status] = report.statuses.get(status, 0) + count
+            report.duration_ms = round((time.perf_counter() - started) * 1000)
+            if report.batch_pk is not None:
+                await conn.execute(
+                    """UPDATE bonus_batches
+                          SET request_count = request_count + $2,
+                              customer_count = customer_count + $3,
+                              events_read = events_read + $4, duration_ms = duration_ms + $5,
+                              finish_time = $6
+                        WHERE id = $1""",
+                    report.batch_pk, report.requests, report.customers, report.events_read,
+                    report.duration_ms, now)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_CLASS, definition_pk)
+    return report
+
+
+def _event(d: BonusDefinition, *, bonus_id: str, customer_id: str, status: BonusStatus,
+           amount: Decimal | None, template: str | None, currency: str | None,
+           skip_reason: str | None, skip_detail: str | None, period_start: datetime | None,
+           period_end: datetime | None, requires_approval: bool, now: datetime,
+           dedup: str) -> tuple[EventType, str, dict[str, Any]]:
+    """One Skipped / Calculated / Issued event: its type, dedup key and data."""
+    messages = {BonusStatus.SKIPPED: d.skipped_message,
+                BonusStatus.CALCULATED: d.calculated_message,
+                BonusStatus.ISSUED: d.issued_message}
+    payload = event_payload(
+        bonus_id=bonus_id, definition_id=d.definition_id, customer_id=customer_id, status=status,
+        result_type=d.result_type.value, amount=amount, template=template, currency=currency,
+        skip_reason=skip_reason, skip_detail=skip_detail, period_start=period_start,
+        period_end=period_end, requires_approval=requires_approval,
+        issued_at=now if status is BonusStatus.ISSUED else None,
+        message_template=messages[status])
+    return _EVENT_TYPES[status], f"bonus:{bonus_id}:{dedup}", payload
+
+
+async def _emit(conn: asyncpg.Connection, d: BonusDefinition, **kw: Any) -> list[int]:
+    event_type, dedup_key, payload = _event(d, **kw)
+    emitted = await emit_event(conn, event_type=event_type, payload=payload, now=kw["now"],
+                               dedup_key=dedup_key)
+    return [] if emitted is None else list(emitted.outbox_job_ids)
+
+
+# Many events in one statement: storage.webhooks.emit_event's statement over arrays (same
+# tables, same semantics: dedup key, one delivery and outbox job per active listener of the
+# type). A batch emits one or two events per result; one statement per chunk instead of one per
+# event is what keeps the batch's writes near the cost of its read.
+_EMIT_MANY_SQL = """
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::text[])
+                  WITH ORDINALITY AS t(event_id, event_type, dedup_key, body, n)),
+event AS (
+    INSERT INTO webhook_events (event_id, event_type, dedup_key, body, occurred_at, deliver_by)
+    SELECT event_id, event_type, dedup_key, body, $5, NULL FROM input ORDER BY n
+    ON CONFLICT (dedup_key) DO NOTHING
+    RETURNING id, event_type),
+targets AS MATERIALIZED (
+    SELECT nextval('webhook_deliveries_id_seq') AS delivery_id, l.id AS listener_id,
+           e.id AS event_pk
+      FROM event e JOIN webhook_listeners l ON l.event_type = e.event_type AND l.active
+     ORDER BY e.id, l.id),
+jobs AS (
+    INSERT INTO outbox_jobs (kind, payload, due_at, max_attempts)
+    SELECT $6, jsonb_build_object('delivery_id', t.delivery_id), $5, $7 FROM targets t
+    RETURNING id, (payload ->> 'delivery_id')::bigint AS delivery_id),
+deliveries AS (
+    INSERT INTO webhook_deliveries (id, event_id, listener_id, outbox_job_id, run_started_at,
+                                    deliver_by)
+    SELECT t.delivery_id, t.event_pk, t.listener_id, j.id, $5, NULL
+      FROM targets t JOIN jobs j USING (delivery_id)
+    RETURNING id)
+SELECT coalesce((SELECT array_agg(id ORDER BY id) FROM jobs), '{}'::bigint[]) AS job_ids
+"""
+
+
+def _body(event_id: str, event_type: EventType, now: datetime, data: dict[str, Any]) -> str:
+    """core.events.Envelope's body, byte for byte, without its generic float check: bonus
+    payloads hold only text, booleans, None and aware datetimes (event_payload builds them),
+    and that check was half the cost of a batch's events (bench/dynamic_batch.py)."""
+    document = {"event_id": event_id, "event_type": int(event_type),
+                "occurred_at": now.isoformat(), "data": data}
+    return _DUMPS(document)
+
+
+_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                          default=lambda v: v.isoformat() if isinstance(v, datetime) else
+                          _unserializable(v)).encode
+
+
+def _unserializable(value: object) -> None:
+    raise TypeError(f"bonus event payloads cannot carry a {type(value).__name__}")
+
+
+async def _emit_many(conn: asyncpg.Connection,
+                     events: Sequence[tuple[EventType, str, dict[str, Any]]], *,
+                     now: datetime) -> list[int]:
+    if not events:
+        return []
+    ids = [uuid.uuid4() for _ in events]
+    bodies = [_body(str(i), t, now, data) for i, (t, _, data) in zip(ids, events, strict=True)]
+    job_ids = await conn.fetchval(
+        _EMIT_MANY_SQL, ids, [int(t) for t, _, _ in events], [k for _, k, _ in events], bodies,
+        now, DELIVER_KIND, OUTBOX_MAX_ATTEMPTS)
+    return list(job_ids)
+
+
+def _currency(d: BonusDefinition, currency: str | None) -> str | None:
+    return currency if d.result_type is ResultType.AMOUNT else None
+
+
+async def _ledger(conn: asyncpg.Connection, d: BonusDefinition, *, bonus_id: str,
+                  customer_id: str, amount: Decimal | None, template: str | None,
+                  now: datetime) -> None:
+    await conn.execute(
+        """INSERT INTO bonus_ledger (bonus_id, customer_id, definition_id, result_type,
+                                     points_target, amount, template, issue_time)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (bonus_id) DO NOTHING""",
+        uuid.UUID(bonus_id), customer_id, d.definition_id, d.result_type.value,
+        d.points_target.value if d.points_target else None, amount, template, now)
+
+
+@dataclass
+class _Written:
+    requests: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    outbox_job_ids: list[int] = field(default_factory=list)
+
+
+async def _write_results(conn: asyncpg.Connection, row: DefinitionRow,
+                         compiled: CompiledFormula, chunk: Sequence[Computed], *,
+                         now: datetime, batch_pk: int | None) -> _Written:
+    """Results, request status, ledger and events for one chunk, in the caller's transaction.
+    Requests already DONE (a retried batch) are left alone."""
+    d = row.definition
+    written = _Written()
+    # Claim the chunk's requests still pending (marked DONE in this transaction, so a retried
+    # or concurrent batch cannot write them twice); those already done are left alone.
+    still = {r["id"] for r in await conn.fetch(
+        """UPDATE bonus_requests SET status = 'DONE'
+            WHERE id = ANY($1::bigint[]) AND status = 'PENDING' RETURNING id""",
+        [c.request_pk for c in chunk])}
+    todo = [c for c in chunk if c.request_pk in still]
+    if not todo:
+        return written
+    ids = [str(uuid.uuid4()) for _ in todo]
+    await conn.execute(
+        """INSERT INTO bonus_results
+               (bonus_id, request_pk, definition_pk, batch_pk, customer_id, status, result_type,
+                points_target, amount, template, skip_reason, skip_detail, raw_value, currency,
+                period_start, period_end, aggregates, aggregate_kinds, branch, explanation,
+                definition_revision, calculate_time, decide_time, decided_by)
+           SELECT t.bonus_id, t.request_pk, $1, $2, t.customer_id, t.status, $3, $4, t.amount,
+                  t.template, t.skip_reason, t.skip_detail, t.raw_value, t.currency,
+                  t.period_start, t.period_end, t.aggregates::jsonb, $5, t.branch,
+                  t.explanation, $6, $7,
+                  CASE WHEN t.status = 'ISSUED' THEN $7::timestamptz END,
+                  CASE WHEN t.status = 'ISSUED' THEN 'automatic' END
+             FROM unnest($8::uuid[], $9::bigint[], $10::text[], $11::text[], $12::numeric[],
+                         $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
+                         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::text[],
+                         $22::text[])
+                  AS t(bonus_id, request_pk, customer_id, status, amount, template, skip_reason,
+                       skip_detail, raw_value, currency, period_start, period_end, aggregates,
+                       branch, explanation)
+           ON CONFLICT (request_pk) DO NOTHING""",
+        row.pk, batch_pk, d.result_type.value,
+        d.points_target.value if d.points_target else None,
+        sorted({spec.kind for spec in compiled.aggregates}), d.revision, now,
+        [uuid.UUID(i) for i in ids], [c.request_pk for c in todo], [c.customer_id for c in todo],
+        [c.decision.status.value for c in todo], [c.decision.amount for c in todo],
+        [c.decision.template for c in todo], [c.decision.skip_reason for c in todo],
+        [c.decision.skip_detail for c in todo], [_raw(c.evaluation) for c in todo],
+        [_currency(d, c.currency) for c in todo], [c.period_start for c in todo],
+        [c.period_end for c in todo], [_aggregates_json(compiled, c.evaluation) for c in todo],
+        [c.evaluation.branch for c in todo], [c.evaluation.explain() for c in todo])
+    events: list[tuple[EventType, str, dict[str, Any]]] = []
+    issued: list[tuple[str, Computed]] = []
+    for bonus_id, c in zip(ids, todo, strict=True):
+        status = c.decision.status
+        written.statuses[status.value] = written.statuses.get(status.value, 0) + 1
+        common: dict[str, Any] = dict(
+            bonus_id=bonus_id, customer_id=c.customer_id, amount=c.decision.amount,
+            template=c.decision.template, currency=_currency(d, c.currency),
+            skip_reason=c.decision.skip_reason, skip_detail=c.decision.skip_detail,
+            period_start=c.period_start, period_end=c.period_end, now=now)
+        if status is BonusStatus.SKIPPED:
+            events.append(_event(d, status=status, requires_approval=False, dedup="skipped:1",
+                                 **common))
+            continue
+        manual = status is BonusStatus.CALCULATED
+        events.append(_event(d, status=BonusStatus.CALCULATED, requires_approval=manual,
+                             dedup="calculated:1", **common))
+        if status is BonusStatus.ISSUED:
+            issued.append((bonus_id, c))
+            events.append(_event(d, status=BonusStatus.ISSUED, requires_approval=False,
+                                 dedup="issued", **common))
+    if issued:
+        await conn.execute(
+            """INSERT INTO bonus_ledger (bonus_id, customer_id, definition_id, result_type,
+                                         points_target, amount, template, issue_time)
+               SELECT t.bonus_id, t.customer_id, $1, $2, $3, t.amount, t.template, $4
+                 FROM unnest($5::uuid[], $6::text[], $7::numeric[], $8::text[])
+                      AS t(bonus_id, customer_id, amount, template)
+               ON CONFLICT (bonus_id) DO NOTHING""",
+            d.definition_id, d.result_type.value,
+            d.points_target.value if d.points_target else None, now,
+            [uuid.UUID(b) for b, _ in issued], [c.customer_id for _, c in issued],
+            [c.decision.amount for _, c in issued], [c.decision.template for _, c in issued])
+    written.outbox_job_ids += await _emit_many(conn, events, now=now)
+    written.requests = len(todo)
+    return written
+
+
+# --- results: the approval queue --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    pk: int
+    bonus_id: str
+    definition_id: str
+    customer_id: str
+    status: BonusStatus
+    result_type: str
+    points_target: str | None
+    amount: Decimal | None
+    template: str | None
+    skip_reason: str | None
+    skip_detail: str | None
+    raw_value: str | None
+    currency: str | None
+    period_start: datetime | None
+    period_end: datetime | None
+    aggregates: list[dict[str, Any]]
+    aggregate_kinds: list[str]
+    branch: str | None
+    explanation: str
+    definition_revision: int
+    calculation_count: int
+    calculate_time: datetime
+    decide_time: datetime | None
+    decided_by: str | None
+    reject_reason: str | None
+    source: str = "api"
+
+
+_RESULT_SELECT = """SELECT r.*, d.definition_id, q.source FROM bonus_results r
+                      JOIN bonus_definitions d ON d.id = r.definition_pk
+                      JOIN bonus_requests q ON q.id = r.request_pk"""
+
+
+def _result(row: asyncpg.Record) -> ResultRow:
+    return ResultRow(
+        pk=row["id"], bonus_id=str(row["bonus_id"]), definition_id=row["definition_id"],
+        customer_id=row["customer_id"], status=BonusStatus(row["status"]),
+        result_type=row["result_type"], points_target=row["points_target"],
+        amount=row["amount"], template=row["template"], skip_reason=row["skip_reason"],
+        skip_detail=row["skip_detail"], raw_value=row["raw_value"], currency=row["currency"],
+        period_start=row["period_start"], period_end=row["period_end"],
+        aggregates=list(_json(row["aggregates"])), aggregate_kinds=list(row["aggregate_kinds"]),
+        branch=row["branch"], explanation=row["explanation"],
+        definition_revision=row["definition_revision"],
+        calculation_count=row["calculation_count"], calculate_time=row["calculate_time"],
+        decide_time=row["decide_time"], decided_by=row["decided_by"],
+        reject_reason=row["reject_reason"], source=row["source"])
+
+
+def _bonus_uuid(bonus_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(bonus_id)
+    except ValueError as exc:
+        raise InvalidArgument(f"bonus_id {bonus_id!r} is not a bonus id (a UUID)",
+                              reason="INVALID_ID", metadata={"field": "bonus_id"}) from exc
+
+
+def _result_not_found(bonus_id: str) -> NotFound:
+    return NotFound(f"no bonus result {bonus_id} (results are kept 30 days)",
+                    reason="BONUS_RESULT_NOT_FOUND", metadata={"bonus_id": bonus_id})
+
+
+async def get_result(conn: asyncpg.Connection, bonus_id: str) -> ResultRow:
+    row = await conn.fetchrow(f"{_RESULT_SELECT} WHERE r.bonus_id = $1", _bonus_uuid(bonus_id))
+    if row is None:
+        raise _result_not_found(bonus_id)
+    return _result(row)
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    definition_pk: int | None = None
+    statuses: tuple[BonusStatus, ...] = ()
+    customer_id: str | None = None
+    calculated_after: datetime | None = None
+    calculated_before: datetime | None = None
+
+
+async def list_results(conn: asyncpg.Connection, f: ResultFilter, *, before_pk: int | None,
+                       limit: int) -> list[ResultRow]:
+    """Newest first (by id), strictly before ``before_pk``."""
+    rows = await conn.fetch(
+        f"""{_RESULT_SELECT}
+             WHERE ($1::bigint IS NULL OR r.definition_pk = $1)
+               AND (cardinality($2::text[]) = 0 OR r.status = ANY($2::text[]))
+               AND ($3::text IS NULL OR r.customer_id = $3)
+               AND ($4::timestamptz IS NULL OR r.calculate_time >= $4)
+               AND ($5::timestamptz IS NULL OR r.calculate_time < $5)
+               AND ($6::bigint IS NULL OR r.id < $6)
+             ORDER BY r.id DESC LIMIT $7""",
+        f.definition_pk, [s.value for s in f.statuses], f.customer_id, f.calculated_after,
+        f.calculated_before, before_pk, limit)
+    return [_result(row) for row in rows]
+
+
+async def result_events(conn: asyncpg.Connection, result: ResultRow, *,
+                        limit: int = 500) -> list[EventRecord]:
+    """The customer's events in the result's period, of the kinds its formula reads."""
+    if result.period_start is None or result.period_end is None or not result.aggregate_kinds:
+        return []
+    records = await aggregates_repo.event_records(conn, [result.customer_id],
+                                                  result.period_start, result.period_end)
+    kinds = set(result.aggregate_kinds)
+    return [record for _, record in records if record.kind in kinds][:limit]
+
+
+@dataclass
+class Decided:
+    results: list[ResultRow]
+    outbox_job_ids: list[int]
+
+
+async def decide_results(conn: asyncpg.Connection, bonus_ids: Sequence[str],
+                         target: BonusStatus, *, now: datetime, decided_by: str,
+                         reason: str = "") -> Decided:
+    """Approve (ISSUED: ledger + Issued event) or reject CALCULATED results, all or none.
+    Run inside the caller's transaction."""
+    uuids = [_bonus_uuid(b) for b in bonus_ids]
+    rows = {str(r["bonus_id"]): r for r in await conn.fetch(
+        """SELECT id, bonus_id, status FROM bonus_results WHERE bonus_id = ANY($1::uuid[])
+            ORDER BY id FOR UPDATE""", uuids)}
+    for bonus_id in bonus_ids:
+        found = rows.get(str(_bonus_uuid(bonus_id)))
+        if found is None:
+            raise _result_not_found(bonus_id)
+        check_decision(bonus_id, BonusStatus(found["status"]), target)
+    await conn.execute(
+        """UPDATE bonus_results SET status = $2, decide_time = $3, decided_by = $4,
+                  reject_reason = nullif($5, '')
+            WHERE bonus_id = ANY($1::uuid[])""",
+        uuids, target.value, now, decided_by, reason)
+    decided = Decided(results=[], outbox_job_ids=[])
+    definitions: dict[str, DefinitionRow] = {}
+    for bonus_id in bonus_ids:
+        result = await get_result(conn, bonus_id)
+        decided.results.append(result)
+        if target is not BonusStatus.ISSUED:
+            continue
+        if result.definition_id not in definitions:
+            definitions[result.definition_id] = await get_definition(conn, result.definition_id)
+        d = definitions[result.definition_id].definition
+        await _ledger(conn, d, bonus_id=result.bonus_id, customer_id=result.customer_id,
+                      amount=result.amount, template=result.template, now=now)
+        decided.outbox_job_ids += await _emit(
+            conn, d, bonus_id=result.bonus_id, customer_id=result.customer_id,
+            status=BonusStatus.ISSUED, amount=result.amount, template=result.template,
+            currency=result.currency, skip_reason=None, skip_detail=None,
+            period_start=result.period_start, period_end=result.period_end,
+            requires_approval=False, now=now, dedup="issued")
+    return decided
+
+
+@dataclass(frozen=True)
+class Recalculated:
+    recalculated: int
+    calculated: int
+    skipped: int
+    outbox_job_ids: list[int]
+
+
+async def recalculate(conn: asyncpg.Connection, row: DefinitionRow, *,
+                      now: datetime) -> Recalculated:
+    """Compute every SKIPPED or CALCULATED result of the definition again with its current
+    formula and settings, in place (same bonus id), in the caller's transaction. Results stay
+    in the queue (CALCULATED) even if approval is automatic now: only new results are issued
+    without an operator. A changed result is told again (a new Calculated / Skipped event)."""
+    results = await conn.fetch(
+        """SELECT r.id, r.bonus_id, r.request_pk, r.customer_id, r.calculation_count,
+                  q.period_start, q.period_end
+             FROM bonus_results r JOIN bonus_requests q ON q.id = r.request_pk
+            WHERE r.definition_pk = $1 AND r.status = ANY($2::text[])
+            ORDER BY r.id FOR UPDATE OF r""",
+        row.pk, [s.value for s in RECALCULABLE])
+    if not results:
+        return Recalculated(0, 0, 0, [])
+    compiled = row.compiled()
+    by_request = {r["request_pk"]: r for r in results}
+    computed, _ = await _compute(
+        conn, row, compiled,
+        [_Pending(r["request_pk"], r["customer_id"], r["period_start"], r["period_end"])
+         for r in results], ApprovalMode.MANUAL)
+    d = row.definition
+    counts = {BonusStatus.CALCULATED: 0, BonusStatus.SKIPPED: 0}
+    job_ids: list[int] = []
+    for c in computed:
+        current = by_request[c.request_pk]
+        count = current["calculation_count"] + 1
+        status = c.decision.status
+        counts[status] += 1
+        await conn.execute(
+            """UPDATE bonus_results
+                  SET status = $2, amount = $3, template = $4, skip_reason = $5,
+                      skip_detail = $6, raw_value = $7, aggregates = $8::jsonb,
+                      aggregate_kinds = $9, branch = $10, explanation = $11,
+                      definition_revision = $12, calculation_count = $13, calculate_time = $14,
+                      result_type = $15, points_target = $16, currency = $17
+                WHERE id = $1""",
+            current["id"], status.value, c.decision.amount, c.decision.template,
+            c.decision.skip_reason, c.decision.skip_detail, _raw(c.evaluation),
+            _aggregates_json(compiled, c.evaluation),
+            sorted({spec.kind for spec in compiled.aggregates}), c.evaluation.branch,
+            c.evaluation.explain(), d.revision, count, now, d.result_type.value,
+            d.points_target.value if d.points_target else None, _currency(d, c.currency))
+        job_ids += await _emit(
+            conn, d, bonus_id=str(current["bonus_id"]), customer_id=c.customer_id,
+            status=status, amount=c.decision.amount, template=c.decision.template,
+            currency=_currency(d, c.currency), skip_reason=c.decision.skip_reason,
+            skip_detail=c.decision.skip_detail, period_start=c.period_start,
+            period_end=c.period_end, requires_approval=True, now=now,
+            dedup=f"{status.value.lower()}:{count}")
+    return Recalculated(len(computed), counts[BonusStatus.CALCULATED],
+                        counts[BonusStatus.SKIPPED], job_ids)
+
+
+# --- batches, ledger, retention ----------------------------------------------------------------
+
+
+async def list_batches(conn: asyncpg.Connection, *, definition_pk: int | None,
+                       before_pk: int | None, limit: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch(
+        """SELECT b.*, d.definition_id FROM bonus_batches b
+             JOIN bonus_definitions d ON d.id = b.definition_pk
+            WHERE ($1::bigint IS NULL OR b.definition_pk = $1)
+              AND ($2::bigint IS NULL OR b.id < $2)
+            ORDER BY b.id DESC LIMIT $3""", definition_pk, before_pk, limit))
+
+
+async def list_ledger(conn: asyncpg.Connection, customer_id: str, *, before_pk: int | None,
+                      limit: int) -> list[asyncpg.Record]:
+    """Newest first."""
+    return list(await conn.fetch(
+        """SELECT * FROM bonus_ledger WHERE customer_id = $1
+              AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
+        customer_id, before_pk, limit))
+
+
+async def purge(conn: asyncpg.Connection, *, now: datetime) -> int:
+    """Delete results (and their finished requests) calculated more than 30 days ago. The
+    ledger of issued rewards is kept."""
+    cutoff = now - RETENTION
+    deleted = await conn.fetchval(
+        """WITH gone AS (DELETE FROM bonus_results WHERE calculate_time < $1 RETURNING request_pk)
+           SELECT count(*) FROM gone""", cutoff)
+    await conn.execute(
+        """DELETE FROM bonus_requests q WHERE status = 'DONE' AND request_time < $1
+              AND NOT EXISTS (SELECT 1 FROM bonus_results r WHERE r.request_pk = q.id)""",
+        cutoff)
+    await conn.execute("DELETE FROM bonus_batches WHERE finish_time < $1", cutoff)
+    return int(deleted)
+
+
+# --- triggers: automation rules -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    pk: int
+    rule: Rule
+    event_filter: str
+    qualification_filter: str
+    create_time: datetime
+
+
+def _rule(row: asyncpg.Record) -> RuleRow:
+    qualification = None
+    if row["qualification_kind"] is not None:
+        qualification = Qualification(
+            kind=row["qualification_kind"], min_amount=row["qualification_min"],
+            filters=compile_filter(row["qualification_kind"], row["qualification_filter"],
+                                   field="qualification.filter"))
+    rule = Rule(rule_id=row["rule_id"], definition_id=row["definition_id"],
+                event_kind=row["event_kind"], every=row["every_n"],
+                filters=compile_filter(row["event_kind"], row["event_filter"], field="filter"),
+                qualification=qualification, max_executions=row["max_executions"],
+                period_mode=PeriodMode(row["period_mode"]), period_end=row["period_end"],
+                active=row["active"])
+    return RuleRow(pk=row["id"], rule=rule, event_filter=row["event_filter"],
+                   qualification_filter=row["qualification_filter"],
+                   create_time=row["create_time"])
+
+
+_RULE_SELECT = """SELECT r.*, d.definition_id FROM bonus_rules r
+                    JOIN bonus_definitions d ON d.id = r.definition_pk"""
+
+
+async def insert_rule(conn: asyncpg.Connection, rule: Rule, *, event_filter: str,
+                      qualification_filter: str, now: datetime) -> RuleRow:
+    definition = await get_definition(conn, rule.definition_id)
+    q = rule.qualification
+    pk = await conn.fetchval(
+        """INSERT INTO bonus_rules (rule_id, definition_pk, event_kind, event_filter, every_n,
+                                    qualification_kind, qualification_min, qualification_filter,
+                                    max_executions, period_mode, period_end, active,
+                                    create_time)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+           ON CONFLICT (rule_id) DO NOTHING RETURNING id""",
+        rule.rule_id, definition.pk, rule.event_kind, event_filter, rule.every,
+        q.kind if q else None, q.min_amount if q else None, qualification_filter,
+        rule.max_executions, rule.period_mode.value, rule.period_end, rule.active, now)
+    if pk is None:
+        raise AlreadyExists(f"bonus rule {rule.rule_id!r} already exists",
+                            reason="BONUS_RULE_EXISTS", metadata={"rule_id": rule.rule_id})
+    return await get_rule(conn, rule.rule_id)
+
+
+async def get_rule(conn: asyncpg.Connection, rule_id: str) -> RuleRow:
+    row = await conn.fetchrow(f"{_RULE_SELECT} WHERE r.rule_id = $1", rule_id)
+    if row is None:
+        raise NotFound(f"no bonus rule {rule_id!r}", reason="BONUS_RULE_NOT_FOUND",
+                       metadata={"rule_id": rule_id})
+    return _rule(row)
+
+
+async def set_rule_active(conn: asyncpg.Connection, rule_id: str, active: bool) -> RuleRow:
+    """Pause or resume a rule; customers' progress is kept (events recorded while paused are
+    not counted)."""
+    updated = await conn.fetchval("UPDATE bonus_rules SET active = $2 WHERE rule_id = $1 "
+                                  "RETURNING id", rule_id, active)
+    if updated is None:
+        raise NotFound(f"no bonus rule {rule_id!r}", reason="BONUS_RULE_NOT_FOUND",
+                       metadata={"rule_id": rule_id})
+    return await get_rule(conn, rule_id)
+
+
+async def list_rules(conn: asyncpg.Connection, *, after_id: str | None,
+                     limit: int) -> list[RuleRow]:
+    rows = await conn.fetch(
+        f"""{_RULE_SELECT} WHERE $1::text IS NULL OR r.rule_id > $1
+             ORDER BY r.rule_id LIMIT $2""", after_id, limit)
+    return [_rule(row) for row in rows]
+
+
+def _state(row: asyncpg.Record) -> RuleState:
+    return RuleState(accumulated=row["accumulated"], first_event_at=row["first_event_at"],
+                     last_event_at=row["last_event_at"], qualified_at=row["qualified_at"],
+                     executions=row["executions"], fired=row["fired"])
+
+
+async def on_events_recorded(conn: asyncpg.Connection, kinds: Iterable[str],
+                             external_ids: Sequence[str], *, now: datetime,
+                             default_window: int) -> list[tuple[int, datetime]]:
+    """Run the automation rules over the events this transaction just inserted (a retried
+    event, already stored, is not counted again). Called by RecordEvents inside its
+    transaction; returns the batch jobs to queue after commit."""
+    kinds = sorted(set(kinds))
+    rule_rows = [_rule(r) for r in await conn.fetch(
+        f"""{_RULE_SELECT} WHERE r.active AND (r.event_kind = ANY($1::text[])
+                                              OR r.qualification_kind = ANY($1::text[]))
+             ORDER BY r.id""", kinds)]
+    if not rule_rows:
+        return []
+    relevant = sorted({r.rule.event_kind for r in rule_rows} | {
+        r.rule.qualification.kind for r in rule_rows if r.rule.qualification is not None})
+    # xmin = this transaction: only the rows this call inserted, not duplicates it skipped.
+    rows = await conn.fetch(
+        """SELECT id, customer_id, kind, amount, currency, occurred_at, attributes::text AS a
+             FROM events
+            WHERE external_id = ANY($1::text[]) AND kind = ANY($2::text[])
+              AND xmin = pg_current_xact_id()::xid
+            ORDER BY customer_id, occurred_at, id""", list(external_ids), relevant)
+    by_customer: dict[str, list[EventRecord]] = {}
+    for r in rows:
+        by_customer.setdefault(r["customer_id"], []).append(EventRecord(
+            event_id=r["id"], kind=r["kind"], amount=r["amount"], currency=r["currency"],
+            occurred_at=r["occurred_at"], attributes=typed_attributes(json.loads(r["a"]))))
+    if not by_customer:
+        return []
+    jobs: list[tuple[int, datetime]] = []
+    definitions: dict[str, DefinitionRow] = {}
+    for rule_row in rule_rows:
+        rule = rule_row.rule
+        customers = sorted(by_customer)
+        await conn.execute(
+            """INSERT INTO bonus_rule_states (rule_pk, customer_id)
+               SELECT $1, unnest($2::text[]) ORDER BY 2 ON CONFLICT DO NOTHING""",
+            rule_row.pk, customers)
+        states = {r["customer_id"]: _state(r) for r in await conn.fetch(
+                """SELECT * FROM bonus_rule_states WHERE rule_pk = $1
+                      AND customer_id = ANY($2::text[]) ORDER BY customer_id FOR UPDATE""",
+                rule_row.pk, customers)}
+        requests: list[NewRequest] = []
+        for customer_id in customers:
+            state = states[customer_id]
+            for event in by_customer[customer_id]:
+                state, firing = apply_event(rule, state, event)
+                if firing is not None:
+                    requests.append(NewRequest(
+                        customer_id, f"rule:{rule.rule_id}:{firing.number}/{customer_id}",
+                        firing.period))
+            await conn.execute(
+                """UPDATE bonus_rule_states
+                      SET accumulated = $3, first_event_at = $4, last_event_at = $5,
+                          qualified_at = $6, executions = $7, fired = $8
+                    WHERE rule_pk = $1 AND customer_id = $2""",
+                rule_row.pk, customer_id, state.accumulated, state.first_event_at,
+                state.last_event_at, state.qualified_at, state.executions, state.fired)
+        if requests:
+            if rule.definition_id not in definitions:
+                definitions[rule.definition_id] = await get_definition(conn, rule.definition_id)
+            accepted = await add_requests(conn, definitions[rule.definition_id], requests,
+                                          now=now, default_window=default_window,
+                                          source=f"rule:{rule.rule_id}")
+            if accepted.outbox_job_id is not None:
+                jobs.append((accepted.outbox_job_id, accepted.due_at))
+    return jobs
+
+
+# --- triggers: schedules ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    pk: int
+    schedule: Schedule
+    next_run_at: datetime
+    last_run_at: datetime | None
+
+
+def _schedule(row: asyncpg.Record) -> ScheduleRow:
+    return ScheduleRow(pk=row["id"], schedule=Schedule(
+        schedule_id=row["schedule_id"], definition_id=row["definition_id"],
+        customer_ids=tuple(row["customer_ids"]), weekday=row["weekday"],
+        local_time=row["local_time"], time_zone=row["time_zone"], active=row["active"],
+        campaign_id=row["campaign_id"],
+        since_campaign_entrance=row["since_campaign_entrance"]),
+        next_run_at=row["next_run_at"], last_run_at=row["last_run_at"])
+
+
+_SCHEDULE_SELECT = """SELECT s.*, d.definition_id, c.campaign_id FROM bonus_schedules s
+                        JOIN bonus_definitions d ON d.id = s.definition_pk
+                        LEFT JOIN campaigns c ON c.id = s.campaign_pk"""
+
+
+async def _campaign_customers(conn: asyncpg.Connection, campaign_pk: int) -> list[str]:
+    """A campaign's target group as it stands: every target of an unconditional campaign, the
+    approved ones of a conditional campaign; customers not known here are left out."""
+    rows = await conn.fetch(
+        """SELECT t.customer_id FROM campaign_targets t
+             JOIN campaigns c ON c.id = t.campaign_id
+            WHERE t.campaign_id = $1 AND (NOT c.conditional OR t.approved)
+              AND EXISTS (SELECT 1 FROM customers k WHERE k.customer_id = t.customer_id)
+            ORDER BY t.customer_id""", campaign_pk)
+    return [r["customer_id"] for r in rows]
+
+
+async def insert_schedule(conn: asyncpg.Connection, schedule: Schedule, *,
+                          now: datetime) -> ScheduleRow:
+    definition = await get_definition(conn, schedule.definition_id)
+    campaign_pk = None
+    if schedule.campaign_id:
+        campaign_pk = await conn.fetchval("SELECT id FROM campaigns WHERE campaign_id = $1",
+                                          schedule.campaign_id)
+        if campaign_pk is None:
+            raise NotFound(f"no campaign {schedule.campaign_id!r}", reason="CAMPAIGN_NOT_FOUND",
+                           metadata={"campaign_id": schedule.campaign_id})
+    unknown = sorted(set(schedule.customer_ids) - (await _customers(
+        conn, schedule.customer_ids, properties=False)).keys())
+    if unknown:
+        raise NotFound(f"unknown customers: {', '.join(repr(c) for c in unknown[:10])}",
+                       reason="CUSTOMER_NOT_FOUND", metadata={"customer_id": unknown[0]})
+    pk = await conn.fetchval(
+        """INSERT INTO bonus_schedules (schedule_id, definition_pk, customer_ids, weekday,
+                                        local_time, time_zone, next_run_at, active, create_time,
+                                        campaign_pk, since_campaign_entrance)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+           ON CONFLICT (schedule_id) DO NOTHING RETURNING id""",
+        schedule.schedule_id, definition.pk, list(schedule.customer_ids), schedule.weekday,
+        schedule.local_time, schedule.time_zone, next_run(schedule, now), schedule.active, now,
+        campaign_pk, schedule.since_campaign_entrance)
+    if pk is None:
+        raise AlreadyExists(f"bonus schedule {schedule.schedule_id!r} already exists",
+                            reason="BONUS_SCHEDULE_EXISTS",
+                            metadata={"schedule_id": schedule.schedule_id})
+    row = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.id = $1", pk)
+    return _schedule(row)
+
+
+async def set_schedule_active(conn: asyncpg.Connection, schedule_id: str, active: bool, *,
+                              now: datetime) -> ScheduleRow:
+    """Pause or resume; a resumed schedule next runs at its first time after ``now`` (runs
+    missed while paused are not made up)."""
+    row = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.schedule_id = $1 FOR UPDATE OF s",
+                              schedule_id)
+    if row is None:
+        raise NotFound(f"no bonus schedule {schedule_id!r}", reason="BONUS_SCHEDULE_NOT_FOUND",
+                       metadata={"schedule_id": schedule_id})
+    current = _schedule(row)
+    next_at = current.next_run_at
+    if active and not current.schedule.active:
+        next_at = next_run(current.schedule, now)
+    await conn.execute("UPDATE bonus_schedules SET active = $2, next_run_at = $3 WHERE id = $1",
+                       current.pk, active, next_at)
+    updated = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.id = $1", current.pk)
+    return _schedule(updated)
+
+
+async def list_schedules(conn: asyncpg.Connection, *, after_id: str | None,
+                         limit: int) -> list[ScheduleRow]:
+    rows = await conn.fetch(
+        f"""{_SCHEDULE_SELECT} WHERE $1::text IS NULL OR s.schedule_id > $1
+             ORDER BY s.schedule_id LIMIT $2""", after_id, limit)
+    return [_schedule(row) for row in rows]
+
+
+async def run_due_schedules(pool: asyncpg.Pool, *, now: datetime,
+                            default_window: int) -> list[tuple[int, datetime]]:
+    """Turn every due schedule into requests (one transaction per schedule, SKIP LOCKED so
+    several workers share the work). A run missed while no worker was up happens once, late;
+    the requests are made as of the scheduled time, so periods like "last weekend" resolve the
+    same whenever the run happens. Returns the batch jobs to queue."""
+    jobs: list[tuple[int, datetime]] = []
+    async with pool.acquire() as conn:
+        while True:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    f"""{_SCHEDULE_SELECT} WHERE s.active AND s.next_run_at <= $1
+                         ORDER BY s.next_run_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED""", now)
+                if row is None:
+                    return jobs
+                due = _schedule(row)
+                run_at = due.next_run_at
+                definition = await get_definition(conn, due.schedule.definition_id)
+                key = f"schedule:{due.schedule.schedule_id}:{run_at.isoformat()}"
+                targets = list(due.schedule.customer_ids)
+                period: tuple[datetime, datetime] | None = None
+                if row["campaign_pk"] is not None:
+                    targets = await _campaign_customers(conn, row["campaign_pk"])
+                    if due.schedule.since_campaign_entrance:
+                        entered = await conn.fetchval(
+                            "SELECT executed_at FROM campaigns WHERE id = $1",
+                            row["campaign_pk"])
+                        if entered is None or entered >= run_at:  # not run yet: nobody entered
+                            targets = []
+                        else:
+                            period = (entered, run_at)
+                accepted = Accepted(run_at, run_at, 0, None)
+                if targets:
+                    accepted = await add_requests(
+                        conn, definition, [NewRequest(c, f"{key}/{c}", period) for c in targets],
+                        now=run_at, default_window=default_window,
+                        source=f"schedule:{due.schedule.schedule_id}")
+                await conn.execute(
+                    "UPDATE bonus_schedules SET next_run_at = $2, last_run_at = $3 WHERE id = $1",
+                    due.pk, next_run(due.schedule, max(now, run_at)), run_at)
+                if accepted.outbox_job_id is not None:
+                    jobs.append((accepted.outbox_job_id, accepted.due_at))
