@@ -5,7 +5,6 @@ alerts arriving at a real listener through a real worker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,12 +12,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest
-from arq.connections import RedisSettings
-from arq.connections import create_pool as create_arq_pool
 from grpc import aio
 
 from config.settings import Settings
-from core.clock import SystemClock
 from promo.v1 import codes_pb2 as cpb
 from promo.v1 import codes_pb2_grpc as cpb_grpc
 from promo.v1 import listeners_pb2 as lpb
@@ -27,7 +23,6 @@ from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import promotions_pb2_grpc as ppb_grpc
 from promo.v1 import rewards_pb2 as rpb
 from promo.v1 import rewards_pb2_grpc as rpb_grpc
-from server.app import Dependencies, start_server
 from tests.conftest import Api, rpc_error_reason
 from tests.e2e.code_helpers import (
     code_promotion,
@@ -37,9 +32,9 @@ from tests.e2e.code_helpers import (
     until,
     upload,
 )
+from tests.e2e.live_server import live_server
 from tests.e2e.promo_helpers import get_reward, revoke, reward_type
 from tests.webhook_listener import SECRET, WebhookListener
-from workers.main import build_worker
 
 THRESHOLD, DEPLETED, FALLBACK = 101, 102, 103
 
@@ -47,23 +42,8 @@ THRESHOLD, DEPLETED, FALLBACK = 101, 102, 103
 @pytest.fixture
 async def live(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     """A server and a worker on the real clock (the worker delivers the alerts)."""
-    assert settings.redis_url
-    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-    running = await start_server(settings, Dependencies(pool=pool, clock=SystemClock(),
-                                                        redis=redis))
-    worker = build_worker(settings, handle_signals=False)
-    task = asyncio.create_task(worker.async_run())
-    channel = aio.insecure_channel(running.address)
-    try:
-        yield Api(channel=channel, address=running.address)
-    finally:
-        await channel.close()
-        await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await running.stop(0)
-        await redis.aclose()
+    async with live_server(settings, pool) as api:
+        yield api
 
 
 async def test_flash_sale_codes_fallback_and_alerts(live: Api, pool: asyncpg.Pool) -> None:

@@ -6,7 +6,6 @@ ClearanceRequiredBy the campaign executes and only the approved half can obtain 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -14,23 +13,18 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import grpc
 import pytest
-from arq import create_pool as create_arq_pool
-from arq.connections import RedisSettings
-from grpc import aio
 
 from config.settings import Settings
-from core.clock import SystemClock
 from promo.v1 import campaigns_pb2 as cpb
 from promo.v1 import campaigns_pb2_grpc as cpb_grpc
 from promo.v1 import listeners_pb2 as lpb
 from promo.v1 import listeners_pb2_grpc as lpb_grpc
 from promo.v1 import rewards_pb2 as rpb
-from server.app import Dependencies, start_server
 from tests.conftest import Api, rpc_error_reason
 from tests.e2e.campaign_helpers import all_customers, create_campaign, set_statuses
+from tests.e2e.live_server import live_server
 from tests.e2e.promo_helpers import get_reward, promotion, reward_type
 from tests.webhook_listener import SECRET, WebhookListener
-from workers.main import build_worker
 
 LEAD_SECONDS = 2.0
 
@@ -39,23 +33,8 @@ LEAD_SECONDS = 2.0
 async def live(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     """A server and a worker on the real clock, with a 2-second clearance lead."""
     fast = settings.model_copy(update={"clearance_lead_seconds": LEAD_SECONDS})
-    assert fast.redis_url
-    redis = await create_arq_pool(RedisSettings.from_dsn(fast.redis_url))
-    running = await start_server(fast, Dependencies(pool=pool, clock=SystemClock(),
-                                                    redis=redis))
-    worker = build_worker(fast, handle_signals=False)
-    task = asyncio.create_task(worker.async_run())
-    channel = aio.insecure_channel(running.address)
-    try:
-        yield Api(channel=channel, address=running.address)
-    finally:
-        await channel.close()
-        await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await running.stop(0)
-        await redis.aclose()
+    async with live_server(fast, pool) as api:
+        yield api
 
 
 async def _register(api: Api, url: str, event_type: int) -> None:
