@@ -304,3 +304,25 @@ async def test_pool_settings_are_validated(api: Api) -> None:
     assert rpc_error_reason(caught.value) == "INVALID_CODE_SETTINGS"
     assert "code_alerts[0].remaining_percent must be between 0 and 100" in (
         caught.value.details() or "")
+
+
+async def test_grants_during_uploads_never_share_a_code(api: Api, pool: asyncpg.Pool) -> None:
+    """Uploads replenishing the pool while 300 customers ask at once: every code goes out at
+    most once, the counter equals the codes handed out, and no upload is lost."""
+    await code_promotion(api, "RACE", fallback="FB")
+    await upload(api, "RACE", codes_file("R", 50), "u0")
+
+    async def uploads() -> None:
+        for k in range(1, 6):
+            await upload(api, "RACE", codes_file("R", 50, start=1 + 50 * k), f"u{k}", chunk=97)
+
+    replies, _ = await asyncio.gather(
+        asyncio.gather(*(get_reward(api, f"c{i}", "RACE") for i in range(300))), uploads())
+    codes = [r.grant.promo_code for r in replies if not r.grant.fallback_code]
+    assert len(codes) == len(set(codes))
+    assert all(r.HasField("grant") for r in replies)
+    total, allocated, rows = await pool_counts(pool, "RACE")
+    assert (total, rows) == (300, 300)
+    assert allocated == len(codes)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM grants WHERE promo_code <> 'FB'") == len(codes)
