@@ -40,6 +40,7 @@ Arithmetic uses a 34-digit decimal context (ROUND_HALF_EVEN for inexact quotient
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -438,25 +439,23 @@ class _Builder:
         rest = [(op, self.build(operand), operand) for op, operand in node.rest]
         first_what = f"'{node.rest[0][0]}'" if node.rest else "a calculation"
 
+        steps = [(_ARITHMETIC[op], fn, operand_node, f"'{op}'", op == "/")
+                 for op, fn, operand_node in rest]
+
         def arithmetic(ctx: _Context) -> Value:
-            total = _need_number(first_node, first(ctx), first_what)
-            for op, fn, operand_node in rest:
-                value = _need_number(operand_node, fn(ctx), f"'{op}'")
-                if op == "+":
-                    total = total + value
-                elif op == "-":
-                    total = total - value
-                elif op == "*":
-                    total = total * value
-                elif op == "/":
-                    if value == 0:
-                        raise _SkipSignal(
-                            SkipReason.DIVISION_BY_ZERO,
-                            f"{operand_node.position()}: division by zero",
-                        )
-                    total = total / value
-                else:  # pragma: no cover - validated when building from storage
-                    raise _SkipSignal(SkipReason.TYPE_ERROR, f"unknown operator {op!r}")
+            total = first(ctx)
+            if not isinstance(total, Decimal):
+                total = _need_number(first_node, total, first_what)
+            for apply, fn, operand_node, what, divides in steps:
+                value = fn(ctx)
+                if not isinstance(value, Decimal):
+                    value = _need_number(operand_node, value, what)
+                if divides and value == 0:
+                    raise _SkipSignal(
+                        SkipReason.DIVISION_BY_ZERO,
+                        f"{operand_node.position()}: division by zero",
+                    )
+                total = apply(total, value)
             return total
 
         return arithmetic
@@ -474,31 +473,28 @@ class _Builder:
         right = self._comparison_side(node.right, equality)
         position = node.position()
 
+        what = f"'{op}'"
+        order = _ORDER.get(op)
+
         def compare(ctx: _Context) -> Value:
             a, b = left(ctx), right(ctx)
-            if equality:
-                if a is None or b is None:
-                    return (op == "!=") != (a is None and b is None)
-                if (
-                    isinstance(a, TemplateResult)
-                    or isinstance(b, TemplateResult)
-                    or (_kind(a) != _kind(b))
-                ):
-                    raise _SkipSignal(
-                        SkipReason.TYPE_ERROR,
-                        f"{position}: '{op}' compares {_describe_value(a)} with "
-                        f"{_describe_value(b)}",
-                    )
-                return (a == b) == (op == "==")
-            x = _need_number(node.left, _present(node.left, a), f"'{op}'")
-            y = _need_number(node.right, _present(node.right, b), f"'{op}'")
-            if op == "<":
-                return x < y
-            if op == ">":
-                return x > y
-            if op == "<=":
-                return x <= y
-            return x >= y
+            if order is not None:
+                if type(a) is Decimal and type(b) is Decimal:  # the common case, fast
+                    return order(a, b)
+                x = _need_number(node.left, _present(node.left, a), what)
+                y = _need_number(node.right, _present(node.right, b), what)
+                return order(x, y)
+            if a is None or b is None:
+                return (op == "!=") != (a is None and b is None)
+            if isinstance(a, TemplateResult) or isinstance(b, TemplateResult) or (
+                _kind(a) != _kind(b)
+            ):
+                raise _SkipSignal(
+                    SkipReason.TYPE_ERROR,
+                    f"{position}: '{op}' compares {_describe_value(a)} with "
+                    f"{_describe_value(b)}",
+                )
+            return (a == b) == (op == "==")
 
         return compare
 
@@ -576,6 +572,12 @@ class _Builder:
         )
 
 
+_ARITHMETIC: dict[str, Callable[[Decimal, Decimal], Decimal]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+_ORDER: dict[str, Callable[[Decimal, Decimal], bool]] = {
+    "<": operator.lt, ">": operator.gt, "<=": operator.le, ">=": operator.ge}
+
+
 def _kind(value: Value) -> type:
     return bool if isinstance(value, bool) else type(value)
 
@@ -628,111 +630,103 @@ def build_runner(program: ast.Program, specs: Sequence[AggregateSpec]) -> Runner
     return Runner(builder.build(program.result), builder.labels)
 
 
+def _done(
+    runner: Runner,
+    ctx: _Context,
+    options: ResultOptions,
+    outcome: Outcome,
+    *,
+    amount: Decimal | None = None,
+    template: str | None = None,
+    skip_reason: SkipReason | None = None,
+    skip_detail: str | None = None,
+    raw_value: Decimal | None = None,
+    value_after_rounding: Decimal | None = None,
+    value_after_cap: Decimal | None = None,
+) -> Evaluation:
+    used = ctx.used  # the context ends here: its dict becomes the evaluation's
+    labels = runner.labels
+    return Evaluation(
+        outcome=outcome,
+        amount=amount,
+        template=template,
+        skip_reason=skip_reason,
+        skip_detail=skip_detail,
+        raw_value=raw_value,
+        value_after_rounding=value_after_rounding,
+        value_after_cap=value_after_cap,
+        aggregates_used=used,
+        branch=ctx.branch,
+        decisions=tuple(ctx.decisions),
+        aggregate_labels={k: labels.get(k, k) for k in used},
+        options=options,
+    )
+
+
+def _skipped(
+    runner: Runner,
+    ctx: _Context,
+    options: ResultOptions,
+    reason: SkipReason,
+    detail: str,
+    *,
+    raw_value: Decimal | None = None,
+    value_after_rounding: Decimal | None = None,
+    value_after_cap: Decimal | None = None,
+) -> Evaluation:
+    return _done(runner, ctx, options, Outcome.SKIPPED, skip_reason=reason, skip_detail=detail,
+                 raw_value=raw_value, value_after_rounding=value_after_rounding,
+                 value_after_cap=value_after_cap)
+
+
+def _no_data(ctx: _Context) -> bool:
+    return bool(ctx.used) and all(v.count == 0 for v in ctx.used.values())
+
+
+def _no_data_detail(runner: Runner, ctx: _Context) -> str:
+    names = ", ".join(runner.labels.get(k, k) for k in ctx.used)
+    return f"no events matched {names}"
+
+
 def evaluate_program(
     runner: Runner, inputs: FormulaInputs, options: ResultOptions = DEFAULT_RESULT_OPTIONS
 ) -> Evaluation:
     """Evaluate for one customer and apply the result pipeline described in the module doc."""
     ctx = _Context(inputs)
-
-    def done(
-        outcome: Outcome,
-        *,
-        amount: Decimal | None = None,
-        template: str | None = None,
-        skip_reason: SkipReason | None = None,
-        skip_detail: str | None = None,
-        raw_value: Decimal | None = None,
-        value_after_rounding: Decimal | None = None,
-        value_after_cap: Decimal | None = None,
-    ) -> Evaluation:
-        used = dict(ctx.used)
-        return Evaluation(
-            outcome=outcome,
-            amount=amount,
-            template=template,
-            skip_reason=skip_reason,
-            skip_detail=skip_detail,
-            raw_value=raw_value,
-            value_after_rounding=value_after_rounding,
-            value_after_cap=value_after_cap,
-            aggregates_used=used,
-            branch=ctx.branch,
-            decisions=tuple(ctx.decisions),
-            aggregate_labels={k: runner.labels.get(k, k) for k in used},
-            options=options,
-        )
-
-    def skipped(
-        reason: SkipReason,
-        detail: str,
-        *,
-        raw_value: Decimal | None = None,
-        value_after_rounding: Decimal | None = None,
-        value_after_cap: Decimal | None = None,
-    ) -> Evaluation:
-        return done(
-            Outcome.SKIPPED,
-            skip_reason=reason,
-            skip_detail=detail,
-            raw_value=raw_value,
-            value_after_rounding=value_after_rounding,
-            value_after_cap=value_after_cap,
-        )
-
-    def no_data() -> bool:
-        return bool(ctx.used) and all(v.count == 0 for v in ctx.used.values())
-
-    def no_data_detail() -> str:
-        names = ", ".join(runner.labels.get(k, k) for k in ctx.used)
-        return f"no events matched {names}"
-
     try:
         with localcontext(EVAL_CONTEXT):
             value = runner.fn(ctx)
     except _SkipSignal as signal:
-        if signal.reason is SkipReason.EXPLICIT_SKIP:
-            return skipped(signal.reason, signal.detail)
-        if no_data():
-            return skipped(SkipReason.NO_MATCHING_TRANSACTIONS, no_data_detail())
-        return skipped(signal.reason, signal.detail)
+        if signal.reason is not SkipReason.EXPLICIT_SKIP and _no_data(ctx):
+            return _skipped(runner, ctx, options, SkipReason.NO_MATCHING_TRANSACTIONS,
+                            _no_data_detail(runner, ctx))
+        return _skipped(runner, ctx, options, signal.reason, signal.detail)
     except DecimalException as exc:
-        return skipped(SkipReason.TYPE_ERROR, f"the calculation overflowed ({exc!r})")
+        return _skipped(runner, ctx, options, SkipReason.TYPE_ERROR,
+                        f"the calculation overflowed ({exc!r})")
     if isinstance(value, TemplateResult):
-        return done(Outcome.TEMPLATE, template=value.name)
-    if no_data():
-        return skipped(SkipReason.NO_MATCHING_TRANSACTIONS, no_data_detail())
+        return _done(runner, ctx, options, Outcome.TEMPLATE, template=value.name)
+    if _no_data(ctx):
+        return _skipped(runner, ctx, options, SkipReason.NO_MATCHING_TRANSACTIONS,
+                        _no_data_detail(runner, ctx))
     if not isinstance(value, Decimal):
-        return skipped(
-            SkipReason.TYPE_ERROR,
-            f"the formula gave {_describe_value(value)}, not an amount or a template",
-        )
+        return _skipped(runner, ctx, options, SkipReason.TYPE_ERROR,
+                        f"the formula gave {_describe_value(value)}, not an amount or a template")
     raw = value
     if raw <= 0:
-        detail = f"the calculated value {raw} is not positive"
-        return skipped(SkipReason.ZERO_OR_NEGATIVE, detail, raw_value=raw)
+        return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
+                        f"the calculated value {raw} is not positive", raw_value=raw)
     rounded = apply_rounding(raw, options.rounding, options.decimals, options.factor)
     if rounded <= 0:
-        return skipped(
-            SkipReason.ZERO_OR_NEGATIVE,
-            f"the calculated value {raw} rounds to {rounded}",
-            raw_value=raw,
-            value_after_rounding=rounded,
-        )
+        return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
+                        f"the calculated value {raw} rounds to {rounded}", raw_value=raw,
+                        value_after_rounding=rounded)
     capped = rounded
     if options.cap_amount is not None and capped > options.cap_amount:
         capped = options.cap_amount
     if options.min_allowed is not None and capped < options.min_allowed:
-        return skipped(
-            SkipReason.BELOW_MINIMUM,
-            f"{capped} is below the minimum allowed amount {options.min_allowed}",
-            raw_value=raw,
-            value_after_rounding=rounded,
-            value_after_cap=capped,
-        )
-    return done(
-        Outcome.AMOUNT,
-        amount=capped,
-        raw_value=raw,
-        value_after_rounding=rounded,
-        value_after_cap=capped,
-    )
+        return _skipped(runner, ctx, options, SkipReason.BELOW_MINIMUM,
+                        f"{capped} is below the minimum allowed amount {options.min_allowed}",
+                        raw_value=raw, value_after_rounding=rounded, value_after_cap=capped)
+    return _done(runner, ctx, options, Outcome.AMOUNT, amount=capped, raw_value=raw,
+                 value_after_rounding=rounded, value_after_cap=capped)
