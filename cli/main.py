@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -119,14 +120,45 @@ def up() -> None:
             postgres.stop()
 
 
+@app.command()
+def demo(
+    address: Annotated[str, typer.Option(envvar="PROMO_ADDRESS",
+                                         help="host:port of the gRPC server.")] = "127.0.0.1:50051",
+    api_key: Annotated[str | None, typer.Option(
+        envvar="PROMO_API_KEY", show_default=False,
+        help="Admin API key (default: the local admin key of `promo up`).")] = None,
+    tls: Annotated[bool, typer.Option(envvar="PROMO_TLS",
+                                      help="Use TLS with the system's CAs.")] = False,
+    ca_file: Annotated[Path | None, typer.Option(
+        envvar="PROMO_CA_FILE", exists=True, dir_okay=False,
+        help="PEM CA bundle (implies TLS).")] = None,
+    listen_host: Annotated[str, typer.Option(
+        help="Where the demo's webhook listener listens (the service's worker must reach it)."
+    )] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(envvar="PROMO_TIMEOUT", min=0.1,
+                                           help="Deadline of each call, in seconds.")] = 30.0,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print a JSON summary on stdout at the end (the stories go to stderr)."
+    )] = False,
+) -> None:
+    """Play the seeds' stories against a running service (default: the local `promo up`)."""
+    from cli import demo as demo_module
+    from cli.client import local_admin_key
+    raise typer.Exit(demo_module.main(
+        address, api_key or local_admin_key(), as_json=as_json, listen_host=listen_host,
+        tls=tls, ca_file=ca_file.read_bytes() if ca_file else None, timeout=timeout))
+
+
 def _add_client_commands() -> None:
     """The operator commands that call a running service over gRPC (cli/commands/)."""
     from cli.commands import (
+        bonuses,
         campaigns,
         codes,
         customers,
         formulas,
         listeners,
+        products,
         promotions,
         reward_types,
     )
@@ -137,6 +169,8 @@ def _add_client_commands() -> None:
     app.add_typer(listeners.app, name="listeners")
     app.add_typer(formulas.app, name="formulas")
     app.add_typer(customers.app, name="customers")
+    app.add_typer(bonuses.app, name="bonuses")
+    app.add_typer(products.app, name="products")
 
 
 _add_client_commands()

@@ -12,6 +12,9 @@ import logging
 import signal
 from collections.abc import Callable
 
+from arq.connections import ArqRedis, RedisSettings
+from arq.connections import create_pool as create_arq_pool
+
 from config.settings import DEFAULT_UP_METRICS_PORT, Settings
 from server.app import Dependencies, RunningServer, start_server
 from server.metrics import MetricsEndpoint
@@ -65,6 +68,7 @@ async def run_server(settings: Settings, *,
     worker_task: asyncio.Task[None] | None = None
     worker = None
     endpoint: MetricsEndpoint | None = None
+    redis: ArqRedis | None = None
     try:
         # `promo up` (server and worker in one process) serves metrics by default.
         endpoint = start_metrics(settings, settings.metrics_port,
@@ -72,7 +76,13 @@ async def run_server(settings: Settings, *,
         if settings.migrate_on_start:
             async with pool.acquire() as conn:
                 await migrate(conn)
-        running = await start_server(settings, Dependencies(pool=pool))
+        if settings.redis_url:  # queue outbox jobs at once; without it they wait for the sweeper
+            try:
+                redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+            except Exception as exc:  # best effort, as queue_after_commit: the sweeper catches up
+                log.warning("Redis unreachable: outbox jobs wait for the workers' sweeper",
+                            extra={"error": str(exc)})
+        running = await start_server(settings, Dependencies(pool=pool, redis=redis))
         if endpoint is not None:
             register_promotions_collector(asyncio.get_running_loop(), lambda: pool)
         if with_worker:
@@ -100,6 +110,8 @@ async def run_server(settings: Settings, *,
                 await worker_task
         if endpoint is not None:
             endpoint.close()
+        if redis is not None:
+            await redis.aclose()
         await pool.close()
 
 

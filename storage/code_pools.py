@@ -129,15 +129,25 @@ async def uploads(conn: asyncpg.Connection, promotion_id: int, *, limit: int = 1
     return [Upload(r["id"], r["codes"], r["bytes"], r["uploaded_at"]) for r in rows]
 
 
+def _threshold_as_configured(key: str) -> str:
+    """'remaining:500' -> '500', 'percent:10' -> '10%' (docs/webhooks.md)."""
+    kind, _, value = key.partition(":")
+    return f"{value}%" if kind == "percent" else value
+
+
 def _alert_payload(row: asyncpg.Record) -> dict[str, Any]:
+    """The event's data as docs/webhooks.md lists it for types 101-103."""
     payload: dict[str, Any] = {
         "promotion_code": row["promotion_code"], "alert": row["kind"],
         "remaining": row["remaining"], "total": row["total"],
         "used": row["total"] - row["remaining"], "raised_at": row["raised_at"]}
     if row["kind"] == "THRESHOLD":
-        payload["threshold"] = row["threshold_key"]
+        payload["threshold"] = _threshold_as_configured(row["threshold_key"])
         payload["level"] = row["level"]
-    if row["kind"] in ("DEPLETED", "FALLBACK_ACTIVE"):
+    elif row["kind"] == "DEPLETED":
+        payload["fallback_code_active"] = bool(row["fallback_code"])
+        payload["promotion_paused"] = not row["fallback_code"]
+    else:
         payload["fallback_code"] = row["fallback_code"]
     return payload
 

@@ -107,12 +107,13 @@ async def test_flash_sale_codes_fallback_and_alerts(live: Api, pool: asyncpg.Poo
         [depleted] = events(DEPLETED)
         [took_over] = events(FALLBACK)
         assert threshold["data"]["promotion_code"] == "FLASH48"
-        assert threshold["data"]["threshold"] == "percent:25"
+        assert threshold["data"]["threshold"] == "25%"
         assert (threshold["data"]["level"], threshold["data"]["remaining"],
                 threshold["data"]["total"]) == (50, 50, 200)
-        assert (depleted["data"]["remaining"], depleted["data"]["fallback_code"]) == \
-            (0, "LOYALTY10")
-        assert took_over["data"]["alert"] == "FALLBACK_ACTIVE"
+        assert (depleted["data"]["remaining"], depleted["data"]["fallback_code_active"],
+                depleted["data"]["promotion_paused"]) == (0, True, False)
+        assert (took_over["data"]["alert"], took_over["data"]["fallback_code"]) == \
+            ("FALLBACK_ACTIVE", "LOYALTY10")
     finally:
         await listener.stop()
 

@@ -233,3 +233,104 @@ def test_batch_event_bodies_are_the_envelopes_bytes() -> None:
     theirs = Envelope(event_id="e1", event_type=EventType.BONUS_CALCULATED, occurred_at=NOW,
                       data=data).body().decode()
     assert ours == theirs
+
+
+async def test_two_writers_crashing_mid_batch_lose_nothing_and_issue_nothing_twice(
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large batch writes on two connections at once; one failing chunk stops both, and
+    whatever committed is whole (result, DONE request, ledger entry, events together)."""
+    row = await setup(pool, definition(), 9)
+    await add(pool, row, [f"c{i}" for i in range(9)], "r1")
+    monkeypatch.setattr(repo, "WRITE_CHUNK", 2)
+    monkeypatch.setattr(repo, "PARALLEL_WRITES_FROM", 2)
+    real_emit = repo._emit_many
+    calls = 0
+
+    async def failing_emit(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise ConnectionError("worker lost its database connection")
+        return await real_emit(*args, **kw)
+
+    monkeypatch.setattr(repo, "_emit_many", failing_emit)
+    with pytest.raises(ConnectionError):
+        await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=5))
+    results = await count(pool, "SELECT count(*) FROM bonus_results")
+    assert 2 <= results <= 6 and results % 2 == 0  # whole chunks of 2, never the failed one
+    assert await count(pool, "SELECT count(*) FROM bonus_ledger") == results
+    assert await count(pool, "SELECT count(*) FROM webhook_events") == 2 * results
+    assert await count(pool, """SELECT count(*) FROM bonus_requests q
+                                 WHERE (q.status = 'DONE') <> EXISTS (
+                                       SELECT 1 FROM bonus_results r WHERE r.request_pk = q.id)
+                             """) == 0
+    monkeypatch.setattr(repo, "_emit_many", real_emit)
+    report = await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=6))
+    assert report.requests == 9 - results
+    assert report.statuses == {"ISSUED": 9 - results}
+    assert await count(pool, "SELECT count(*) FROM bonus_results") == 9
+    assert await count(pool, "SELECT count(DISTINCT request_pk) FROM bonus_results") == 9
+    assert await count(pool, "SELECT count(DISTINCT bonus_id) FROM bonus_ledger") == 9
+    assert await count(pool, "SELECT count(*) FROM webhook_events") == 18
+    assert await count(pool,
+                       "SELECT count(*) FROM bonus_requests WHERE status = 'PENDING'") == 0
+    async with pool.acquire() as conn:
+        amounts = [r["amount"] for r in await conn.fetch(
+            "SELECT amount FROM bonus_ledger ORDER BY amount")]
+    assert amounts == [Decimal(i) for i in range(1, 10)]
+
+
+def test_generated_bonus_and_event_ids_are_random_version_4_uuids() -> None:
+    import uuid
+
+    ids = repo._uuid4s(500)
+    assert len(set(ids)) == 500
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+
+
+def test_stored_aggregates_are_what_json_dumps_gave() -> None:
+    """_aggregates_json is built from fragments; the jsonb it stores must hold exactly what
+    the plain json.dumps of the same list held."""
+    import json
+
+    from core.formula import AggregateValue, FormulaInputs, ResultOptions
+
+    _, compiled = validate_definition(definition(
+        formula='if count(deposit) > 5 then sum(bet.amount where game != "Rou\\"lette") '
+                'else sum(win.amount) * 2'))
+    keys = {spec.describe(): spec.key for spec in compiled.aggregates}
+    evaluation = compiled.evaluate(FormulaInputs(
+        aggregates={keys['sum(bet.amount where game != "Rou\\"lette")']:
+                    AggregateValue(Decimal("12.500000"), 3),
+                    keys["sum(win.amount)"]: AggregateValue(Decimal("0.250000"), 1),
+                    keys["count(deposit)"]: AggregateValue(Decimal("2"), 2)},
+        properties={}, currency="EUR"), ResultOptions())
+    assert len(evaluation.aggregates_used) == 2  # one aggregate is not read: "read": false
+    expected = []
+    for spec in compiled.aggregates:
+        value = evaluation.aggregates_used.get(spec.key)
+        expected.append({"key": spec.key, "description": spec.describe(),
+                         "value": None if value is None or value.value is None
+                         else format(value.value, "f"),
+                         "count": 0 if value is None else value.count,
+                         "read": value is not None})
+    assert json.loads(repo._aggregates_json(compiled, evaluation)) == expected
+
+
+async def test_a_pool_of_one_connection_computes_then_writes(pool: asyncpg.Pool,
+                                                             settings: Settings) -> None:
+    """No second connection for a writer: the batch still completes, in the same chunks."""
+    from storage.db import create_pool
+
+    row = await setup(pool, definition(), 3)
+    await add(pool, row, ["c0", "c1", "c2"], "r1")
+    assert settings.database_url is not None
+    single = await create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        report = await repo.run_batch(single, row.pk, NOW, now=NOW + timedelta(minutes=5))
+    finally:
+        await single.close()
+    assert (report.requests, report.statuses) == (3, {"ISSUED": 3})
+    assert await count(pool, "SELECT count(*) FROM bonus_ledger") == 3
