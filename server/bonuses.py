@@ -45,7 +45,7 @@ from promo.v1 import formulas_pb2 as fpb
 from server.auth import current_principal
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
-from server.formulas import _RELATIVE, _period
+from server.formulas import RELATIVE_FROM_PB, period_from_pb
 from server.promotion_convert import ROUNDING_FROM_PB, ROUNDING_TO_PB
 from storage import bonuses as repo
 from storage.queue import queue_after_commit
@@ -86,7 +86,7 @@ _STATUS = {pb.BONUS_STATUS_SKIPPED: BonusStatus.SKIPPED,
            pb.BONUS_STATUS_ISSUED: BonusStatus.ISSUED,
            pb.BONUS_STATUS_REJECTED: BonusStatus.REJECTED}
 _STATUS_PB = {v: k for k, v in _STATUS.items()}
-_RELATIVE_PB = {v: k for k, v in _RELATIVE.items()}
+_RELATIVE_PB = {v: k for k, v in RELATIVE_FROM_PB.items()}
 _UNITS_PB = {"hours": fpb.TIME_UNIT_HOURS, "days": fpb.TIME_UNIT_DAYS}
 _PERIOD_MODE = {pb.RULE_PERIOD_MODE_DEFINITION: PeriodMode.DEFINITION,
                 pb.RULE_PERIOD_MODE_FIRST_TO_LAST: PeriodMode.FIRST_TO_LAST,
@@ -124,7 +124,7 @@ def to_domain(m: pb.BonusDefinition) -> BonusDefinition:
         rounding_factor=parse_decimal(m.rounding_factor, field="rounding_factor",
                                       allow_empty=True),
         data_mode=data_mode,
-        period=_period(m.period) if m.HasField("period") else None,
+        period=period_from_pb(m.period) if m.HasField("period") else None,
         approval_mode=_required(_APPROVAL, m.approval_mode, "approval_mode", _names(_APPROVAL)),
         batch_window_seconds=m.batch_window_seconds or None,
         skipped_message=m.skipped_message, calculated_message=m.calculated_message,

@@ -30,7 +30,8 @@ async def dispatch_now(deps: Dependencies) -> int:
 
 
 class AlertDispatcher:
-    """Runs ``dispatch_now`` in the background, at most one at a time per server."""
+    """Runs ``dispatch_now`` in the background, one pass at a time per servicer (passes of
+    several servicers or servers at once are safe: each takes other alerts, SKIP LOCKED)."""
 
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps

@@ -13,7 +13,6 @@ import asyncpg
 from grpc import aio
 
 from core import customers as domain
-from core.clock import Clock
 from core.errors import InvalidArgument
 from core.money import format_decimal
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
@@ -102,10 +101,10 @@ def _raise_event_problems(problems: list[domain.Problem]) -> None:
 
 
 class CustomerServicer(pb_grpc.CustomerServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, clock: Clock, deps: Dependencies | None = None) -> None:
-        self._pool = pool
-        self._clock = clock
+    def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
+        self._pool = deps.pool
+        self._clock = deps.clock
 
     async def UpsertCustomers(self, request: pb.UpsertCustomersRequest,
                               context: aio.ServicerContext) -> pb.UpsertCustomersResponse:
@@ -173,14 +172,13 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
 
         bonus_jobs: list[tuple[int, datetime]] = []
         raw = await run_request_once(self._pool, "RecordEvents", request, work)
-        if self._deps is not None:
-            for job_id, due in bonus_jobs:
-                await queue_after_commit(self._deps.redis, job_id=job_id, due_at=due,
-                                         queue_name=self._deps.queue_name)
+        for job_id, due in bonus_jobs:
+            await queue_after_commit(self._deps.redis, job_id=job_id, due_at=due,
+                                     queue_name=self._deps.queue_name)
         return pb.RecordEventsResponse.FromString(raw)
 
     def _bonus_window(self) -> int:
-        settings = self._deps.settings if self._deps else None
+        settings = self._deps.settings
         return settings.bonus_batch_window_seconds if settings else 300
 
     async def ListCustomerEvents(self, request: pb.ListCustomerEventsRequest,
@@ -223,5 +221,4 @@ def _check_customer_id(customer_id: str) -> None:
 
 
 def register(server: aio.Server, deps: Dependencies) -> None:
-    pb_grpc.add_CustomerServiceServicer_to_server(
-        CustomerServicer(deps.pool, deps.clock, deps), server)
+    pb_grpc.add_CustomerServiceServicer_to_server(CustomerServicer(deps), server)

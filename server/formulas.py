@@ -38,11 +38,11 @@ from storage import customers as customers_repo
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FormulaService"].full_name
 ROLES = {f"/{SERVICE_NAME}/ValidateFormula": {"admin"},
          f"/{SERVICE_NAME}/DryRunFormula": {"admin"}}
-_RELATIVE = {pb.RELATIVE_KIND_LAST_FULL_DAY: RelativeKind.LAST_FULL_DAY,
-             pb.RELATIVE_KIND_LAST_FULL_WEEK: RelativeKind.LAST_FULL_WEEK,
-             pb.RELATIVE_KIND_LAST_FULL_MONTH: RelativeKind.LAST_FULL_MONTH,
-             pb.RELATIVE_KIND_LAST_WEEKEND: RelativeKind.LAST_WEEKEND,
-             pb.RELATIVE_KIND_TODAY_SO_FAR: RelativeKind.TODAY_SO_FAR}
+RELATIVE_FROM_PB = {pb.RELATIVE_KIND_LAST_FULL_DAY: RelativeKind.LAST_FULL_DAY,
+                    pb.RELATIVE_KIND_LAST_FULL_WEEK: RelativeKind.LAST_FULL_WEEK,
+                    pb.RELATIVE_KIND_LAST_FULL_MONTH: RelativeKind.LAST_FULL_MONTH,
+                    pb.RELATIVE_KIND_LAST_WEEKEND: RelativeKind.LAST_WEEKEND,
+                    pb.RELATIVE_KIND_TODAY_SO_FAR: RelativeKind.TODAY_SO_FAR}
 _OUTCOMES = {Outcome.AMOUNT: pb.DRY_RUN_OUTCOME_AMOUNT,
              Outcome.TEMPLATE: pb.DRY_RUN_OUTCOME_TEMPLATE,
              Outcome.SKIPPED: pb.DRY_RUN_OUTCOME_SKIPPED}
@@ -69,7 +69,8 @@ def _compile(source: str, variables: list[pb.FormulaVariable]) -> CompiledFormul
     return compile_formula(source, variables=_variables(variables))
 
 
-def _period(message: pb.TransactionPeriod) -> Period:
+def period_from_pb(message: pb.TransactionPeriod) -> Period:
+    """A TransactionPeriod message as the domain's Period (also used by the bonus service)."""
     which = message.WhichOneof("period")
     if which == "fixed":
         return FixedPeriod(message.fixed.start.ToDatetime(UTC), message.fixed.end.ToDatetime(UTC))
@@ -82,7 +83,7 @@ def _period(message: pb.TransactionPeriod) -> Period:
         return TimeBackPeriod(message.time_back.amount,
                               units[message.time_back.unit])  # type: ignore[arg-type]
     if which == "relative":
-        kind = _RELATIVE.get(message.relative.kind)
+        kind = RELATIVE_FROM_PB.get(message.relative.kind)
         if kind is None:
             raise InvalidArgument("period.relative.kind is required", reason="INVALID_PERIOD",
                                   metadata={"field": "period.relative.kind"})
@@ -124,7 +125,7 @@ class FormulaServicer(pb_grpc.FormulaServiceServicer):
             customer = await customers_repo.get(conn, request.customer_id)
             found = {}
             if compiled.aggregates:
-                window = resolve_period(_period(request.period), now=now,
+                window = resolve_period(period_from_pb(request.period), now=now,
                                         customer_time_zone=customer.time_zone)
                 response.window_start.CopyFrom(timestamp(window.start))
                 response.window_end.CopyFrom(timestamp(window.end))

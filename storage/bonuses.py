@@ -77,7 +77,7 @@ from core.rounding import RoundingMode
 from storage import aggregates as aggregates_repo
 from storage import outbox
 from storage.customers import decode_properties
-from storage.webhooks import DELIVER_KIND, OUTBOX_MAX_ATTEMPTS, emit_event
+from storage.webhooks import EventRow, emit_event, emit_events
 
 BATCH_JOB_KIND = "bonus.batch"
 # A batch must not give up during a long database outage (its requests would wait for the next
@@ -700,38 +700,6 @@ async def _emit(conn: asyncpg.Connection, d: BonusDefinition, **kw: Any) -> list
     return [] if emitted is None else list(emitted.outbox_job_ids)
 
 
-# Many events in one statement: storage.webhooks.emit_event's statement over arrays (same
-# tables, same semantics: dedup key, one delivery and outbox job per active listener of the
-# type). A batch emits one or two events per result; one statement per chunk instead of one per
-# event is what keeps the batch's writes near the cost of its read.
-_EMIT_MANY_SQL = """
-WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::text[])
-                  WITH ORDINALITY AS t(event_id, event_type, dedup_key, body, n)),
-event AS (
-    INSERT INTO webhook_events (event_id, event_type, dedup_key, body, occurred_at, deliver_by)
-    SELECT event_id, event_type, dedup_key, body, $5, NULL FROM input ORDER BY n
-    ON CONFLICT (dedup_key) DO NOTHING
-    RETURNING id, event_type),
-targets AS MATERIALIZED (
-    SELECT nextval('webhook_deliveries_id_seq') AS delivery_id, l.id AS listener_id,
-           e.id AS event_pk
-      FROM event e JOIN webhook_listeners l ON l.event_type = e.event_type AND l.active
-     ORDER BY e.id, l.id),
-jobs AS (
-    INSERT INTO outbox_jobs (kind, payload, due_at, max_attempts)
-    SELECT $6, jsonb_build_object('delivery_id', t.delivery_id), $5, $7 FROM targets t
-    RETURNING id, (payload ->> 'delivery_id')::bigint AS delivery_id),
-deliveries AS (
-    INSERT INTO webhook_deliveries (id, event_id, listener_id, outbox_job_id, run_started_at,
-                                    deliver_by)
-    SELECT t.delivery_id, t.event_pk, t.listener_id, j.id, $5, NULL
-      FROM targets t JOIN jobs j USING (delivery_id)
-    RETURNING id)
-SELECT coalesce((SELECT array_agg(id ORDER BY id) FROM jobs), '{}'::bigint[]) AS job_ids
-"""
-
-
 def _body(event_id: str, event_type: EventType, occurred_at: datetime | str,
           data: dict[str, Any]) -> str:
     """core.events.Envelope's body, byte for byte (``occurred_at`` may come as its isoformat),
@@ -785,17 +753,6 @@ def _uuid4s(count: int) -> list[str]:
     return out
 
 
-async def _emit_many(conn: asyncpg.Connection, events: Sequence[tuple[str, int, str, str]], *,
-                     now: datetime) -> list[int]:
-    """Many events (id, type, dedup key, body) in one statement."""
-    if not events:
-        return []
-    job_ids = await conn.fetchval(
-        _EMIT_MANY_SQL, [e[0] for e in events], [e[1] for e in events],
-        [e[2] for e in events], [e[3] for e in events], now, DELIVER_KIND, OUTBOX_MAX_ATTEMPTS)
-    return list(job_ids)
-
-
 def _currency(d: BonusDefinition, currency: str | None) -> str | None:
     return currency if d.result_type is ResultType.AMOUNT else None
 
@@ -836,7 +793,7 @@ class _Prepared:
 
     chunk: Sequence[Computed]
     records: list[tuple[Any, ...]]  # bonus_results_staging rows, one per request
-    events: list[list[tuple[str, int, str, str]]]  # per request: (id, type, dedup key, body)
+    events: list[list[EventRow]]  # per request
 
 
 def _prepare_results(row: DefinitionRow, compiled: CompiledFormula, chunk: Sequence[Computed],
@@ -879,8 +836,8 @@ def _prepare_results(row: DefinitionRow, compiled: CompiledFormula, chunk: Seque
         rows = []
         for event_type, dedup, data in built:
             event_id = next(event_ids)
-            rows.append((event_id, int(event_type), f"bonus:{bonus_id}:{dedup}",
-                         _body(event_id, event_type, occurred_at, data)))
+            rows.append(EventRow(event_id, int(event_type), f"bonus:{bonus_id}:{dedup}",
+                                 _body(event_id, event_type, occurred_at, data)))
         events.append(rows)
     return _Prepared(chunk, records, events)
 
@@ -946,7 +903,7 @@ async def _write_results(conn: asyncpg.Connection, row: DefinitionRow,
             [b for b, _ in issued], [c.customer_id for _, c in issued],
             [c.decision.amount for _, c in issued], [c.decision.template for _, c in issued])
     events = [e for i in keep for e in prepared.events[i]]
-    written.outbox_job_ids += await _emit_many(conn, events, now=now)
+    written.outbox_job_ids += (await emit_events(conn, events, now=now))[1]
     written.requests = len(todo)
     return written
 

@@ -173,9 +173,3 @@ async def dispatch_alerts(conn: asyncpg.Connection, now: datetime) -> list[int]:
         await conn.execute("UPDATE code_pool_alerts SET emitted_at = $2 WHERE id = ANY($1)",
                            [row["id"] for row in rows], now)
     return job_ids
-
-
-async def pending_alerts(conn: asyncpg.Connection) -> int:
-    count: int = await conn.fetchval(
-        "SELECT count(*) FROM code_pool_alerts WHERE emitted_at IS NULL")
-    return count

@@ -18,6 +18,7 @@ dies, the job is due again when the lease runs out and the sweeper queues it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -167,18 +168,23 @@ class AttemptResult:
 
 # Events.
 
+# Events in one statement, one or many: each event's row (a dedup key already seen: nothing),
+# then a delivery and its outbox job for each active listener of its type.
 _EMIT_SQL = """
-WITH event AS (
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::text[])
+                  WITH ORDINALITY AS t(event_id, event_type, dedup_key, body, n)),
+event AS (
     INSERT INTO webhook_events (event_id, event_type, dedup_key, body, occurred_at, deliver_by)
-    VALUES ($1, $2, $3, $4, $5, $6)
+    SELECT event_id, event_type, dedup_key, body, $5, $6 FROM input ORDER BY n
     ON CONFLICT (dedup_key) DO NOTHING
-    RETURNING id),
+    RETURNING id, event_type),
 targets AS MATERIALIZED (
     -- delivery ids are drawn first so the outbox payload can carry them
-    SELECT nextval('webhook_deliveries_id_seq') AS delivery_id, l.id AS listener_id
-      FROM webhook_listeners l, event
-     WHERE l.event_type = $2 AND l.active
-     ORDER BY l.id),
+    SELECT nextval('webhook_deliveries_id_seq') AS delivery_id, l.id AS listener_id,
+           e.id AS event_pk
+      FROM event e JOIN webhook_listeners l ON l.event_type = e.event_type AND l.active
+     ORDER BY e.id, l.id),
 jobs AS (
     INSERT INTO outbox_jobs (kind, payload, due_at, max_attempts)
     SELECT $7, jsonb_build_object('delivery_id', t.delivery_id), $5, $8 FROM targets t
@@ -186,13 +192,38 @@ jobs AS (
 deliveries AS (
     INSERT INTO webhook_deliveries (id, event_id, listener_id, outbox_job_id, run_started_at,
                                     deliver_by)
-    SELECT t.delivery_id, event.id, t.listener_id, j.id, $5, $6
-      FROM targets t JOIN jobs j USING (delivery_id) CROSS JOIN event
+    SELECT t.delivery_id, t.event_pk, t.listener_id, j.id, $5, $6
+      FROM targets t JOIN jobs j USING (delivery_id)
     RETURNING id)
-SELECT (SELECT id FROM event) AS event_pk,
-       coalesce((SELECT array_agg(id ORDER BY id) FROM jobs), '{}'::bigint[]) AS job_ids,
-       (SELECT count(*) FROM deliveries) AS deliveries
+SELECT (SELECT count(*) FROM event) AS events,
+       coalesce((SELECT array_agg(id ORDER BY id) FROM jobs), '{}'::bigint[]) AS job_ids
 """
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One event ready to record: its id, type, dedup key (or None) and envelope body."""
+
+    event_id: str
+    event_type: int
+    dedup_key: str | None
+    body: str
+
+
+async def emit_events(conn: asyncpg.Connection, events: Sequence[EventRow], *, now: datetime,
+                      deliver_by: datetime | None = None, max_attempts: int | None = None
+                      ) -> tuple[int, list[int]]:
+    """Record already-built events in one statement (see :func:`emit_event` for what that
+    means); returns (events recorded, outbox job ids to queue after commit). Batches use it
+    directly to emit thousands of events per statement."""
+    if not events:
+        return 0, []
+    row = await conn.fetchrow(
+        _EMIT_SQL, [e.event_id for e in events], [e.event_type for e in events],
+        [e.dedup_key for e in events], [e.body for e in events], now, deliver_by,
+        DELIVER_KIND, max_attempts or OUTBOX_MAX_ATTEMPTS)
+    assert row is not None
+    return row["events"], list(row["job_ids"])
 
 
 async def emit_event(
@@ -227,13 +258,12 @@ async def emit_event(
         raise ValueError("max_attempts must be at least 1")
     event_id = str(uuid.uuid4())
     body = Envelope(event_id=event_id, event_type=kind, occurred_at=now, data=payload).body()
-    row = await conn.fetchrow(
-        _EMIT_SQL, uuid.UUID(event_id), int(kind), dedup_key, body.decode(), now, deliver_by,
-        DELIVER_KIND, max_attempts or OUTBOX_MAX_ATTEMPTS)
-    assert row is not None
-    if row["event_pk"] is None:
+    recorded, job_ids = await emit_events(
+        conn, [EventRow(event_id, int(kind), dedup_key, body.decode())], now=now,
+        deliver_by=deliver_by, max_attempts=max_attempts)
+    if not recorded:
         return None
-    return EmittedEvent(event_id=event_id, outbox_job_ids=list(row["job_ids"]))
+    return EmittedEvent(event_id=event_id, outbox_job_ids=job_ids)
 
 
 # Listeners.

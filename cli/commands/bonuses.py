@@ -27,7 +27,7 @@ from cli.client import (
     request_id,
     to_dict,
 )
-from cli.commands.formulas import _period as period_from_flags
+from cli.commands.formulas import period_from_flags
 from cli.options import AllOpt, JsonOpt, PageSizeOpt, PageTokenOpt, RequestIdOpt
 from cli.output import console, show_message, show_rows
 from promo.v1 import bonuses_pb2 as pb

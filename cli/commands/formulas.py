@@ -55,7 +55,7 @@ def validate(ctx: typer.Context, source: SourceOpt = None, file: FileOpt = None,
     show_message(response)
 
 
-def _period(days: int | None, hours: int | None, relative: str | None,
+def period_from_flags(days: int | None, hours: int | None, relative: str | None,
             time_zone: str) -> pb.TransactionPeriod | None:
     given = [p for p in (days, hours, relative) if p is not None]
     if len(given) > 1:
@@ -100,7 +100,7 @@ def dry_run(
         rounding=enum_value(ppb.RoundingMode, "ROUNDING_MODE_", rounding, "--rounding"),  # type: ignore[arg-type]
         decimals=decimals, rounding_factor=rounding_factor, cap_amount=cap_amount,
         min_allowed=min_allowed)
-    period = _period(days, hours, relative, time_zone)
+    period = period_from_flags(days, hours, relative, time_zone)
     if period is not None:
         request.period.CopyFrom(period)
     response = call(ctx, STUB, "DryRunFormula", request)

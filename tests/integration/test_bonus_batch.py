@@ -108,7 +108,7 @@ async def test_a_crash_mid_batch_loses_nothing_and_issues_nothing_twice(
     row = await setup(pool, definition(), 5)
     await add(pool, row, [f"c{i}" for i in range(5)], "r1")
     monkeypatch.setattr(repo, "WRITE_CHUNK", 2)
-    real_emit = repo._emit_many
+    real_emit = repo.emit_events
     calls = 0
 
     async def failing_emit(*args: Any, **kw: Any) -> Any:
@@ -118,14 +118,14 @@ async def test_a_crash_mid_batch_loses_nothing_and_issues_nothing_twice(
             raise ConnectionError("worker lost its database connection")
         return await real_emit(*args, **kw)
 
-    monkeypatch.setattr(repo, "_emit_many", failing_emit)
+    monkeypatch.setattr(repo, "emit_events", failing_emit)
     with pytest.raises(ConnectionError):
         await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=5))
     assert await count(pool, "SELECT count(*) FROM bonus_results") == 2  # the 1st chunk
     assert await count(pool, "SELECT count(*) FROM bonus_ledger") == 2
     assert await count(pool,
                        "SELECT count(*) FROM bonus_requests WHERE status = 'PENDING'") == 3
-    monkeypatch.setattr(repo, "_emit_many", real_emit)
+    monkeypatch.setattr(repo, "emit_events", real_emit)
     report = await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=6))
     assert report.requests == 3
     assert await count(pool, "SELECT count(*) FROM bonus_results") == 5
@@ -243,7 +243,7 @@ async def test_two_writers_crashing_mid_batch_lose_nothing_and_issue_nothing_twi
     await add(pool, row, [f"c{i}" for i in range(9)], "r1")
     monkeypatch.setattr(repo, "WRITE_CHUNK", 2)
     monkeypatch.setattr(repo, "PARALLEL_WRITES_FROM", 2)
-    real_emit = repo._emit_many
+    real_emit = repo.emit_events
     calls = 0
 
     async def failing_emit(*args: Any, **kw: Any) -> Any:
@@ -253,7 +253,7 @@ async def test_two_writers_crashing_mid_batch_lose_nothing_and_issue_nothing_twi
             raise ConnectionError("worker lost its database connection")
         return await real_emit(*args, **kw)
 
-    monkeypatch.setattr(repo, "_emit_many", failing_emit)
+    monkeypatch.setattr(repo, "emit_events", failing_emit)
     with pytest.raises(ConnectionError):
         await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=5))
     results = await count(pool, "SELECT count(*) FROM bonus_results")
@@ -264,7 +264,7 @@ async def test_two_writers_crashing_mid_batch_lose_nothing_and_issue_nothing_twi
                                  WHERE (q.status = 'DONE') <> EXISTS (
                                        SELECT 1 FROM bonus_results r WHERE r.request_pk = q.id)
                              """) == 0
-    monkeypatch.setattr(repo, "_emit_many", real_emit)
+    monkeypatch.setattr(repo, "emit_events", real_emit)
     report = await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=6))
     assert report.requests == 9 - results
     assert report.statuses == {"ISSUED": 9 - results}
