@@ -47,6 +47,7 @@ from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from server.formulas import RELATIVE_FROM_PB, period_from_pb
 from server.promotion_convert import ROUNDING_FROM_PB, ROUNDING_TO_PB
+from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo
 from storage.queue import queue_after_commit
 
@@ -229,7 +230,7 @@ def rule_from_pb(m: pb.BonusRule) -> Rule:
         period_end=m.period_end.ToDatetime(UTC) if m.HasField("period_end") else None))
 
 
-def rule_to_pb(r: repo.RuleRow) -> pb.BonusRule:
+def rule_to_pb(r: triggers_repo.RuleRow) -> pb.BonusRule:
     q = r.rule.qualification
     return pb.BonusRule(
         rule_id=r.rule.rule_id, definition_id=r.rule.definition_id,
@@ -256,7 +257,7 @@ def schedule_from_pb(m: pb.BonusSchedule) -> Schedule:
         since_campaign_entrance=m.since_campaign_entrance))
 
 
-def schedule_to_pb(r: repo.ScheduleRow) -> pb.BonusSchedule:
+def schedule_to_pb(r: triggers_repo.ScheduleRow) -> pb.BonusSchedule:
     s = r.schedule
     return pb.BonusSchedule(
         schedule_id=s.schedule_id, definition_id=s.definition_id,
@@ -286,7 +287,7 @@ class TriggerServicer:
         now = self._deps.clock.now()
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await repo.insert_rule(conn, rule, event_filter=request.rule.filter,
+            row = await triggers_repo.insert_rule(conn, rule, event_filter=request.rule.filter,
                                          qualification_filter=request.rule.qualification_filter,
                                          now=now)
             return pb.CreateBonusRuleResponse(rule=rule_to_pb(row)).SerializeToString()
@@ -297,7 +298,7 @@ class TriggerServicer:
     async def GetBonusRule(self, request: pb.GetBonusRuleRequest,
                            context: aio.ServicerContext) -> pb.GetBonusRuleResponse:
         async with self._pool.acquire() as conn:
-            row = await repo.get_rule(conn, request.rule_id)
+            row = await triggers_repo.get_rule(conn, request.rule_id)
         return pb.GetBonusRuleResponse(rule=rule_to_pb(row))
 
     async def ListBonusRules(self, request: pb.ListBonusRulesRequest,
@@ -306,7 +307,7 @@ class TriggerServicer:
         cursor = decode_page_token(request.page_token, {})
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
-            rows = await repo.list_rules(conn, after_id=after, limit=size + 1)
+            rows = await triggers_repo.list_rules(conn, after_id=after, limit=size + 1)
         page, more = rows[:size], len(rows) > size
         token = encode_page_token([page[-1].rule.rule_id], {}) if more else ""
         return pb.ListBonusRulesResponse(rules=[rule_to_pb(r) for r in page],
@@ -317,7 +318,8 @@ class TriggerServicer:
         _only_active(list(request.update_mask.paths))
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await repo.set_rule_active(conn, request.rule.rule_id, request.rule.active)
+            row = await triggers_repo.set_rule_active(conn, request.rule.rule_id,
+                                                      request.rule.active)
             return pb.UpdateBonusRuleResponse(rule=rule_to_pb(row)).SerializeToString()
 
         raw = await run_request_once(self._pool, "UpdateBonusRule", request, work)
@@ -330,7 +332,7 @@ class TriggerServicer:
         now = self._deps.clock.now()
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await repo.set_schedule_active(conn, request.schedule.schedule_id,
+            row = await triggers_repo.set_schedule_active(conn, request.schedule.schedule_id,
                                                  request.schedule.active, now=now)
             return pb.UpdateBonusScheduleResponse(
                 schedule=schedule_to_pb(row)).SerializeToString()
@@ -345,7 +347,7 @@ class TriggerServicer:
         now = self._deps.clock.now()
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await repo.insert_schedule(conn, schedule, now=now)
+            row = await triggers_repo.insert_schedule(conn, schedule, now=now)
             return pb.CreateBonusScheduleResponse(
                 schedule=schedule_to_pb(row)).SerializeToString()
 
@@ -358,7 +360,7 @@ class TriggerServicer:
         cursor = decode_page_token(request.page_token, {})
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
-            rows = await repo.list_schedules(conn, after_id=after, limit=size + 1)
+            rows = await triggers_repo.list_schedules(conn, after_id=after, limit=size + 1)
         page, more = rows[:size], len(rows) > size
         token = encode_page_token([page[-1].schedule.schedule_id], {}) if more else ""
         return pb.ListBonusSchedulesResponse(schedules=[schedule_to_pb(r) for r in page],

@@ -20,7 +20,7 @@ from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
-from storage import bonuses as bonuses_repo
+from storage import bonus_triggers as triggers_repo
 from storage import customers as customers_repo
 from storage import events as events_repo
 from storage.queue import queue_after_commit
@@ -163,7 +163,7 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
                 _raise_event_problems(domain.unknown_customer_problems(
                     customer_ids, outcome.missing_customers))
             # Dynamic-bonus automation rules count the events just stored (storage/bonuses.py).
-            bonus_jobs.extend(await bonuses_repo.on_events_recorded(
+            bonus_jobs.extend(await triggers_repo.on_events_recorded(
                 conn, {e.kind for e in events}, [e.external_id for e in events],
                 now=self._clock.now(), default_window=self._bonus_window()))
             return pb.RecordEventsResponse(

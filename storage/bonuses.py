@@ -47,18 +47,8 @@ from core.bonuses.results import (
     decide,
     event_payload,
 )
-from core.bonuses.rules import (
-    PeriodMode,
-    Qualification,
-    Rule,
-    RuleState,
-    Schedule,
-    apply_event,
-    compile_filter,
-    next_run,
-)
 from core.bonuses.windows import window_end, window_start
-from core.customers import PropertyValue, typed_attributes
+from core.customers import PropertyValue
 from core.errors import AlreadyExists, InvalidArgument, NotFound
 from core.events import EventType
 from core.formula import (
@@ -222,7 +212,7 @@ class _Customer:
     properties: dict[str, PropertyValue]
 
 
-async def _customers(conn: asyncpg.Connection, ids: Iterable[str], *,
+async def known_customers(conn: asyncpg.Connection, ids: Iterable[str], *,
                      properties: bool = True) -> dict[str, _Customer]:
     """The customers among ``ids``; their properties only when asked (decoding them is a
     noticeable part of a large batch whose formula reads none)."""
@@ -257,7 +247,7 @@ async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
     seconds = d.batch_window_seconds or default_window
     start = window_start(now, seconds)
     end = window_end(start, seconds)
-    customers = await _customers(conn, (r.customer_id for r in requests))
+    customers = await known_customers(conn, (r.customer_id for r in requests))
     missing = sorted({r.customer_id for r in requests} - customers.keys())
     if missing:
         shown = ", ".join(repr(c) for c in missing[:10])
@@ -379,7 +369,7 @@ async def _compute(conn: asyncpg.Connection, row: DefinitionRow, compiled: Compi
     evaluation each. ``cost`` is filled in as the chunks go."""
     d = row.definition
     options = d.options
-    customers = await _customers(conn, (p.customer_id for p in pending),
+    customers = await known_customers(conn, (p.customer_id for p in pending),
                                  properties=bool(compiled.properties_used))
     cost.customers = len(customers)
     rounds = _rounds(pending)
@@ -1168,300 +1158,3 @@ async def purge(conn: asyncpg.Connection, *, now: datetime) -> int:
            UPDATE bonus_results SET batch_pk = NULL WHERE batch_pk IN (SELECT id FROM gone)""",
         cutoff)
     return int(deleted)
-
-
-# --- triggers: automation rules -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RuleRow:
-    pk: int
-    rule: Rule
-    event_filter: str
-    qualification_filter: str
-    create_time: datetime
-
-
-def _rule(row: asyncpg.Record) -> RuleRow:
-    qualification = None
-    if row["qualification_kind"] is not None:
-        qualification = Qualification(
-            kind=row["qualification_kind"], min_amount=row["qualification_min"],
-            filters=compile_filter(row["qualification_kind"], row["qualification_filter"],
-                                   field="qualification.filter"))
-    rule = Rule(rule_id=row["rule_id"], definition_id=row["definition_id"],
-                event_kind=row["event_kind"], every=row["every_n"],
-                filters=compile_filter(row["event_kind"], row["event_filter"], field="filter"),
-                qualification=qualification, max_executions=row["max_executions"],
-                period_mode=PeriodMode(row["period_mode"]), period_end=row["period_end"],
-                active=row["active"])
-    return RuleRow(pk=row["id"], rule=rule, event_filter=row["event_filter"],
-                   qualification_filter=row["qualification_filter"],
-                   create_time=row["create_time"])
-
-
-_RULE_SELECT = """SELECT r.*, d.definition_id FROM bonus_rules r
-                    JOIN bonus_definitions d ON d.id = r.definition_pk"""
-
-
-async def insert_rule(conn: asyncpg.Connection, rule: Rule, *, event_filter: str,
-                      qualification_filter: str, now: datetime) -> RuleRow:
-    definition = await get_definition(conn, rule.definition_id)
-    q = rule.qualification
-    pk = await conn.fetchval(
-        """INSERT INTO bonus_rules (rule_id, definition_pk, event_kind, event_filter, every_n,
-                                    qualification_kind, qualification_min, qualification_filter,
-                                    max_executions, period_mode, period_end, active,
-                                    create_time)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-           ON CONFLICT (rule_id) DO NOTHING RETURNING id""",
-        rule.rule_id, definition.pk, rule.event_kind, event_filter, rule.every,
-        q.kind if q else None, q.min_amount if q else None, qualification_filter,
-        rule.max_executions, rule.period_mode.value, rule.period_end, rule.active, now)
-    if pk is None:
-        raise AlreadyExists(f"bonus rule {rule.rule_id!r} already exists",
-                            reason="BONUS_RULE_EXISTS", metadata={"rule_id": rule.rule_id})
-    return await get_rule(conn, rule.rule_id)
-
-
-async def get_rule(conn: asyncpg.Connection, rule_id: str) -> RuleRow:
-    row = await conn.fetchrow(f"{_RULE_SELECT} WHERE r.rule_id = $1", rule_id)
-    if row is None:
-        raise NotFound(f"no bonus rule {rule_id!r}", reason="BONUS_RULE_NOT_FOUND",
-                       metadata={"rule_id": rule_id})
-    return _rule(row)
-
-
-async def set_rule_active(conn: asyncpg.Connection, rule_id: str, active: bool) -> RuleRow:
-    """Pause or resume a rule; customers' progress is kept (events recorded while paused are
-    not counted)."""
-    updated = await conn.fetchval("UPDATE bonus_rules SET active = $2 WHERE rule_id = $1 "
-                                  "RETURNING id", rule_id, active)
-    if updated is None:
-        raise NotFound(f"no bonus rule {rule_id!r}", reason="BONUS_RULE_NOT_FOUND",
-                       metadata={"rule_id": rule_id})
-    return await get_rule(conn, rule_id)
-
-
-async def list_rules(conn: asyncpg.Connection, *, after_id: str | None,
-                     limit: int) -> list[RuleRow]:
-    rows = await conn.fetch(
-        f"""{_RULE_SELECT} WHERE $1::text IS NULL OR r.rule_id > $1
-             ORDER BY r.rule_id LIMIT $2""", after_id, limit)
-    return [_rule(row) for row in rows]
-
-
-def _state(row: asyncpg.Record) -> RuleState:
-    return RuleState(accumulated=row["accumulated"], first_event_at=row["first_event_at"],
-                     last_event_at=row["last_event_at"], qualified_at=row["qualified_at"],
-                     executions=row["executions"], fired=row["fired"])
-
-
-async def on_events_recorded(conn: asyncpg.Connection, kinds: Iterable[str],
-                             external_ids: Sequence[str], *, now: datetime,
-                             default_window: int) -> list[tuple[int, datetime]]:
-    """Run the automation rules over the events this transaction just inserted (a retried
-    event, already stored, is not counted again). Called by RecordEvents inside its
-    transaction; returns the batch jobs to queue after commit."""
-    kinds = sorted(set(kinds))
-    rule_rows = [_rule(r) for r in await conn.fetch(
-        f"""{_RULE_SELECT} WHERE r.active AND (r.event_kind = ANY($1::text[])
-                                              OR r.qualification_kind = ANY($1::text[]))
-             ORDER BY r.id""", kinds)]
-    if not rule_rows:
-        return []
-    relevant = sorted({r.rule.event_kind for r in rule_rows} | {
-        r.rule.qualification.kind for r in rule_rows if r.rule.qualification is not None})
-    # xmin = this transaction: only the rows this call inserted, not duplicates it skipped.
-    rows = await conn.fetch(
-        """SELECT id, customer_id, kind, amount, currency, occurred_at, attributes::text AS a
-             FROM events
-            WHERE external_id = ANY($1::text[]) AND kind = ANY($2::text[])
-              AND xmin = pg_current_xact_id()::xid
-            ORDER BY customer_id, occurred_at, id""", list(external_ids), relevant)
-    by_customer: dict[str, list[EventRecord]] = {}
-    for r in rows:
-        by_customer.setdefault(r["customer_id"], []).append(EventRecord(
-            event_id=r["id"], kind=r["kind"], amount=r["amount"], currency=r["currency"],
-            occurred_at=r["occurred_at"], attributes=typed_attributes(json.loads(r["a"]))))
-    if not by_customer:
-        return []
-    jobs: list[tuple[int, datetime]] = []
-    definitions: dict[str, DefinitionRow] = {}
-    for rule_row in rule_rows:
-        rule = rule_row.rule
-        customers = sorted(by_customer)
-        await conn.execute(
-            """INSERT INTO bonus_rule_states (rule_pk, customer_id)
-               SELECT $1, unnest($2::text[]) ORDER BY 2 ON CONFLICT DO NOTHING""",
-            rule_row.pk, customers)
-        states = {r["customer_id"]: _state(r) for r in await conn.fetch(
-                """SELECT * FROM bonus_rule_states WHERE rule_pk = $1
-                      AND customer_id = ANY($2::text[]) ORDER BY customer_id FOR UPDATE""",
-                rule_row.pk, customers)}
-        requests: list[NewRequest] = []
-        for customer_id in customers:
-            state = states[customer_id]
-            for event in by_customer[customer_id]:
-                state, firing = apply_event(rule, state, event)
-                if firing is not None:
-                    requests.append(NewRequest(
-                        customer_id, f"rule:{rule.rule_id}:{firing.number}/{customer_id}",
-                        firing.period))
-            await conn.execute(
-                """UPDATE bonus_rule_states
-                      SET accumulated = $3, first_event_at = $4, last_event_at = $5,
-                          qualified_at = $6, executions = $7, fired = $8
-                    WHERE rule_pk = $1 AND customer_id = $2""",
-                rule_row.pk, customer_id, state.accumulated, state.first_event_at,
-                state.last_event_at, state.qualified_at, state.executions, state.fired)
-        if requests:
-            if rule.definition_id not in definitions:
-                definitions[rule.definition_id] = await get_definition(conn, rule.definition_id)
-            accepted = await add_requests(conn, definitions[rule.definition_id], requests,
-                                          now=now, default_window=default_window,
-                                          source=f"rule:{rule.rule_id}")
-            if accepted.outbox_job_id is not None:
-                jobs.append((accepted.outbox_job_id, accepted.due_at))
-    return jobs
-
-
-# --- triggers: schedules ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScheduleRow:
-    pk: int
-    schedule: Schedule
-    next_run_at: datetime
-    last_run_at: datetime | None
-
-
-def _schedule(row: asyncpg.Record) -> ScheduleRow:
-    return ScheduleRow(pk=row["id"], schedule=Schedule(
-        schedule_id=row["schedule_id"], definition_id=row["definition_id"],
-        customer_ids=tuple(row["customer_ids"]), weekday=row["weekday"],
-        local_time=row["local_time"], time_zone=row["time_zone"], active=row["active"],
-        campaign_id=row["campaign_id"],
-        since_campaign_entrance=row["since_campaign_entrance"]),
-        next_run_at=row["next_run_at"], last_run_at=row["last_run_at"])
-
-
-_SCHEDULE_SELECT = """SELECT s.*, d.definition_id, c.campaign_id FROM bonus_schedules s
-                        JOIN bonus_definitions d ON d.id = s.definition_pk
-                        LEFT JOIN campaigns c ON c.id = s.campaign_pk"""
-
-
-async def _campaign_customers(conn: asyncpg.Connection, campaign_pk: int) -> list[str]:
-    """A campaign's target group as it stands: every target of an unconditional campaign, the
-    approved ones of a conditional campaign; customers not known here are left out."""
-    rows = await conn.fetch(
-        """SELECT t.customer_id FROM campaign_targets t
-             JOIN campaigns c ON c.id = t.campaign_id
-            WHERE t.campaign_id = $1 AND (NOT c.conditional OR t.approved)
-              AND EXISTS (SELECT 1 FROM customers k WHERE k.customer_id = t.customer_id)
-            ORDER BY t.customer_id""", campaign_pk)
-    return [r["customer_id"] for r in rows]
-
-
-async def insert_schedule(conn: asyncpg.Connection, schedule: Schedule, *,
-                          now: datetime) -> ScheduleRow:
-    definition = await get_definition(conn, schedule.definition_id)
-    campaign_pk = None
-    if schedule.campaign_id:
-        campaign_pk = await conn.fetchval("SELECT id FROM campaigns WHERE campaign_id = $1",
-                                          schedule.campaign_id)
-        if campaign_pk is None:
-            raise NotFound(f"no campaign {schedule.campaign_id!r}", reason="CAMPAIGN_NOT_FOUND",
-                           metadata={"campaign_id": schedule.campaign_id})
-    unknown = sorted(set(schedule.customer_ids) - (await _customers(
-        conn, schedule.customer_ids, properties=False)).keys())
-    if unknown:
-        raise NotFound(f"unknown customers: {', '.join(repr(c) for c in unknown[:10])}",
-                       reason="CUSTOMER_NOT_FOUND", metadata={"customer_id": unknown[0]})
-    pk = await conn.fetchval(
-        """INSERT INTO bonus_schedules (schedule_id, definition_pk, customer_ids, weekday,
-                                        local_time, time_zone, next_run_at, active, create_time,
-                                        campaign_pk, since_campaign_entrance)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-           ON CONFLICT (schedule_id) DO NOTHING RETURNING id""",
-        schedule.schedule_id, definition.pk, list(schedule.customer_ids), schedule.weekday,
-        schedule.local_time, schedule.time_zone, next_run(schedule, now), schedule.active, now,
-        campaign_pk, schedule.since_campaign_entrance)
-    if pk is None:
-        raise AlreadyExists(f"bonus schedule {schedule.schedule_id!r} already exists",
-                            reason="BONUS_SCHEDULE_EXISTS",
-                            metadata={"schedule_id": schedule.schedule_id})
-    row = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.id = $1", pk)
-    return _schedule(row)
-
-
-async def set_schedule_active(conn: asyncpg.Connection, schedule_id: str, active: bool, *,
-                              now: datetime) -> ScheduleRow:
-    """Pause or resume; a resumed schedule next runs at its first time after ``now`` (runs
-    missed while paused are not made up)."""
-    row = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.schedule_id = $1 FOR UPDATE OF s",
-                              schedule_id)
-    if row is None:
-        raise NotFound(f"no bonus schedule {schedule_id!r}", reason="BONUS_SCHEDULE_NOT_FOUND",
-                       metadata={"schedule_id": schedule_id})
-    current = _schedule(row)
-    next_at = current.next_run_at
-    if active and not current.schedule.active:
-        next_at = next_run(current.schedule, now)
-    await conn.execute("UPDATE bonus_schedules SET active = $2, next_run_at = $3 WHERE id = $1",
-                       current.pk, active, next_at)
-    updated = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.id = $1", current.pk)
-    return _schedule(updated)
-
-
-async def list_schedules(conn: asyncpg.Connection, *, after_id: str | None,
-                         limit: int) -> list[ScheduleRow]:
-    rows = await conn.fetch(
-        f"""{_SCHEDULE_SELECT} WHERE $1::text IS NULL OR s.schedule_id > $1
-             ORDER BY s.schedule_id LIMIT $2""", after_id, limit)
-    return [_schedule(row) for row in rows]
-
-
-async def run_due_schedules(pool: asyncpg.Pool, *, now: datetime,
-                            default_window: int) -> list[tuple[int, datetime]]:
-    """Turn every due schedule into requests (one transaction per schedule, SKIP LOCKED so
-    several workers share the work). A run missed while no worker was up happens once, late;
-    the requests are made as of the scheduled time, so periods like "last weekend" resolve the
-    same whenever the run happens. Returns the batch jobs to queue."""
-    jobs: list[tuple[int, datetime]] = []
-    async with pool.acquire() as conn:
-        while True:
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    f"""{_SCHEDULE_SELECT} WHERE s.active AND s.next_run_at <= $1
-                         ORDER BY s.next_run_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED""", now)
-                if row is None:
-                    return jobs
-                due = _schedule(row)
-                run_at = due.next_run_at
-                definition = await get_definition(conn, due.schedule.definition_id)
-                key = f"schedule:{due.schedule.schedule_id}:{run_at.isoformat()}"
-                targets = list(due.schedule.customer_ids)
-                period: tuple[datetime, datetime] | None = None
-                if row["campaign_pk"] is not None:
-                    targets = await _campaign_customers(conn, row["campaign_pk"])
-                    if due.schedule.since_campaign_entrance:
-                        entered = await conn.fetchval(
-                            "SELECT executed_at FROM campaigns WHERE id = $1",
-                            row["campaign_pk"])
-                        if entered is None or entered >= run_at:  # not run yet: nobody entered
-                            targets = []
-                        else:
-                            period = (entered, run_at)
-                accepted = Accepted(run_at, run_at, 0, None)
-                if targets:
-                    accepted = await add_requests(
-                        conn, definition, [NewRequest(c, f"{key}/{c}", period) for c in targets],
-                        now=run_at, default_window=default_window,
-                        source=f"schedule:{due.schedule.schedule_id}")
-                await conn.execute(
-                    "UPDATE bonus_schedules SET next_run_at = $2, last_run_at = $3 WHERE id = $1",
-                    due.pk, next_run(due.schedule, max(now, run_at)), run_at)
-                if accepted.outbox_job_id is not None:
-                    jobs.append((accepted.outbox_job_id, accepted.due_at))

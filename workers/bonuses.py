@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from core.clock import Clock
+from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo
 from storage.outbox import OutboxJob
 from storage.queue import queue_after_commit
@@ -71,7 +72,7 @@ async def run_due_schedules(ctx: dict[str, Any]) -> None:
     schedules become requests in the current batching window, on every sweeper tick."""
     clock: Clock = ctx["clock"]
     settings = ctx["settings"]
-    jobs = await repo.run_due_schedules(ctx["pool"], now=clock.now(),
+    jobs = await triggers_repo.run_due_schedules(ctx["pool"], now=clock.now(),
                                         default_window=settings.bonus_batch_window_seconds)
     for job_id, due in jobs:
         await queue_after_commit(ctx.get("redis"), job_id=job_id, due_at=due,
