@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     db_pool_max_size: int = Field(default=10, ge=1)
     db_command_timeout_seconds: float = Field(default=30.0, gt=0)
     migrate_on_start: bool = True
+    # GetReward group commit (server/grant_batcher.py): grants of one promotion arriving while
+    # earlier ones are in the database go together, at most this many per transaction (1: each
+    # grant alone), with at most grant_batches_in_flight such transactions per promotion.
+    grant_batch_max: int = Field(default=32, ge=1, le=60)
+    grant_batches_in_flight: int = Field(default=2, ge=1, le=16)
 
     # Workers.
     queue_name: str = "promo:queue"

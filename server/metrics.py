@@ -32,6 +32,14 @@ REWARDS = Counter(
     "promo_rewards_total", "GetReward answers: outcome granted, existing (a retry or a "
     "customer's earlier grant) or denied, and the denial reason.", ["outcome", "reason"])
 
+GRANT_BATCH_SIZE = Histogram(
+    "promo_grant_batch_size", "Grants per GetReward group-commit transaction "
+    "(server/grant_batcher.py); the count is the number of transactions.",
+    buckets=(1, 2, 4, 8, 16, 32, 60))
+GRANT_BATCH_FALLBACKS = Counter(
+    "promo_grant_batch_fallbacks_total", "Grant batches that failed as a whole and were sent "
+    "again one grant at a time.")
+
 
 class RpcMetrics(CallObserver):
     """The interceptor's observer: one counter and one histogram child per (method, code)."""

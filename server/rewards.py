@@ -28,6 +28,7 @@ from promo.v1 import rewards_pb2_grpc as pb_grpc
 from server.code_alerts import AlertDispatcher
 from server.convert import timestamp
 from server.deps import Dependencies
+from server.grant_batcher import GrantBatcher
 from server.metrics import observe_reward
 from server.promotion_cache import CachedPromotion, PromotionCache
 from server.promotion_convert import KIND_TO_PB, PERIOD_TO_PB
@@ -36,7 +37,7 @@ from storage import campaigns as campaigns_repo
 from storage import customers as customers_repo
 from storage import promotions as repo
 from storage.idempotency import validate_request_id
-from storage.promotions import GrantCharge, GrantOutcome
+from storage.promotions import GrantCharge, GrantOutcome, GrantRequest
 
 log = logging.getLogger("promo.rewards")
 
@@ -68,8 +69,9 @@ def _parse_grant_id(value: str) -> int:
 
 class RewardServicer(pb_grpc.RewardServiceServicer):
     def __init__(self, pool: asyncpg.Pool, clock: Clock, cache: PromotionCache,
-                 alerts: AlertDispatcher) -> None:
+                 alerts: AlertDispatcher, batcher: GrantBatcher) -> None:
         self._pool = pool
+        self._batcher = batcher
         self._clock = clock
         self._cache = cache
         self._alerts = alerts
@@ -134,15 +136,14 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                     "value": None if v.value is None else str(v.value)} for v in decided]
         charges = [GrantCharge(c.scope, c.period.value, c.start, c.amount, c.limit)
                    for c in charges_for(promotion, decided, now)]
-        async with self._pool.acquire() as conn:
-            return await repo.grant(
-                conn, promotion_id=cached.stored.id, version=promotion.version,
-                customer_id=request.customer_id, campaign_key=request.campaign_id,
-                request_id=request.request_id, rewards=rewards, promo_code=promotion.code,
-                now=now, customer_cap=promotion.customer_cap,
-                customers_start=LIFETIME_START, charges=charges,
-                personalized=promotion.code_type is CodeType.PERSONALIZED,
-                fallback_code=promotion.fallback_code)
+        return await self._batcher.grant(GrantRequest(
+            promotion_id=cached.stored.id, version=promotion.version,
+            customer_id=request.customer_id, campaign_key=request.campaign_id,
+            request_id=request.request_id, rewards=rewards, promo_code=promotion.code,
+            now=now, customer_cap=promotion.customer_cap,
+            customers_start=LIFETIME_START, charges=charges,
+            personalized=promotion.code_type is CodeType.PERSONALIZED,
+            fallback_code=promotion.fallback_code))
 
     async def _computed(self, cached: CachedPromotion,
                         request: pb.GetRewardRequest) -> dict[str, Decimal | Denial]:
@@ -238,5 +239,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
 def register(server: aio.Server, deps: Dependencies) -> None:
     cache = PromotionCache(deps.pool)
-    servicer = RewardServicer(deps.pool, deps.clock, cache, AlertDispatcher(deps))
+    settings = deps.settings
+    batcher = GrantBatcher(
+        deps.pool, max_batch=settings.grant_batch_max if settings else 32,
+        max_in_flight=settings.grant_batches_in_flight if settings else 2)
+    servicer = RewardServicer(deps.pool, deps.clock, cache, AlertDispatcher(deps), batcher)
     pb_grpc.add_RewardServiceServicer_to_server(servicer, server)

@@ -253,11 +253,51 @@ class GrantOutcome:
 CAP_ERROR_SQLSTATE = "PC001"
 
 
-async def grant(conn: asyncpg.Connection, *, promotion_id: int, version: int, customer_id: str,
-                campaign_key: str, request_id: str, rewards: list[dict[str, Any]],
-                promo_code: str, now: datetime, customer_cap: int | None,
-                customers_start: datetime, charges: Sequence[GrantCharge],
-                personalized: bool = False, fallback_code: str = "") -> GrantOutcome:
+@dataclass(frozen=True)
+class GrantRequest:
+    """Everything promo_grant needs for one GetReward grant."""
+
+    promotion_id: int
+    version: int
+    customer_id: str
+    campaign_key: str
+    request_id: str
+    rewards: list[dict[str, Any]]
+    promo_code: str
+    now: datetime
+    customer_cap: int | None
+    customers_start: datetime
+    charges: Sequence[GrantCharge]
+    personalized: bool = False
+    fallback_code: str = ""
+
+    def rewards_json(self) -> str:
+        return json.dumps(self.rewards, separators=(",", ":"))
+
+
+def _refused(message: str) -> GrantOutcome:
+    """promo_grant's refusal (SQLSTATE PC001), "REASON|scope|period", as an outcome."""
+    reason, scope, period = [*message.split("|"), "", ""][:3]
+    return GrantOutcome(outcome=reason, denied_scope=scope, denied_period=period)
+
+
+def _outcome(g: GrantRequest, row: Mapping[str, Any]) -> GrantOutcome:
+    if row["outcome"] == "GRANTED":
+        return GrantOutcome(outcome="GRANTED", grant_id=row["grant_id"], grant_status="GRANTED",
+                            rewards=g.rewards, promo_code=row["promo_code"] or g.promo_code,
+                            granted_at=g.now, alert=row["alert"],
+                            fallback=g.personalized and row["promo_code"] == g.fallback_code)
+    rewards = row["rewards"]
+    if isinstance(rewards, str):  # jsonb inside a record comes back as text
+        rewards = json.loads(rewards)
+    return GrantOutcome(outcome=row["outcome"], grant_id=row["grant_id"],
+                        grant_status=row["grant_status"], rewards=rewards,
+                        promo_code=row["promo_code"], granted_at=row["granted_at"],
+                        fallback=g.personalized and bool(g.fallback_code)
+                        and row["promo_code"] == g.fallback_code)
+
+
+async def grant(conn: asyncpg.Connection, g: GrantRequest) -> GrantOutcome:
     """One round trip: the promo_grant function, all or nothing.
 
     The rewards travel as JSON text (``$6::text::jsonb``), serialised once here; a new grant
@@ -267,28 +307,47 @@ async def grant(conn: asyncpg.Connection, *, promotion_id: int, version: int, cu
         row = await conn.fetchrow(
             "SELECT * FROM promo_grant($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11,"
             " $12, $13, $14, $15, $16, $17)",
-            promotion_id, version, customer_id, campaign_key, request_id,
-            json.dumps(rewards, separators=(",", ":")), promo_code,
-            now, customer_cap, customers_start, [c.scope for c in charges],
-            [c.period for c in charges], [c.start for c in charges],
-            [c.amount for c in charges], [c.limit for c in charges], personalized,
-            fallback_code)
+            g.promotion_id, g.version, g.customer_id, g.campaign_key, g.request_id,
+            g.rewards_json(), g.promo_code, g.now, g.customer_cap, g.customers_start,
+            [c.scope for c in g.charges], [c.period for c in g.charges],
+            [c.start for c in g.charges], [c.amount for c in g.charges],
+            [c.limit for c in g.charges], g.personalized, g.fallback_code)
     except asyncpg.PostgresError as exc:
         if getattr(exc, "sqlstate", None) != CAP_ERROR_SQLSTATE:
             raise
-        reason, scope, period = [*str(getattr(exc, "message", exc)).split("|"), "", ""][:3]
-        return GrantOutcome(outcome=reason, denied_scope=scope, denied_period=period)
+        return _refused(str(getattr(exc, "message", exc)))
     assert row is not None
-    if row["outcome"] == "GRANTED":
-        return GrantOutcome(outcome="GRANTED", grant_id=row["grant_id"], grant_status="GRANTED",
-                            rewards=rewards, promo_code=row["promo_code"] or promo_code,
-                            granted_at=now, alert=row["alert"],
-                            fallback=personalized and row["promo_code"] == fallback_code)
-    return GrantOutcome(outcome=row["outcome"], grant_id=row["grant_id"],
-                        grant_status=row["grant_status"], rewards=row["rewards"],
-                        promo_code=row["promo_code"], granted_at=row["granted_at"],
-                        fallback=personalized and bool(fallback_code)
-                        and row["promo_code"] == fallback_code)
+    return _outcome(g, row)
+
+
+async def grant_many(conn: asyncpg.Connection, grants: Sequence[GrantRequest]
+                     ) -> list[GrantOutcome]:
+    """Several grants in one round trip and one transaction (promo_grant_batch, migration
+    0017): each is all or nothing on its own, in the order given, answered as ``grant`` would
+    answer it alone. A database error other than a refusal fails them all (nothing is kept)."""
+    froms: list[int] = []
+    tos: list[int] = []
+    charges: list[GrantCharge] = []
+    for g in grants:
+        froms.append(len(charges) + 1)
+        charges.extend(g.charges)
+        tos.append(len(charges))
+    rows = await conn.fetch(
+        "SELECT * FROM promo_grant_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+        " $13, $14, $15, $16, $17, $18, $19)",
+        [g.promotion_id for g in grants], [g.version for g in grants],
+        [g.customer_id for g in grants], [g.campaign_key for g in grants],
+        [g.request_id for g in grants], [g.rewards_json() for g in grants],
+        [g.promo_code for g in grants], [g.now for g in grants],
+        [g.customer_cap for g in grants], [g.customers_start for g in grants], froms, tos,
+        [c.scope for c in charges], [c.period for c in charges], [c.start for c in charges],
+        [c.amount for c in charges], [c.limit for c in charges],
+        [g.personalized for g in grants], [g.fallback_code for g in grants])
+    outcomes: list[GrantOutcome] = []
+    for g, row in zip(grants, rows, strict=True):
+        outcomes.append(_refused(row["refusal"]) if row["refusal"] is not None
+                        else _outcome(g, row))
+    return outcomes
 
 
 async def find_existing(conn: asyncpg.Connection, *, promotion_id: int, customer_id: str,
