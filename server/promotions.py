@@ -61,20 +61,31 @@ async def _reward_types(conn: asyncpg.Connection, promotion: Promotion) -> dict[
 async def with_usage(conn: asyncpg.Connection, stored: StoredPromotion,
                      now: datetime) -> pb.Promotion:
     """The promotion as operators see it: config plus live caps and availability."""
+    return (await with_usage_many(conn, [stored], now))[0]
+
+
+async def with_usage_many(conn: asyncpg.Connection, stored: list[StoredPromotion],
+                          now: datetime) -> list[pb.Promotion]:
+    """Several promotions as operators see them, their live state read in three statements."""
+    current = {s.id: windows(s.promotion, now) for s in stored}
+    states = await repo.live_states(conn, {
+        pid: [(scope, period.value, start) for scope, period, start, _, _ in ws]
+        for pid, ws in current.items()})
+    return [_shown(s, states[s.id], now) for s in stored]
+
+
+def _shown(stored: StoredPromotion, live: repo.LiveState, now: datetime) -> pb.Promotion:
     promotion = stored.promotion
-    current = windows(promotion, now)
-    rows = await repo.usage(conn, stored.id, [(s, p.value, start) for s, p, start, _, _ in current])
-    used = {key: (row.used, row.grants) for key, row in rows.items()}
+    used = {key: (row.used, row.grants) for key, row in live.usage.items()}
     states = cap_states(promotion, now, used)
     message = promotion_to_pb(promotion)
-    codes = await code_pools.inventory(conn, stored.id) \
-        if promotion.code_type is CodeType.PERSONALIZED else None
+    codes = live.codes if promotion.code_type is CodeType.PERSONALIZED else None
     if codes is not None:
         message.code_inventory.CopyFrom(inventory_to_pb(codes))
         message.fallback_active = codes.available == 0 and bool(promotion.fallback_code)
     message.availability = _AVAILABILITY_TO_PB[availability(
         promotion, states, codes_available=None if codes is None else codes.available).value]
-    message.customers = await repo.live_customers(conn, stored.id)
+    message.customers = live.customers
     for state in states:
         usage = message.cap_usage.add(scope=state.scope, period=PERIOD_TO_PB[state.period],
                                       used=format_decimal(state.used.normalize()
@@ -154,7 +165,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             rows = await repo.list_page(conn, after_code=str(cursor.after[0]) if cursor else None,
                                         limit=size + 1, search=request.search,
                                         statuses=statuses, kinds=kinds)
-            page = [await with_usage(conn, stored, now) for stored in rows[:size]]
+            page = await with_usage_many(conn, rows[:size], now)
         token = encode_page_token([rows[size - 1].promotion.code], filters) \
             if len(rows) > size else ""
         return pb.ListPromotionsResponse(promotions=page, next_page_token=token)

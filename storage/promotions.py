@@ -21,7 +21,7 @@ from core.catalogue.promotions import (
     RewardKind,
     Tier,
 )
-from core.codes import AlertThreshold, CodeType
+from core.codes import AlertThreshold, CodeType, Inventory
 from core.errors import AlreadyExists, NotFound
 
 _COLUMNS = ("id, code, name, description, properties, status, time_zone, customer_cap, rewards, "
@@ -217,11 +217,47 @@ async def usage(conn: asyncpg.Connection, promotion_id: int,
             for r in rows}
 
 
-async def live_customers(conn: asyncpg.Connection, promotion_id: int) -> int:
-    count: int = await conn.fetchval(
-        "SELECT count(*) FROM promotion_customers WHERE promotion_id = $1 AND live_grants > 0",
-        promotion_id)
-    return count
+@dataclass(frozen=True)
+class LiveState:
+    """What get and list show beside a promotion's configuration: its current cap counters,
+    its live customers and, for a PERSONALIZED promotion, its code pool's counters."""
+
+    usage: dict[tuple[str, str], UsageRow]
+    customers: int
+    codes: Inventory | None
+
+
+async def live_states(conn: asyncpg.Connection,
+                      windows: Mapping[int, Sequence[tuple[str, str, datetime]]]
+                      ) -> dict[int, LiveState]:
+    """The live state of several promotions (id -> its current (scope, period, window start)
+    triples) in three statements, whatever their number (a lobby page is one call)."""
+    ids = list(windows)
+    flat = [(pid, *w) for pid, ws in windows.items() for w in ws]
+    usage_rows = await conn.fetch(
+        """SELECT u.promotion_id, u.scope, u.period, u.period_start, u.used, u.grants
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[])
+                  AS w(promotion_id, scope, period, start)
+             JOIN cap_usage u ON u.promotion_id = w.promotion_id AND u.scope = w.scope
+                             AND u.period = w.period AND u.period_start = w.start""",
+        [f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat], [f[3] for f in flat]
+    ) if flat else []
+    customer_rows = await conn.fetch(
+        """SELECT promotion_id, count(*) AS customers FROM promotion_customers
+            WHERE promotion_id = ANY($1::bigint[]) AND live_grants > 0
+            GROUP BY promotion_id""", ids)
+    pool_rows = await conn.fetch(
+        """SELECT promotion_id, total, allocated, fallback_grants FROM code_pools
+            WHERE promotion_id = ANY($1::bigint[])""", ids)
+    usage: dict[int, dict[tuple[str, str], UsageRow]] = {pid: {} for pid in ids}
+    for r in usage_rows:
+        usage[r["promotion_id"]][(r["scope"], r["period"])] = UsageRow(
+            r["scope"], CapPeriod(r["period"]), r["period_start"], r["used"], r["grants"])
+    customers = {r["promotion_id"]: r["customers"] for r in customer_rows}
+    codes = {r["promotion_id"]: Inventory(total=r["total"], used=r["allocated"],
+                                          fallback_grants=r["fallback_grants"])
+             for r in pool_rows}
+    return {pid: LiveState(usage[pid], customers.get(pid, 0), codes.get(pid)) for pid in ids}
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,33 @@ async def test_list_search_filters_and_pages(api: Api) -> None:
     assert list(by_kind.promotions) == []
 
 
+async def test_list_shows_each_promotions_own_live_state(api: Api) -> None:
+    """A page's live state is read for all its promotions at once: nothing may leak across."""
+    await reward_type(api)
+    await promotion(api, "CAPPED", customer_cap=2)
+    await promotion(api, "BUDGET", caps=[cap(ppb.CAP_PERIOD_LIFETIME, "30")])
+    await promotion(api, "PLAIN")
+    for customer in ("a", "b", "c"):
+        await get_reward(api, customer, "CAPPED")
+    for customer in ("a", "b"):
+        await get_reward(api, customer, "BUDGET")
+    stub = ppb_grpc.PromotionServiceStub(api.channel)
+    listed = await stub.ListPromotions(ppb.ListPromotionsRequest(), metadata=api.key())
+    shown = {p.promotion_code: p for p in listed.promotions}
+    assert [(code, shown[code].customers, shown[code].availability)
+            for code in ("BUDGET", "CAPPED", "PLAIN")] == [
+        ("BUDGET", 2, ppb.AVAILABILITY_BUDGET_EXHAUSTED),
+        ("CAPPED", 2, ppb.AVAILABILITY_CUSTOMER_CAP_REACHED),
+        ("PLAIN", 0, ppb.AVAILABILITY_AVAILABLE)]
+    assert [(u.scope, u.used, u.limit, u.reached) for u in shown["BUDGET"].cap_usage] == [
+        ("cashback", "30", "30", True)]
+    assert [(u.scope, u.used, u.reached) for u in shown["CAPPED"].cap_usage] == [
+        ("#customers", "2", True)]
+    assert list(shown["PLAIN"].cap_usage) == []
+    for code in shown:  # get agrees with list
+        assert await get_promotion(api, code) == shown[code]
+
+
 async def test_reconciliation_matches_counters(api: Api, clock: FixedClock) -> None:
     await reward_type(api)
     await promotion(api, caps=[cap(ppb.CAP_PERIOD_DAILY, "45"), cap(ppb.CAP_PERIOD_LIFETIME,
