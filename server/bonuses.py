@@ -12,23 +12,32 @@ from datetime import UTC, datetime, time
 from typing import Any
 
 import asyncpg
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.message import Message
 from grpc import aio
 
 from core.bonuses.definitions import (
     ApprovalMode,
     BonusDefinition,
     DataMode,
+    DefinitionVariable,
     PointsTarget,
     ResultType,
     apply_update,
+    parse_variable,
     validate_definition,
 )
 from core.bonuses.results import BonusStatus
 from core.bonuses.rules import (
+    RULE_COUNTING_FIELDS,
+    RULE_UPDATABLE,
+    SCHEDULE_TIMING_FIELDS,
+    SCHEDULE_UPDATABLE,
     PeriodMode,
     Qualification,
     Rule,
     Schedule,
+    check_update_mask,
     compile_filter,
     validate_rule,
     validate_schedule,
@@ -129,7 +138,17 @@ def to_domain(m: pb.BonusDefinition) -> BonusDefinition:
         approval_mode=_required(_APPROVAL, m.approval_mode, "approval_mode", _names(_APPROVAL)),
         batch_window_seconds=m.batch_window_seconds or None,
         skipped_message=m.skipped_message, calculated_message=m.calculated_message,
-        issued_message=m.issued_message)
+        issued_message=m.issued_message,
+        variables=tuple(parse_variable(i, v.name, v.value, v.per_currency)
+                        for i, v in enumerate(m.variables)))
+
+
+def _variable_pb(v: DefinitionVariable) -> fpb.FormulaVariable:
+    if v.per_currency:
+        return fpb.FormulaVariable(name=v.name, per_currency={
+            code: format_decimal(amount) for code, amount in v.per_currency})
+    assert v.value is not None
+    return fpb.FormulaVariable(name=v.name, value=format_decimal(v.value))
 
 
 def _period_pb(period: Period | None) -> fpb.TransactionPeriod | None:
@@ -162,6 +181,7 @@ def to_pb(d: BonusDefinition) -> pb.BonusDefinition:
         batch_window_seconds=d.batch_window_seconds or 0,
         skipped_message=d.skipped_message, calculated_message=d.calculated_message,
         issued_message=d.issued_message, revision=d.revision,
+        variables=[_variable_pb(v) for v in d.variables],
         formula_language_version=FORMULA_LANGUAGE_VERSION,
         create_time=timestamp(d.create_time), update_time=timestamp(d.update_time))
 
@@ -268,11 +288,18 @@ def schedule_to_pb(r: triggers_repo.ScheduleRow) -> pb.BonusSchedule:
         since_campaign_entrance=s.since_campaign_entrance)
 
 
-def _only_active(paths: list[str]) -> None:
-    if paths != ["active"]:
-        raise InvalidArgument("update_mask must be exactly [\"active\"]: rules and schedules "
-                              "can be paused and resumed; create a new one to change the rest",
-                              reason="INVALID_UPDATE_MASK", metadata={"field": "update_mask"})
+def _merged(current: Message, given: Message, paths: list[str]) -> Any:
+    """``current`` with the masked fields taken from ``given`` (a masked field ``given`` leaves
+    unset is cleared; a repeated one is replaced, not appended to)."""
+    merged = type(current)()
+    merged.CopyFrom(current)
+    FieldMask(paths=paths).MergeMessage(given, merged, replace_message_field=True,
+                                        replace_repeated_field=True)
+    return merged
+
+
+def _changed(before: Message, after: Message, fields: frozenset[str]) -> bool:
+    return any(getattr(before, name) != getattr(after, name) for name in fields)
 
 
 class TriggerServicer:
@@ -315,11 +342,17 @@ class TriggerServicer:
 
     async def UpdateBonusRule(self, request: pb.UpdateBonusRuleRequest,
                               context: aio.ServicerContext) -> pb.UpdateBonusRuleResponse:
-        _only_active(list(request.update_mask.paths))
+        paths = check_update_mask(list(request.update_mask.paths), RULE_UPDATABLE)
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await triggers_repo.set_rule_active(conn, request.rule.rule_id,
-                                                      request.rule.active)
+            current = await triggers_repo.get_rule(conn, request.rule.rule_id, for_update=True)
+            before = rule_to_pb(current)
+            edited: pb.BonusRule = _merged(before, request.rule, paths)
+            rule = replace(rule_from_pb(edited), active=edited.active)  # as create checks it
+            row = await triggers_repo.update_rule(
+                conn, current.pk, rule, event_filter=edited.filter,
+                qualification_filter=edited.qualification_filter,
+                reset_counts=_changed(before, edited, RULE_COUNTING_FIELDS))
             return pb.UpdateBonusRuleResponse(rule=rule_to_pb(row)).SerializeToString()
 
         raw = await run_request_once(self._pool, "UpdateBonusRule", request, work)
@@ -328,12 +361,18 @@ class TriggerServicer:
     async def UpdateBonusSchedule(self, request: pb.UpdateBonusScheduleRequest,
                                   context: aio.ServicerContext
                                   ) -> pb.UpdateBonusScheduleResponse:
-        _only_active(list(request.update_mask.paths))
+        paths = check_update_mask(list(request.update_mask.paths), SCHEDULE_UPDATABLE)
         now = self._deps.clock.now()
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await triggers_repo.set_schedule_active(conn, request.schedule.schedule_id,
-                                                 request.schedule.active, now=now)
+            current = await triggers_repo.get_schedule(conn, request.schedule.schedule_id,
+                                                       for_update=True)
+            before = schedule_to_pb(current)
+            edited: pb.BonusSchedule = _merged(before, request.schedule, paths)
+            schedule = replace(schedule_from_pb(edited), active=edited.active)
+            row = await triggers_repo.update_schedule(
+                conn, current, schedule, retime=_changed(before, edited, SCHEDULE_TIMING_FIELDS),
+                now=now)
             return pb.UpdateBonusScheduleResponse(
                 schedule=schedule_to_pb(row)).SerializeToString()
 

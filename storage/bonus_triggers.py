@@ -2,6 +2,11 @@
 and schedules turned into requests by a worker sweep (seed 004's triggers).
 
 Both only make requests (storage.bonuses.add_requests); the batch computes them.
+
+An edit of a rule takes an exclusive advisory lock on it (_RULE_LOCK_CLASS, rule pk) and the
+event recording a shared one before it reads the rule again: a recording that began under the
+old rule finishes before the edit resets counts, one that began after counts under the new
+rule, so no count made under an old condition survives its reset.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from storage.bonuses import (
 )
 
 # --- triggers: automation rules -------------------------------------------------------------
+
+_RULE_LOCK_CLASS = 7010  # advisory lock namespace: (7010, rule pk)
 
 
 @dataclass(frozen=True)
@@ -89,23 +96,39 @@ async def insert_rule(conn: asyncpg.Connection, rule: Rule, *, event_filter: str
     return await get_rule(conn, rule.rule_id)
 
 
-async def get_rule(conn: asyncpg.Connection, rule_id: str) -> RuleRow:
-    row = await conn.fetchrow(f"{_RULE_SELECT} WHERE r.rule_id = $1", rule_id)
+async def get_rule(conn: asyncpg.Connection, rule_id: str, *,
+                   for_update: bool = False) -> RuleRow:
+    lock = " FOR UPDATE OF r" if for_update else ""
+    row = await conn.fetchrow(f"{_RULE_SELECT} WHERE r.rule_id = $1{lock}", rule_id)
     if row is None:
         raise NotFound(f"no bonus rule {rule_id!r}", reason="BONUS_RULE_NOT_FOUND",
                        metadata={"rule_id": rule_id})
     return _rule(row)
 
 
-async def set_rule_active(conn: asyncpg.Connection, rule_id: str, active: bool) -> RuleRow:
-    """Pause or resume a rule; customers' progress is kept (events recorded while paused are
-    not counted)."""
-    updated = await conn.fetchval("UPDATE bonus_rules SET active = $2 WHERE rule_id = $1 "
-                                  "RETURNING id", rule_id, active)
-    if updated is None:
-        raise NotFound(f"no bonus rule {rule_id!r}", reason="BONUS_RULE_NOT_FOUND",
-                       metadata={"rule_id": rule_id})
-    return await get_rule(conn, rule_id)
+async def update_rule(conn: asyncpg.Connection, pk: int, rule: Rule, *, event_filter: str,
+                      qualification_filter: str, reset_counts: bool) -> RuleRow:
+    """Save an edited rule (the caller holds its row lock). With ``reset_counts`` (a new
+    counting condition) every customer's count starts again; qualifications, executions since
+    them and the firing numbers (the keys of the requests already made) are kept."""
+    definition = await get_definition(conn, rule.definition_id)
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2::int)", _RULE_LOCK_CLASS, pk)
+    q = rule.qualification
+    await conn.execute(
+        """UPDATE bonus_rules
+              SET definition_pk = $2, event_kind = $3, event_filter = $4, every_n = $5,
+                  qualification_kind = $6, qualification_min = $7, qualification_filter = $8,
+                  max_executions = $9, period_mode = $10, period_end = $11, active = $12
+            WHERE id = $1""",
+        pk, definition.pk, rule.event_kind, event_filter, rule.every, q.kind if q else None,
+        q.min_amount if q else None, qualification_filter, rule.max_executions,
+        rule.period_mode.value, rule.period_end, rule.active)
+    if reset_counts:
+        await conn.execute(
+            """UPDATE bonus_rule_states
+                  SET accumulated = 0, first_event_at = NULL, last_event_at = NULL
+                WHERE rule_pk = $1 AND accumulated > 0""", pk)
+    return await get_rule(conn, rule.rule_id)
 
 
 async def list_rules(conn: asyncpg.Connection, *, after_id: str | None,
@@ -129,10 +152,17 @@ async def on_events_recorded(conn: asyncpg.Connection, kinds: Iterable[str],
     event, already stored, is not counted again). Called by RecordEvents inside its
     transaction; returns the batch jobs to queue after commit."""
     kinds = sorted(set(kinds))
+    matching = """r.active AND (r.event_kind = ANY($1::text[])
+                                 OR r.qualification_kind = ANY($1::text[]))"""
+    locked = [r["id"] for r in await conn.fetch(
+        f"""SELECT r.id, pg_advisory_xact_lock_shared({_RULE_LOCK_CLASS}, r.id::int)
+              FROM bonus_rules r WHERE {matching} ORDER BY r.id""", kinds)]
+    if not locked:
+        return []
+    # Read again under the locks: an edit that committed meanwhile is seen (see the module doc).
     rule_rows = [_rule(r) for r in await conn.fetch(
-        f"""{_RULE_SELECT} WHERE r.active AND (r.event_kind = ANY($1::text[])
-                                              OR r.qualification_kind = ANY($1::text[]))
-             ORDER BY r.id""", kinds)]
+        f"{_RULE_SELECT} WHERE r.id = ANY($2::bigint[]) AND {matching} ORDER BY r.id",
+        kinds, locked)]
     if not rule_rows:
         return []
     relevant = sorted({r.rule.event_kind for r in rule_rows} | {
@@ -229,8 +259,10 @@ async def _campaign_customers(conn: asyncpg.Connection, campaign_pk: int) -> lis
     return [r["customer_id"] for r in rows]
 
 
-async def insert_schedule(conn: asyncpg.Connection, schedule: Schedule, *,
-                          now: datetime) -> ScheduleRow:
+async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
+                               check_customers: bool = True) -> tuple[int, int | None]:
+    """The definition's and the campaign's pks; every one the schedule names must exist (the
+    listed customers too, unless they were checked before: up to 100,000 of them)."""
     definition = await get_definition(conn, schedule.definition_id)
     campaign_pk = None
     if schedule.campaign_id:
@@ -240,17 +272,23 @@ async def insert_schedule(conn: asyncpg.Connection, schedule: Schedule, *,
             raise NotFound(f"no campaign {schedule.campaign_id!r}", reason="CAMPAIGN_NOT_FOUND",
                            metadata={"campaign_id": schedule.campaign_id})
     unknown = sorted(set(schedule.customer_ids) - (await known_customers(
-        conn, schedule.customer_ids, properties=False)).keys())
+        conn, schedule.customer_ids, properties=False)).keys()) if check_customers else []
     if unknown:
         raise NotFound(f"unknown customers: {', '.join(repr(c) for c in unknown[:10])}",
                        reason="CUSTOMER_NOT_FOUND", metadata={"customer_id": unknown[0]})
+    return definition.pk, campaign_pk
+
+
+async def insert_schedule(conn: asyncpg.Connection, schedule: Schedule, *,
+                          now: datetime) -> ScheduleRow:
+    definition_pk, campaign_pk = await _schedule_references(conn, schedule)
     pk = await conn.fetchval(
         """INSERT INTO bonus_schedules (schedule_id, definition_pk, customer_ids, weekday,
                                         local_time, time_zone, next_run_at, active, create_time,
                                         campaign_pk, since_campaign_entrance)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
            ON CONFLICT (schedule_id) DO NOTHING RETURNING id""",
-        schedule.schedule_id, definition.pk, list(schedule.customer_ids), schedule.weekday,
+        schedule.schedule_id, definition_pk, list(schedule.customer_ids), schedule.weekday,
         schedule.local_time, schedule.time_zone, next_run(schedule, now), schedule.active, now,
         campaign_pk, schedule.since_campaign_entrance)
     if pk is None:
@@ -261,21 +299,37 @@ async def insert_schedule(conn: asyncpg.Connection, schedule: Schedule, *,
     return _schedule(row)
 
 
-async def set_schedule_active(conn: asyncpg.Connection, schedule_id: str, active: bool, *,
-                              now: datetime) -> ScheduleRow:
-    """Pause or resume; a resumed schedule next runs at its first time after ``now`` (runs
-    missed while paused are not made up)."""
-    row = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.schedule_id = $1 FOR UPDATE OF s",
+async def get_schedule(conn: asyncpg.Connection, schedule_id: str, *,
+                       for_update: bool = False) -> ScheduleRow:
+    lock = " FOR UPDATE OF s" if for_update else ""
+    row = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.schedule_id = $1{lock}",
                               schedule_id)
     if row is None:
         raise NotFound(f"no bonus schedule {schedule_id!r}", reason="BONUS_SCHEDULE_NOT_FOUND",
                        metadata={"schedule_id": schedule_id})
-    current = _schedule(row)
+    return _schedule(row)
+
+
+async def update_schedule(conn: asyncpg.Connection, current: ScheduleRow, schedule: Schedule,
+                          *, retime: bool, now: datetime) -> ScheduleRow:
+    """Save an edited schedule (the caller holds its row lock). The next run is computed again
+    from ``now`` when ``retime`` (a new weekday, time or zone) or when the schedule is resumed
+    (runs missed while paused are not made up); otherwise it stays. Customers, campaign and
+    definition apply from the next run."""
+    definition_pk, campaign_pk = await _schedule_references(
+        conn, schedule, check_customers=schedule.customer_ids != current.schedule.customer_ids)
     next_at = current.next_run_at
-    if active and not current.schedule.active:
-        next_at = next_run(current.schedule, now)
-    await conn.execute("UPDATE bonus_schedules SET active = $2, next_run_at = $3 WHERE id = $1",
-                       current.pk, active, next_at)
+    if retime or (schedule.active and not current.schedule.active):
+        next_at = next_run(schedule, now)
+    await conn.execute(
+        """UPDATE bonus_schedules
+              SET definition_pk = $2, customer_ids = $3, weekday = $4, local_time = $5,
+                  time_zone = $6, next_run_at = $7, active = $8, campaign_pk = $9,
+                  since_campaign_entrance = $10
+            WHERE id = $1""",
+        current.pk, definition_pk, list(schedule.customer_ids), schedule.weekday,
+        schedule.local_time, schedule.time_zone, next_at, schedule.active, campaign_pk,
+        schedule.since_campaign_entrance)
     updated = await conn.fetchrow(f"{_SCHEDULE_SELECT} WHERE s.id = $1", current.pk)
     return _schedule(updated)
 

@@ -38,6 +38,7 @@ from core.bonuses.definitions import (
     PointsTarget,
     ResultType,
     period_from_stored,
+    variables_from_stored,
 )
 from core.bonuses.results import (
     RECALCULABLE,
@@ -114,7 +115,8 @@ def _definition(row: asyncpg.Record) -> DefinitionRow:
         period=period_from_stored(period), approval_mode=ApprovalMode(row["approval_mode"]),
         batch_window_seconds=row["batch_window_seconds"],
         skipped_message=row["skipped_message"], calculated_message=row["calculated_message"],
-        issued_message=row["issued_message"], revision=row["revision"],
+        issued_message=row["issued_message"],
+        variables=variables_from_stored(_json(row["variables"])), revision=row["revision"],
         create_time=row["create_time"], update_time=row["update_time"])
     return DefinitionRow(pk=row["id"], definition=definition,
                          formula_stored=_json(row["formula_stored"]))
@@ -131,7 +133,8 @@ def _definition_values(d: BonusDefinition, compiled: CompiledFormula) -> list[An
             d.points_target.value if d.points_target else None, d.min_allowed, d.cap_amount,
             d.rounding.value, d.decimals, d.rounding_factor, d.data_mode.value,
             None if period is None else json.dumps(period), d.approval_mode.value,
-            d.batch_window_seconds, d.skipped_message, d.calculated_message, d.issued_message]
+            d.batch_window_seconds, d.skipped_message, d.calculated_message, d.issued_message,
+            json.dumps([v.to_stored() for v in d.variables])]
 
 
 async def insert_definition(conn: asyncpg.Connection, d: BonusDefinition,
@@ -141,9 +144,9 @@ async def insert_definition(conn: asyncpg.Connection, d: BonusDefinition,
                (definition_id, display_name, formula_source, formula_stored, result_type,
                 points_target, min_allowed, cap_amount, rounding, decimals, rounding_factor,
                 data_mode, period, approval_mode, batch_window_seconds, skipped_message,
-                calculated_message, issued_message, create_time, update_time)
+                calculated_message, issued_message, variables, create_time, update_time)
            VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14,
-                   $15, $16, $17, $18, $19, $19)
+                   $15, $16, $17, $18, $19::jsonb, $20, $20)
            ON CONFLICT (definition_id) DO NOTHING
            RETURNING *""",
         d.definition_id, *_definition_values(d, compiled), now)
@@ -163,7 +166,7 @@ async def update_definition(conn: asyncpg.Connection, pk: int, d: BonusDefinitio
                   rounding = $9, decimals = $10, rounding_factor = $11, data_mode = $12,
                   period = $13::jsonb, approval_mode = $14, batch_window_seconds = $15,
                   skipped_message = $16, calculated_message = $17, issued_message = $18,
-                  revision = $19, update_time = $20
+                  variables = $19::jsonb, revision = $20, update_time = $21
             WHERE id = $1 RETURNING *""",
         pk, *_definition_values(d, compiled), d.revision, now)
     assert row is not None

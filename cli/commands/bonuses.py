@@ -27,7 +27,7 @@ from cli.client import (
     request_id,
     to_dict,
 )
-from cli.commands.formulas import period_from_flags
+from cli.commands.formulas import VarOpt, period_from_flags, variables_from_flags
 from cli.options import AllOpt, JsonOpt, PageSizeOpt, PageTokenOpt, RequestIdOpt
 from cli.output import console, show_message, show_rows
 from promo.v1 import bonuses_pb2 as pb
@@ -107,7 +107,8 @@ def _definition_flags(definition: pb.BonusDefinition, *, name: str | None, formu
                       decimals: int | None, rounding_factor: str | None,
                       properties_only: bool | None, days: int | None, hours: int | None,
                       relative: str | None, time_zone: str, approval: str | None,
-                      batch_window: int | None, messages: dict[str, str | None]) -> list[str]:
+                      batch_window: int | None, messages: dict[str, str | None],
+                      var: list[str] | None) -> list[str]:
     """Set the given flags on ``definition``; returns the fields set (an update's mask)."""
     paths: list[str] = []
 
@@ -118,6 +119,9 @@ def _definition_flags(definition: pb.BonusDefinition, *, name: str | None, formu
 
     put("display_name", name)
     put("formula", formula)
+    if var:
+        definition.variables.extend(variables_from_flags(var))
+        paths.append("variables")
     put("result_type", None if result_type is None else enum_value(
         pb.BonusResultType, RESULT_TYPE, result_type, "--result-type"))
     put("points_target", None if points_target is None else enum_value(
@@ -194,13 +198,14 @@ def create(
     skipped_message: MessageOpt = None,
     calculated_message: MessageOpt = None,
     issued_message: MessageOpt = None,
+    var: VarOpt = None,
     request: RequestIdOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Define a dynamic bonus from flags, or from a JSON file (a BonusDefinition)."""
     definition = pb.BonusDefinition()
     if file is not None:
-        if any(v is not None for v in (
+        if var or any(v is not None for v in (
                 name, formula, result_type, points_target, min_allowed, cap_amount, rounding,
                 decimals, rounding_factor, properties_only, days, hours, relative, approval,
                 batch_window, skipped_message, calculated_message, issued_message)):
@@ -221,7 +226,7 @@ def create(
             time_zone=time_zone, approval=approval or "automatic", batch_window=batch_window,
             messages={"skipped_message": skipped_message,
                       "calculated_message": calculated_message,
-                      "issued_message": issued_message})
+                      "issued_message": issued_message}, var=var)
     response = call(ctx, STUB, "CreateBonusDefinition", pb.CreateBonusDefinitionRequest(
         request_id=request_id(request), definition=definition))
     _show_definition(response.definition, as_json)
@@ -282,13 +287,15 @@ def update(
     skipped_message: MessageOpt = None,
     calculated_message: MessageOpt = None,
     issued_message: MessageOpt = None,
+    var: VarOpt = None,
     request: RequestIdOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change the given fields of a definition (an empty --min or --cap removes it)."""
+    """Change the given fields of a definition (an empty --min or --cap removes it; --var
+    replaces all the variables)."""
     definition = pb.BonusDefinition()
     if file is not None:
-        if any(v is not None for v in (
+        if var or any(v is not None for v in (
                 name, formula, result_type, points_target, min_allowed, cap_amount, rounding,
                 decimals, rounding_factor, properties_only, days, hours, relative, approval,
                 batch_window, skipped_message, calculated_message, issued_message)):
@@ -303,7 +310,7 @@ def update(
             time_zone=time_zone, approval=approval, batch_window=batch_window,
             messages={"skipped_message": skipped_message,
                       "calculated_message": calculated_message,
-                      "issued_message": issued_message})
+                      "issued_message": issued_message}, var=var)
     if not paths:
         fail("nothing to change: give the fields to update as flags or --file")
     definition.definition_id = definition_id
@@ -655,6 +662,64 @@ def rule_resume(ctx: typer.Context, rule_id: str, request: RequestIdOpt = None,
     _set_rule_active(ctx, rule_id, True, request, as_json)
 
 
+@rules_app.command("update")
+def rule_update(
+    ctx: typer.Context,
+    rule_id: str,
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", exists=True, dir_okay=False,
+        help="Proto JSON of the fields to change (its top-level keys are the update mask).")]
+        = None,
+    definition: Annotated[str | None, typer.Option("--definition",
+                                                   help="Bonus definition id.")] = None,
+    event_kind: Annotated[str | None, typer.Option(help="Count events of this kind.")] = None,
+    filter_: Annotated[str | None, typer.Option(
+        "--filter", help='Only events matching this ("" for all).')] = None,
+    every: Annotated[int | None, typer.Option(min=1, help="Fire every N matching events.")]
+        = None,
+    qualification_kind: Annotated[str | None, typer.Option(
+        help='An event of this kind must come first ("" for none).')] = None,
+    qualification_min_amount: Annotated[str | None, typer.Option(
+        help="...with at least this amount.")] = None,
+    qualification_filter: Annotated[str | None, typer.Option(help="...matching this.")] = None,
+    max_executions: Annotated[int | None, typer.Option(
+        min=0, help="Fire at most N times per qualification (0: no limit).")] = None,
+    period_mode: Annotated[str | None, typer.Option(
+        help="definition, first_to_last, qualification_to_last, first_to_fixed_end or "
+             "qualification_to_fixed_end.")] = None,
+    period_end: Annotated[str | None, typer.Option(
+        help='End of the *_to_fixed_end periods (ISO 8601; "" removes it).')] = None,
+    request: RequestIdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change the given fields of a rule (the update mask is the flags given, or the file's
+    keys). A new --event-kind, --filter or --every starts every customer's count again."""
+    flags: dict[str, Any] = {
+        "definition_id": definition, "event_kind": event_kind, "filter": filter_,
+        "every": every, "qualification_kind": qualification_kind,
+        "qualification_min_amount": qualification_min_amount,
+        "qualification_filter": qualification_filter, "max_executions": max_executions,
+        "period_mode": None if period_mode is None else enum_value(
+            pb.RulePeriodMode, "RULE_PERIOD_MODE_", period_mode, "--period-mode")}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if file is not None:
+        if given or period_end is not None:
+            fail("give either --file or the fields' flags, not both")
+        rule, paths = _from_file(file, pb.BonusRule(), "BonusRule fields")
+    else:
+        rule, paths = pb.BonusRule(**given), list(given)
+        if period_end is not None:
+            if period_end:
+                rule.period_end.CopyFrom(_timestamp(period_end, "--period-end"))
+            paths.append("period_end")
+    if not paths:
+        fail("nothing to change: give the fields to update as flags or --file")
+    rule.rule_id = rule_id
+    response = call(ctx, STUB, "UpdateBonusRule", pb.UpdateBonusRuleRequest(
+        request_id=request_id(request), rule=rule, update_mask=FieldMask(paths=paths)))
+    _show_rule(response.rule, as_json)
+
+
 # --- schedules ----------------------------------------------------------------------------------
 
 
@@ -773,3 +838,59 @@ def schedule_resume(ctx: typer.Context, schedule_id: str, request: RequestIdOpt 
                     as_json: JsonOpt = False) -> None:
     """Run a paused schedule again from its next time (no catching up)."""
     _set_schedule_active(ctx, schedule_id, True, request, as_json)
+
+
+@schedules_app.command("update")
+def schedule_update(
+    ctx: typer.Context,
+    schedule_id: str,
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", exists=True, dir_okay=False,
+        help="Proto JSON of the fields to change (its top-level keys are the update mask).")]
+        = None,
+    definition: Annotated[str | None, typer.Option("--definition",
+                                                   help="Bonus definition id.")] = None,
+    customer: Annotated[list[str] | None, typer.Option(
+        "--customer", help="The customers to request for, replacing the list (repeat).")]
+        = None,
+    customers_file: Annotated[Path | None, typer.Option(
+        "--customers-file", exists=True, dir_okay=False,
+        help="Customer ids, one a line (or the first column of a CSV).")] = None,
+    campaign: Annotated[str | None, typer.Option(
+        "--campaign", help='The campaign\'s target group instead ("" for none).')] = None,
+    since_campaign_entrance: Annotated[bool | None, typer.Option(
+        "--since-campaign-entrance/--definition-period",
+        help="With --campaign: read events from the campaign's execution until the run, or "
+             "the definition's period.")] = None,
+    weekday: Annotated[str | None, typer.Option(
+        help="mon..sun or 1..7; 0 or every: every day.")] = None,
+    at: Annotated[str | None, typer.Option("--at", help="Local time HH:MM.")] = None,
+    time_zone: Annotated[str | None, typer.Option(help="IANA zone of --at.")] = None,
+    request: RequestIdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change the given fields of a schedule (the update mask is the flags given, or the
+    file's keys). A new --weekday, --at or --time-zone moves the next run; the rest applies
+    to the next run."""
+    ids = None
+    if customer is not None or customers_file is not None:
+        ids = list(customer or []) + (_read_ids(customers_file) if customers_file else [])
+    flags: dict[str, Any] = {
+        "definition_id": definition, "customer_ids": ids, "campaign_id": campaign,
+        "since_campaign_entrance": since_campaign_entrance,
+        "weekday": None if weekday is None else (
+            0 if weekday.lower() == "every" else _weekday(weekday)),
+        "local_time": at, "time_zone": time_zone}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if file is not None:
+        if given:
+            fail("give either --file or the fields' flags, not both")
+        schedule, paths = _from_file(file, pb.BonusSchedule(), "BonusSchedule fields")
+    else:
+        schedule, paths = pb.BonusSchedule(**given), list(given)
+    if not paths:
+        fail("nothing to change: give the fields to update as flags or --file")
+    schedule.schedule_id = schedule_id
+    response = call(ctx, STUB, "UpdateBonusSchedule", pb.UpdateBonusScheduleRequest(
+        request_id=request_id(request), schedule=schedule, update_mask=FieldMask(paths=paths)))
+    _show_schedule(response.schedule, as_json)

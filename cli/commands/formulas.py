@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +30,9 @@ STUB = pb_grpc.FormulaServiceStub
 SourceOpt = Annotated[str | None, typer.Option(help="The formula text.")]
 FileOpt = Annotated[Path | None, typer.Option("--file", "-f", exists=True, dir_okay=False,
                                               help="Read the formula from a file.")]
-VarOpt = Annotated[list[str] | None, typer.Option("--var", help="Variable NAME=VALUE.")]
+VarOpt = Annotated[list[str] | None, typer.Option(
+    "--var", help="Variable NAME=VALUE, or per currency NAME=EUR:200,USD:250 (repeat).")]
+PER_CURRENCY = re.compile(r"[A-Za-z]{3}:")
 
 
 def _source(source: str | None, file: Path | None) -> str:
@@ -38,8 +41,23 @@ def _source(source: str | None, file: Path | None) -> str:
     return source if source is not None else file.read_text()  # type: ignore[union-attr]
 
 
-def _variables(values: list[str] | None) -> list[pb.FormulaVariable]:
-    return [pb.FormulaVariable(name=k, value=v) for k, v in parse_pairs(values, "--var").items()]
+def _per_currency(name: str, text: str) -> dict[str, str]:
+    amounts: dict[str, str] = {}
+    for piece in text.split(","):
+        code, sep, amount = piece.strip().partition(":")
+        if not sep or not code or not amount:
+            fail(f"--var {name}: expected CODE:AMOUNT pairs like EUR:200,USD:250, "
+                 f"got {piece!r}")
+        amounts[code] = amount
+    return amounts
+
+
+def variables_from_flags(values: list[str] | None) -> list[pb.FormulaVariable]:
+    """``--var NAME=VALUE`` / ``--var NAME=EUR:200,USD:250`` options as FormulaVariable
+    messages (also the bonus definitions' --var)."""
+    return [pb.FormulaVariable(name=k, per_currency=_per_currency(k, v))
+            if PER_CURRENCY.match(v) else pb.FormulaVariable(name=k, value=v)
+            for k, v in parse_pairs(values, "--var").items()]
 
 
 @app.command()
@@ -47,7 +65,7 @@ def validate(ctx: typer.Context, source: SourceOpt = None, file: FileOpt = None,
              var: VarOpt = None, as_json: JsonOpt = False) -> None:
     """Check a formula; errors name the line and column."""
     response = call(ctx, STUB, "ValidateFormula", pb.ValidateFormulaRequest(
-        source=_source(source, file), variables=_variables(var)))
+        source=_source(source, file), variables=variables_from_flags(var)))
     if as_json:
         print_json(response)
         return
@@ -96,7 +114,7 @@ def dry_run(
 ) -> None:
     """Evaluate a formula for one customer, with the aggregates it read and why."""
     request = pb.DryRunFormulaRequest(
-        source=_source(source, file), variables=_variables(var), customer_id=customer,
+        source=_source(source, file), variables=variables_from_flags(var), customer_id=customer,
         rounding=enum_value(ppb.RoundingMode, "ROUNDING_MODE_", rounding, "--rounding"),  # type: ignore[arg-type]
         decimals=decimals, rounding_factor=rounding_factor, cap_amount=cap_amount,
         min_allowed=min_allowed)

@@ -4,8 +4,10 @@ A definition says what the formula gives (an amount, a bonus template, or points
 diamonds, points going to the balance, a leaderboard or level progress), how an amount is
 finished (rounding and decimals, then the cap, then the minimum: core.formula.evaluator's
 pipeline), which data it reads (transactions and properties over a period, or properties only,
-which has no period), whether results wait for an operator, and how long requests pile up
-before their batch runs. Everything is checked when saved, so a batch never meets a bad
+which has no period), whether results wait for an operator, how long requests pile up before
+their batch runs, and the named amounts (variables) its formula may use: a fixed value, or one
+value per currency resolved with each customer's currency when evaluated (seed 004: "a cap of
+200 EUR or 250 USD"). Everything is checked when saved, so a batch never meets a bad
 definition.
 """
 
@@ -16,18 +18,22 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from core.bonuses.messages import validate_template
 from core.bonuses.windows import check_window_seconds
+from core.customers import CURRENCY_PATTERN
 from core.errors import InvalidArgument
 from core.formula import CompiledFormula, ResultOptions, compile_formula
+from core.formula.compiler import FUNCTIONS, KEYWORDS
+from core.formula.model import is_identifier
 from core.periods import Period, period_from_dict, period_to_dict
 from core.rounding import RoundingMode
 
 DEFINITION_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 MAX_DISPLAY_NAME = 200
+MAX_VARIABLES = 50
 
 
 class ResultType(enum.Enum):
@@ -55,12 +61,34 @@ class ApprovalMode(enum.Enum):
 
 
 MESSAGE_FIELDS = ("skipped_message", "calculated_message", "issued_message")
-UPDATABLE = ("display_name", "formula", "result_type", "points_target", "min_allowed",
-             "cap_amount", "rounding", "decimals", "rounding_factor", "data_mode", "period",
-             "approval_mode", "batch_window_seconds", *MESSAGE_FIELDS)
+UPDATABLE = ("display_name", "formula", "variables", "result_type", "points_target",
+             "min_allowed", "cap_amount", "rounding", "decimals", "rounding_factor", "data_mode",
+             "period", "approval_mode", "batch_window_seconds", *MESSAGE_FIELDS)
 # Fields whose change alters what a calculation gives (a new revision of the definition).
 CALCULATION_FIELDS = frozenset(UPDATABLE) - {"display_name", "approval_mode",
                                              "batch_window_seconds", *MESSAGE_FIELDS}
+
+
+@dataclass(frozen=True)
+class DefinitionVariable:
+    """A named amount of a definition: ``value``, or ``per_currency`` (code, amount) pairs in
+    code order (the customer's currency picks one when the formula is evaluated)."""
+
+    name: str
+    value: Decimal | None = None
+    per_currency: tuple[tuple[str, Decimal], ...] = ()
+
+    def formula_value(self) -> Decimal | dict[str, Decimal]:
+        """What core.formula.compile_formula takes for this variable."""
+        if self.per_currency:
+            return dict(self.per_currency)
+        assert self.value is not None
+        return self.value
+
+    def to_stored(self) -> dict[str, Any]:
+        if self.per_currency:
+            return {"name": self.name, "per_currency": {c: str(v) for c, v in self.per_currency}}
+        return {"name": self.name, "value": str(self.value)}
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,7 @@ class BonusDefinition:
     skipped_message: str = ""
     calculated_message: str = ""
     issued_message: str = ""
+    variables: tuple[DefinitionVariable, ...] = ()
     revision: int = 1
     create_time: datetime | None = None
     update_time: datetime | None = None
@@ -101,11 +130,78 @@ def _bad(field: str, message: str, reason: str = "INVALID_BONUS_DEFINITION") -> 
     return InvalidArgument(f"{field}: {message}", reason=reason, metadata={"field": field})
 
 
-def compile_definition_formula(source: str) -> CompiledFormula:
-    """Compile ``source``; errors keep FORMULA_SYNTAX / FORMULA_INVALID with line and column
-    and name the field."""
+def _bad_variable(index: int, name: str, message: str) -> InvalidArgument:
+    shown = f"variables[{index}]" + (f" ({name!r})" if name else "")
+    return InvalidArgument(f"{shown}: {message}", reason="INVALID_VARIABLE",
+                           metadata={"field": f"variables[{index}]", "variable": name})
+
+
+def _variable_amount(index: int, name: str, text: str, what: str) -> Decimal:
     try:
-        return compile_formula(source)
+        amount = Decimal(text.strip())
+    except InvalidOperation:
+        amount = Decimal("NaN")
+    if not text.strip() or not amount.is_finite():
+        raise _bad_variable(index, name, f"{what} must be a decimal number, got {text!r}")
+    return amount
+
+
+def parse_variable(index: int, name: str, value: str,
+                   per_currency: Mapping[str, str]) -> DefinitionVariable:
+    """One variable as given (decimal text, or currency code -> decimal text), checked: an
+    identifier that is not a keyword or function, and numbers (a definition's variables are
+    amounts: caps, rates, thresholds)."""
+    if not name:
+        raise _bad_variable(index, name, "name is required")
+    if not is_identifier(name) or name in KEYWORDS or name in FUNCTIONS:
+        raise _bad_variable(index, name, "a name must be letters, digits and '_', not "
+                            "starting with a digit, and not a keyword or function")
+    if per_currency:
+        if value:
+            raise _bad_variable(index, name, "give value or per_currency, not both")
+        amounts: dict[str, Decimal] = {}
+        for code, text in per_currency.items():
+            upper = code.strip().upper()
+            if not CURRENCY_PATTERN.fullmatch(upper):
+                raise _bad_variable(index, name, f"{code!r} is not a currency code (ISO 4217, "
+                                    "e.g. 'EUR')")
+            if upper in amounts:
+                raise _bad_variable(index, name, f"currency {upper} is given twice")
+            amounts[upper] = _variable_amount(index, name, text, f"the {upper} value")
+        return DefinitionVariable(name, per_currency=tuple(sorted(amounts.items())))
+    if not value:
+        raise _bad_variable(index, name, "needs a value or per-currency values")
+    return DefinitionVariable(name, value=_variable_amount(index, name, value, "value"))
+
+
+def check_variables(variables: Sequence[DefinitionVariable]) -> tuple[DefinitionVariable, ...]:
+    """At most MAX_VARIABLES, each name once; returned in name order (so a reordering is not a
+    change of the definition)."""
+    if len(variables) > MAX_VARIABLES:
+        raise InvalidArgument(f"variables: at most {MAX_VARIABLES}, got {len(variables)}",
+                              reason="INVALID_VARIABLE", metadata={"field": "variables"})
+    seen: set[str] = set()
+    for index, variable in enumerate(variables):
+        if variable.name in seen:
+            raise _bad_variable(index, variable.name, "the name is given twice")
+        seen.add(variable.name)
+    return tuple(sorted(variables, key=lambda v: v.name))
+
+
+def variables_from_stored(value: Sequence[Mapping[str, Any]]) -> tuple[DefinitionVariable, ...]:
+    return tuple(
+        DefinitionVariable(str(v["name"]), per_currency=tuple(
+            (str(c), Decimal(str(a))) for c, a in sorted(v["per_currency"].items())))
+        if "per_currency" in v else DefinitionVariable(str(v["name"]), Decimal(str(v["value"])))
+        for v in value)
+
+
+def compile_definition_formula(
+        source: str, variables: Sequence[DefinitionVariable] = ()) -> CompiledFormula:
+    """Compile ``source`` with the definition's variables; errors keep FORMULA_SYNTAX /
+    FORMULA_INVALID with line and column and name the field."""
+    try:
+        return compile_formula(source, variables={v.name: v.formula_value() for v in variables})
     except InvalidArgument as exc:
         metadata = {**exc.metadata, "field": "formula"}
         raise InvalidArgument(f"formula: {exc.message}", reason=exc.reason,
@@ -122,7 +218,8 @@ def validate_definition(d: BonusDefinition) -> tuple[BonusDefinition, CompiledFo
         raise _bad("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
     if not d.formula.strip():
         raise _bad("formula", "is required", "MISSING_FIELD")
-    compiled = compile_definition_formula(d.formula)
+    d = replace(d, variables=check_variables(d.variables))
+    compiled = compile_definition_formula(d.formula, d.variables)
     if d.result_type is ResultType.BONUS_TEMPLATE:
         if compiled.returns_amount:
             raise _bad("formula", "a BONUS_TEMPLATE definition must give template(\"...\") or "
@@ -162,6 +259,11 @@ def validate_definition(d: BonusDefinition) -> tuple[BonusDefinition, CompiledFo
     return d, compiled
 
 
+def _comparable(path: str, value: Any) -> Any:
+    """A field's value as a calculation sees it: variables in any order are the same."""
+    return sorted(value, key=lambda v: v.name) if path == "variables" else value
+
+
 def apply_update(current: BonusDefinition, patch: BonusDefinition,
                  paths: Sequence[str]) -> BonusDefinition:
     """``current`` with the masked fields taken from ``patch``; a calculation change bumps the
@@ -178,7 +280,8 @@ def apply_update(current: BonusDefinition, patch: BonusDefinition,
                 metadata={"field": "update_mask"})
         changes[path] = getattr(patch, path)
     updated = replace(current, **changes)
-    if any(getattr(updated, p) != getattr(current, p) for p in paths if p in CALCULATION_FIELDS):
+    if any(_comparable(p, getattr(updated, p)) != _comparable(p, getattr(current, p))
+           for p in paths if p in CALCULATION_FIELDS):
         updated = replace(updated, revision=current.revision + 1)
     return updated
 

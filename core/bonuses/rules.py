@@ -24,6 +24,13 @@ Schedule (seed 004: "every Monday, 10% of all deposits made during the weekend")
 (or every day) at a local time in a fixed zone, one request per listed customer, or per customer
 of a campaign's target group; a definition period such as "last weekend" without a zone then
 resolves in each customer's own zone.
+
+Editing (UpdateBonusRule / UpdateBonusSchedule, by update mask): every field but the id and
+the output-only ones. A rule whose counting condition changes (``RULE_COUNTING_FIELDS``) starts
+every customer's count again, since counts made under the old condition must not fire the new
+one; other changes (qualification, limit, period) apply from the next event or firing. A
+schedule whose timing changes (``SCHEDULE_TIMING_FIELDS``) gets its next run computed again from
+the time of the edit.
 """
 
 from __future__ import annotations
@@ -58,6 +65,31 @@ class PeriodMode(enum.Enum):
 
 def _bad(field: str, message: str, reason: str = "INVALID_BONUS_RULE") -> InvalidArgument:
     return InvalidArgument(f"{field}: {message}", reason=reason, metadata={"field": field})
+
+
+# Update masks (BonusRule / BonusSchedule field names): all but ids and output-only fields.
+RULE_UPDATABLE = ("definition_id", "event_kind", "filter", "every", "qualification_kind",
+                  "qualification_min_amount", "qualification_filter", "max_executions",
+                  "period_mode", "period_end", "active")
+RULE_COUNTING_FIELDS = frozenset({"event_kind", "filter", "every"})
+SCHEDULE_UPDATABLE = ("definition_id", "customer_ids", "campaign_id", "since_campaign_entrance",
+                      "weekday", "local_time", "time_zone", "active")
+SCHEDULE_TIMING_FIELDS = frozenset({"weekday", "local_time", "time_zone"})
+
+
+def check_update_mask(paths: Sequence[str], updatable: Sequence[str]) -> list[str]:
+    """The mask's paths, each once; an empty mask, or a path naming an id, an output-only or
+    unknown field, is refused with the path."""
+    if not paths:
+        raise InvalidArgument("update_mask must name at least one field",
+                              reason="INVALID_UPDATE_MASK", metadata={"field": "update_mask"})
+    for path in paths:
+        if path not in updatable:
+            raise InvalidArgument(
+                f"update_mask: {path!r} cannot be updated; updatable fields: "
+                f"{', '.join(updatable)}", reason="INVALID_UPDATE_MASK",
+                metadata={"field": "update_mask", "path": path})
+    return list(dict.fromkeys(paths))
 
 
 @dataclass(frozen=True)

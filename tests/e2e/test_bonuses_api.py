@@ -752,10 +752,10 @@ async def test_rules_and_schedules_can_be_paused_and_resumed(
     await run_due_batches(pool, settings, clock)
     [result] = await results(api)  # only the bet recorded while the rule was active fired
     assert result.amount == "3"  # the definition's own period (1 day back) reads both bets
-    with pytest.raises(grpc.RpcError) as caught:
+    with pytest.raises(grpc.RpcError) as caught:  # other edits: test_bonus_trigger_edits.py
         await stub(api).UpdateBonusRule(pb.UpdateBonusRuleRequest(
-            request_id="x", rule=pb.BonusRule(rule_id="each-bet", every=5),
-            update_mask={"paths": ["every"]}), metadata=api.key())
+            request_id="x", rule=pb.BonusRule(rule_id="other-id", active=True),
+            update_mask={"paths": ["rule_id"]}), metadata=api.key())
     assert rpc_error_reason(caught.value) == "INVALID_UPDATE_MASK"
 
     await stub(api).CreateBonusSchedule(pb.CreateBonusScheduleRequest(

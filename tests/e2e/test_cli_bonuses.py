@@ -245,3 +245,84 @@ async def test_rules_and_schedules(api: Api, tmp_path: Path) -> None:
                            "--at", "12:00", "--weekday", "someday")
     assert line == ("error: --weekday takes mon..sun, 1..7 (1 = Monday) or 0 (every day), "
                     "got 'someday'")
+
+
+async def test_variables_from_var_flags(api: Api, tmp_path: Path) -> None:
+    cli = Cli(api, tmp_path)
+    created = await cli.json(
+        "bonuses", "create", "capped", "--formula", "cap(sum(deposit.amount) * rate, max_bonus)",
+        "--days", "1", "--var", "max_bonus=EUR:200,USD:250", "--var", "rate=0.5")
+    assert created["variables"] == [
+        {"name": "max_bonus", "value": "", "per_currency": {"EUR": "200", "USD": "250"}},
+        {"name": "rate", "value": "0.5", "per_currency": {}}]
+    line = await cli.error("bonuses", "update", "capped", "--var", "max_bonus=EUR:300")
+    assert line.startswith("error: INVALID_ARGUMENT: formula: line 1, column 27: unknown name "
+                           "'rate'")  # --var replaces all the variables
+    assert line.endswith("(FORMULA_INVALID)")
+    updated = await cli.json("bonuses", "update", "capped", "--var", "max_bonus=eur:300",
+                             "--var", "rate=0.4")
+    assert (updated["revision"], updated["variables"]) == ("2", [
+        {"name": "max_bonus", "value": "", "per_currency": {"EUR": "300"}},
+        {"name": "rate", "value": "0.4", "per_currency": {}}])
+    line = await cli.error("bonuses", "update", "capped", "--var", "rate=lots")
+    assert line == ("error: INVALID_ARGUMENT: variables[0] ('rate'): value must be a decimal "
+                    "number, got 'lots' (INVALID_VARIABLE)")
+    line = await cli.error("bonuses", "update", "capped", "--var", "max_bonus=EUR:300,USD")
+    assert line == ("error: --var max_bonus: expected CODE:AMOUNT pairs like EUR:200,USD:250, "
+                    "got 'USD'")
+    line = await cli.error("bonuses", "update", "capped", "--var", "=5")
+    assert line == "error: --var takes KEY=VALUE, got '=5'"
+    # The same parser serves `promo formulas`.
+    valid = await cli.json("formulas", "validate", "--source", "cap(1000 * rate, max_bonus)",
+                           "--var", "max_bonus=EUR:200,USD:250", "--var", "rate=0.5")
+    assert valid["variables_used"] == ["rate", "max_bonus"]
+
+
+async def test_rules_and_schedules_update(api: Api, tmp_path: Path) -> None:
+    cli = Cli(api, tmp_path)
+    await cli.ok("bonuses", "create", "bets-10", "--formula", "sum(bet.amount) * 10%",
+                 "--days", "1")
+    await cli.ok("customers", "upsert", "z1")
+    await cli.ok("customers", "upsert", "z2")
+    await cli.ok("bonuses", "rules", "create", "gold-quest", "--definition", "bets-10",
+                 "--event-kind", "bet", "--filter", 'game = "Gold Quest"', "--every", "100")
+    rule = await cli.json("bonuses", "rules", "update", "gold-quest", "--every", "3",
+                          "--filter", "", "--period-mode", "first_to_last",
+                          "--request-id", "edit-1")
+    assert {k: rule[k] for k in ("every", "filter", "event_kind", "period_mode")} == {
+        "every": 3, "filter": "", "event_kind": "bet",
+        "period_mode": "RULE_PERIOD_MODE_FIRST_TO_LAST"}
+    again = await cli.json("bonuses", "rules", "update", "gold-quest", "--every", "3",
+                           "--filter", "", "--period-mode", "first_to_last",
+                           "--request-id", "edit-1")
+    assert again == rule
+    edit = tmp_path / "rule-edit.json"
+    edit.write_text(json.dumps({"qualificationKind": "deposit", "max_executions": 2}))
+    qualified = await cli.json("bonuses", "rules", "update", "gold-quest", "--file", str(edit))
+    assert (qualified["qualification_kind"], qualified["max_executions"]) == ("deposit", 2)
+    line = await cli.error("bonuses", "rules", "update", "gold-quest")
+    assert line == "error: nothing to change: give the fields to update as flags or --file"
+    line = await cli.error("bonuses", "rules", "update", "gold-quest", "--period-mode",
+                           "first_to_fixed_end")
+    assert line == ("error: INVALID_ARGUMENT: period_end: is required for FIRST_TO_FIXED_END "
+                    "(MISSING_FIELD)")
+    fixed = await cli.json("bonuses", "rules", "update", "gold-quest", "--period-mode",
+                           "first_to_fixed_end", "--period-end", "2026-12-01")
+    assert fixed["period_end"] == "2026-12-01T00:00:00Z"
+
+    await cli.ok("bonuses", "schedules", "create", "monday", "--definition", "bets-10",
+                 "--customer", "z1", "--weekday", "mon", "--at", "12:00", "--time-zone",
+                 "Europe/Berlin")
+    moved = await cli.json("bonuses", "schedules", "update", "monday", "--weekday", "wed",
+                           "--at", "09:30")
+    assert (moved["weekday"], moved["local_time"], moved["next_run_time"]) == (
+        3, "09:30", "2026-11-25T08:30:00Z")  # Wednesday 09:30 in Berlin
+    more = await cli.json("bonuses", "schedules", "update", "monday", "--customer", "z1",
+                          "--customer", "z2")
+    assert (more["customer_ids"], more["next_run_time"]) == (
+        ["z1", "z2"], "2026-11-25T08:30:00Z")
+    line = await cli.error("bonuses", "schedules", "update", "monday", "--time-zone", "Mars")
+    assert line == ("error: INVALID_ARGUMENT: unknown time zone 'Mars' in time_zone; use an "
+                    "IANA name such as 'Europe/Berlin' (INVALID_TIME_ZONE)")
+    line = await cli.error("bonuses", "schedules", "update", "ghost", "--at", "10:00")
+    assert line == "error: NOT_FOUND: no bonus schedule 'ghost' (BONUS_SCHEDULE_NOT_FOUND)"

@@ -184,6 +184,7 @@ class BonusDefinition(_message.Message):
     FORMULA_LANGUAGE_VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
     definition_id: _builtins.str
     """Chosen by the operator: 1-64 of a-z 0-9 _ . - (immutable)."""
     display_name: _builtins.str
@@ -217,6 +218,12 @@ class BonusDefinition(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def variables(self) -> _containers.RepeatedCompositeFieldContainer[_formulas_pb2.FormulaVariable]:
+        """Named amounts the formula may use: a fixed `value`, or `per_currency` values resolved with
+        each customer's currency (e.g. max_bonus {"EUR": "200", "USD": "250"}). Numbers only.
+        """
+
     def __init__(
         self,
         *,
@@ -241,10 +248,11 @@ class BonusDefinition(_message.Message):
         formula_language_version: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        variables: _abc.Iterable[_formulas_pb2.FormulaVariable] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period", b"period", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_mode", b"approval_mode", "batch_window_seconds", b"batch_window_seconds", "calculated_message", b"calculated_message", "cap_amount", b"cap_amount", "create_time", b"create_time", "data_mode", b"data_mode", "decimals", b"decimals", "definition_id", b"definition_id", "display_name", b"display_name", "formula", b"formula", "formula_language_version", b"formula_language_version", "issued_message", b"issued_message", "min_allowed", b"min_allowed", "period", b"period", "points_target", b"points_target", "result_type", b"result_type", "revision", b"revision", "rounding", b"rounding", "rounding_factor", b"rounding_factor", "skipped_message", b"skipped_message", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_mode", b"approval_mode", "batch_window_seconds", b"batch_window_seconds", "calculated_message", b"calculated_message", "cap_amount", b"cap_amount", "create_time", b"create_time", "data_mode", b"data_mode", "decimals", b"decimals", "definition_id", b"definition_id", "display_name", b"display_name", "formula", b"formula", "formula_language_version", b"formula_language_version", "issued_message", b"issued_message", "min_allowed", b"min_allowed", "period", b"period", "points_target", b"points_target", "result_type", b"result_type", "revision", b"revision", "rounding", b"rounding", "rounding_factor", b"rounding_factor", "skipped_message", b"skipped_message", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1145,7 +1153,9 @@ class BonusRule(_message.Message):
     @_builtins.property
     def period_end(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
     def __init__(
         self,
         *,

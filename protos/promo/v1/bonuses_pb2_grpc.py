@@ -238,7 +238,8 @@ class BonusServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateBonusRule(self, request, context):
-        """Pause or resume a rule (update_mask: "active").
+        """Change a rule's fields (update_mask: any field but rule_id and create_time; "active"
+        pauses or resumes it). A new event_kind, filter or every restarts the customers' counts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,7 +258,8 @@ class BonusServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateBonusSchedule(self, request, context):
-        """Pause or resume a schedule (update_mask: "active").
+        """Change a schedule's fields (update_mask: any field but schedule_id and the run times;
+        "active" pauses or resumes it). A new weekday, local_time or time_zone moves next_run_time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

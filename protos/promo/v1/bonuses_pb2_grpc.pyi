@@ -60,11 +60,15 @@ class BonusServiceStub:
     GetBonusRule: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.GetBonusRuleRequest, _bonuses_pb2.GetBonusRuleResponse]
     ListBonusRules: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.ListBonusRulesRequest, _bonuses_pb2.ListBonusRulesResponse]
     UpdateBonusRule: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.UpdateBonusRuleRequest, _bonuses_pb2.UpdateBonusRuleResponse]
-    """Pause or resume a rule (update_mask: "active")."""
+    """Change a rule's fields (update_mask: any field but rule_id and create_time; "active"
+    pauses or resumes it). A new event_kind, filter or every restarts the customers' counts.
+    """
     CreateBonusSchedule: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.CreateBonusScheduleRequest, _bonuses_pb2.CreateBonusScheduleResponse]
     ListBonusSchedules: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.ListBonusSchedulesRequest, _bonuses_pb2.ListBonusSchedulesResponse]
     UpdateBonusSchedule: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.UpdateBonusScheduleRequest, _bonuses_pb2.UpdateBonusScheduleResponse]
-    """Pause or resume a schedule (update_mask: "active")."""
+    """Change a schedule's fields (update_mask: any field but schedule_id and the run times;
+    "active" pauses or resumes it). A new weekday, local_time or time_zone moves next_run_time.
+    """
 
 @_typing.type_check_only
 class BonusServiceAsyncStub(BonusServiceStub):
@@ -98,11 +102,15 @@ class BonusServiceAsyncStub(BonusServiceStub):
     GetBonusRule: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.GetBonusRuleRequest, _bonuses_pb2.GetBonusRuleResponse]  # type: ignore[assignment]
     ListBonusRules: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.ListBonusRulesRequest, _bonuses_pb2.ListBonusRulesResponse]  # type: ignore[assignment]
     UpdateBonusRule: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.UpdateBonusRuleRequest, _bonuses_pb2.UpdateBonusRuleResponse]  # type: ignore[assignment]
-    """Pause or resume a rule (update_mask: "active")."""
+    """Change a rule's fields (update_mask: any field but rule_id and create_time; "active"
+    pauses or resumes it). A new event_kind, filter or every restarts the customers' counts.
+    """
     CreateBonusSchedule: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.CreateBonusScheduleRequest, _bonuses_pb2.CreateBonusScheduleResponse]  # type: ignore[assignment]
     ListBonusSchedules: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.ListBonusSchedulesRequest, _bonuses_pb2.ListBonusSchedulesResponse]  # type: ignore[assignment]
     UpdateBonusSchedule: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.UpdateBonusScheduleRequest, _bonuses_pb2.UpdateBonusScheduleResponse]  # type: ignore[assignment]
-    """Pause or resume a schedule (update_mask: "active")."""
+    """Change a schedule's fields (update_mask: any field but schedule_id and the run times;
+    "active" pauses or resumes it). A new weekday, local_time or time_zone moves next_run_time.
+    """
 
 class BonusServiceServicer(metaclass=_abc_1.ABCMeta):
     """Dynamic bonuses (seed 004): operators define a formula and what its value becomes; callers
@@ -229,7 +237,9 @@ class BonusServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bonuses_pb2.UpdateBonusRuleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bonuses_pb2.UpdateBonusRuleResponse, _abc.Awaitable[_bonuses_pb2.UpdateBonusRuleResponse]]:
-        """Pause or resume a rule (update_mask: "active")."""
+        """Change a rule's fields (update_mask: any field but rule_id and create_time; "active"
+        pauses or resumes it). A new event_kind, filter or every restarts the customers' counts.
+        """
 
     @_abc_1.abstractmethod
     def CreateBonusSchedule(
@@ -251,6 +261,8 @@ class BonusServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bonuses_pb2.UpdateBonusScheduleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bonuses_pb2.UpdateBonusScheduleResponse, _abc.Awaitable[_bonuses_pb2.UpdateBonusScheduleResponse]]:
-        """Pause or resume a schedule (update_mask: "active")."""
+        """Change a schedule's fields (update_mask: any field but schedule_id and the run times;
+        "active" pauses or resumes it). A new weekday, local_time or time_zone moves next_run_time.
+        """
 
 def add_BonusServiceServicer_to_server(servicer: BonusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
