@@ -64,6 +64,11 @@ def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
 FileOpt = Annotated[Path | None, typer.Option(
     "--file", "-f", exists=True, dir_okay=False, help="The message as proto JSON.")]
 DefinitionOpt = Annotated[str, typer.Option("--definition", help="Bonus definition id.")]
+UpdateFileOpt = Annotated[Path | None, typer.Option(
+    "--file", "-f", exists=True, dir_okay=False,
+    help="Proto JSON of the fields to change (its top-level keys are the update mask).")]
+NewDefinitionOpt = Annotated[str | None, typer.Option("--definition",
+                                                      help="Bonus definition id.")]
 
 
 def _time(value: Timestamp, present: bool = True) -> str:
@@ -89,6 +94,24 @@ def _from_file(file: Path, message: Any, what: str) -> tuple[Any, list[str]]:
     parsed = parse_message(data, message, str(file))
     names = {f.json_name: f.name for f in message.DESCRIPTOR.fields}
     return parsed, [names.get(key, key) for key in data]
+
+
+CLEAR = object()
+"""An update flag given as "" for a message field: the field is in the mask and left unset."""
+
+
+def _update_fields(file: Path | None, flags: dict[str, Any], message_type: Any,
+                   what: str) -> tuple[Any, list[str]]:
+    """An update command's message and mask: from --file (its top-level keys are the mask)
+    or from the flags given (None: not given)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if file is not None:
+        if given:
+            fail("give either --file or the fields' flags, not both")
+        return _from_file(file, message_type(), what)
+    if not given:
+        fail("nothing to change: give the fields to update as flags or --file")
+    return message_type(**{k: v for k, v in given.items() if v is not CLEAR}), list(given)
 
 
 # --- definitions --------------------------------------------------------------------------------
@@ -666,12 +689,8 @@ def rule_resume(ctx: typer.Context, rule_id: str, request: RequestIdOpt = None,
 def rule_update(
     ctx: typer.Context,
     rule_id: str,
-    file: Annotated[Path | None, typer.Option(
-        "--file", "-f", exists=True, dir_okay=False,
-        help="Proto JSON of the fields to change (its top-level keys are the update mask).")]
-        = None,
-    definition: Annotated[str | None, typer.Option("--definition",
-                                                   help="Bonus definition id.")] = None,
+    file: UpdateFileOpt = None,
+    definition: NewDefinitionOpt = None,
     event_kind: Annotated[str | None, typer.Option(help="Count events of this kind.")] = None,
     filter_: Annotated[str | None, typer.Option(
         "--filter", help='Only events matching this ("" for all).')] = None,
@@ -701,19 +720,9 @@ def rule_update(
         "qualification_filter": qualification_filter, "max_executions": max_executions,
         "period_mode": None if period_mode is None else enum_value(
             pb.RulePeriodMode, "RULE_PERIOD_MODE_", period_mode, "--period-mode")}
-    given = {k: v for k, v in flags.items() if v is not None}
-    if file is not None:
-        if given or period_end is not None:
-            fail("give either --file or the fields' flags, not both")
-        rule, paths = _from_file(file, pb.BonusRule(), "BonusRule fields")
-    else:
-        rule, paths = pb.BonusRule(**given), list(given)
-        if period_end is not None:
-            if period_end:
-                rule.period_end.CopyFrom(_timestamp(period_end, "--period-end"))
-            paths.append("period_end")
-    if not paths:
-        fail("nothing to change: give the fields to update as flags or --file")
+    if period_end is not None:
+        flags["period_end"] = _timestamp(period_end, "--period-end") if period_end else CLEAR
+    rule, paths = _update_fields(file, flags, pb.BonusRule, "BonusRule fields")
     rule.rule_id = rule_id
     response = call(ctx, STUB, "UpdateBonusRule", pb.UpdateBonusRuleRequest(
         request_id=request_id(request), rule=rule, update_mask=FieldMask(paths=paths)))
@@ -844,12 +853,8 @@ def schedule_resume(ctx: typer.Context, schedule_id: str, request: RequestIdOpt 
 def schedule_update(
     ctx: typer.Context,
     schedule_id: str,
-    file: Annotated[Path | None, typer.Option(
-        "--file", "-f", exists=True, dir_okay=False,
-        help="Proto JSON of the fields to change (its top-level keys are the update mask).")]
-        = None,
-    definition: Annotated[str | None, typer.Option("--definition",
-                                                   help="Bonus definition id.")] = None,
+    file: UpdateFileOpt = None,
+    definition: NewDefinitionOpt = None,
     customer: Annotated[list[str] | None, typer.Option(
         "--customer", help="The customers to request for, replacing the list (repeat).")]
         = None,
@@ -881,15 +886,7 @@ def schedule_update(
         "weekday": None if weekday is None else (
             0 if weekday.lower() == "every" else _weekday(weekday)),
         "local_time": at, "time_zone": time_zone}
-    given = {k: v for k, v in flags.items() if v is not None}
-    if file is not None:
-        if given:
-            fail("give either --file or the fields' flags, not both")
-        schedule, paths = _from_file(file, pb.BonusSchedule(), "BonusSchedule fields")
-    else:
-        schedule, paths = pb.BonusSchedule(**given), list(given)
-    if not paths:
-        fail("nothing to change: give the fields to update as flags or --file")
+    schedule, paths = _update_fields(file, flags, pb.BonusSchedule, "BonusSchedule fields")
     schedule.schedule_id = schedule_id
     response = call(ctx, STUB, "UpdateBonusSchedule", pb.UpdateBonusScheduleRequest(
         request_id=request_id(request), schedule=schedule, update_mask=FieldMask(paths=paths)))
