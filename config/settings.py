@@ -129,6 +129,16 @@ class Settings(BaseSettings):
     smtp_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
     smtp_from: str | None = Field(default=None, validate_default=True)
 
+    # Retention (storage/retention.py, run hourly by the workers): days a row is kept once it
+    # is finished; 0 keeps it forever. Live rows (a pending delivery, an unfinished job) stay.
+    webhook_event_retention_days: int = Field(default=30, ge=0)
+    webhook_delivery_retention_days: int = Field(default=30, ge=0)
+    webhook_attempt_retention_days: int = Field(default=30, ge=0)
+    outbox_job_retention_days: int = Field(default=7, ge=0)
+    # The idempotency code has no expiry of its own (a key answered retries forever); 30 days
+    # is far beyond any client's retry window. A retry with an older request id runs again.
+    idempotency_key_retention_days: int = Field(default=30, ge=0)
+
     @field_validator("smtp_host", "smtp_username", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The arq worker: shared resources in ``ctx``, the outbox job, and the sweeper loop.
+"""The arq worker: shared resources in ``ctx``, the outbox job, the sweeper loop and the hourly
+retention purge.
 
 Resources (the asyncpg pool) are created in ``on_startup`` inside the worker's loop and kept in
 ``ctx``; the sweeper runs as a background task of the same loop, every
@@ -24,10 +25,40 @@ from storage.queue import OUTBOX_JOB_FUNCTION
 from workers import bonuses as _bonuses  # noqa: F401  registers bonus.batch + purge
 from workers import campaigns as _campaigns  # noqa: F401  registers campaign.notify/execute
 from workers import codes as _codes  # noqa: F401  dispatches pending code pool alerts
-from workers import webhooks  # registers the webhook.deliver handler
+from workers import retention, webhooks  # webhooks registers the webhook.deliver handler
 from workers.outbox import run_outbox_job, sweep_once
 
 log = logging.getLogger("promo.worker")
+
+
+class PromoWorker(Worker):
+    """arq's Worker with a shutdown that cannot fail on its own cancelled jobs.
+
+    arq's ``close()`` cancels the running job tasks and then gathers them; a task cancelled
+    while arq itself was recording its result (not inside our handler) re-raises
+    CancelledError there. That skipped ``on_shutdown`` (pool left open, no "worker stopped")
+    and ended `promo worker` with a traceback and exit code 1 on SIGTERM. Here the tasks are
+    cancelled and waited for without raising first, then forgotten, and arq closes as usual.
+    An interrupted outbox job is not lost: its row stays pending and is queued again when its
+    lease runs out.
+    """
+
+    async def close(self) -> None:
+        self.allow_pick_jobs = False  # no new job between the cancel and arq's close
+        if self.main_task is not None:
+            self.main_task.cancel()
+        running = list(self.tasks.values())
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("job task failed while the worker stopped",
+                              exc_info=task.exception())
+        await super().close()
 
 
 async def _sweeper_loop(ctx: dict[str, Any], interval: float) -> None:
@@ -43,7 +74,8 @@ async def _sweeper_loop(ctx: dict[str, Any], interval: float) -> None:
 
 def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool = False,
                  handle_signals: bool = True, run_sweeper: bool = True) -> Worker:
-    """Create the arq Worker (call inside the running event loop)."""
+    """Create the arq Worker (call inside the running event loop). ``run_sweeper=False`` also
+    leaves out the hourly retention cron: tests that drive jobs themselves get neither."""
     if not settings.redis_url or not settings.database_url:
         raise RuntimeError("the worker needs PROMO_DATABASE_URL and PROMO_REDIS_URL "
                            "(or use `promo up`, which starts embedded ones)")
@@ -76,8 +108,9 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
             await pool.close()
         log.info("worker stopped")
 
-    return Worker(
+    return PromoWorker(
         functions=[func(run_outbox_job, name=OUTBOX_JOB_FUNCTION)],
+        cron_jobs=[retention.cron_job()] if run_sweeper else None,
         queue_name=settings.queue_name,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,

@@ -1,0 +1,253 @@
+"""Retention: delete bookkeeping rows whose age makes them useless, in bounded chunks.
+
+Why: webhook events, deliveries and their attempt log, finished outbox jobs, idempotency keys
+and emitted code-pool alerts are written on every change and were never deleted. Business records
+(grants, ledgers, codes, budgets, campaign targets) are never touched here; dynamic-bonus results
+have their own purge (storage/bonuses.py).
+
+How, so that a backlog of millions never holds long locks or scans a table per chunk:
+* every statement deletes at most ``chunk`` rows and commits on its own (no transaction around
+  the loop), taking its rows FOR UPDATE SKIP LOCKED so a row a worker is busy with is left for
+  the next run;
+* tables without an index on their age column are walked by primary key from the oldest row
+  (ids grow with time): a statement looks at the next ``chunk`` ids only, deletes the ones that
+  qualify, and the walk stops at the first chunk holding a row younger than the cutoff. A row
+  can only qualify if it was *created* before the cutoff, so nothing past that point needs
+  looking at, and no index beyond the primary key is needed (none is added to the hot
+  write paths). Rows kept at the old end (a delivery still pending) are looked at again each
+  run; there are few of them;
+* idempotency keys have an index on created_at (migration 0001) and are deleted oldest first.
+
+What is never deleted: a delivery still PENDING (being sent or retried) and the attempts of such a
+delivery; an event that still has any delivery (deliveries reference their event, ON DELETE
+CASCADE: deleting the event would take them along); an outbox job that is not finished
+(``pending``); an idempotency key younger than its retention; an alert not yet emitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+# Rows per statement: large enough that a backlog goes quickly, small enough that each
+# statement holds its row locks for milliseconds.
+CHUNK = 5000
+
+WEBHOOK_EVENTS = "webhook_events"
+WEBHOOK_DELIVERIES = "webhook_deliveries"
+WEBHOOK_ATTEMPTS = "webhook_attempts"
+OUTBOX_JOBS = "outbox_jobs"
+IDEMPOTENCY_KEYS = "idempotency_keys"
+CODE_POOL_ALERTS = "code_pool_alerts"
+TABLES = (WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_EVENTS, CODE_POOL_ALERTS, OUTBOX_JOBS,
+          IDEMPOTENCY_KEYS)
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Days each table family keeps its rows; 0 keeps them forever (that purge is off).
+    Emitted code-pool alerts follow the webhook events they became."""
+
+    webhook_event_days: int = 30
+    webhook_delivery_days: int = 30
+    webhook_attempt_days: int = 30
+    outbox_job_days: int = 7
+    idempotency_key_days: int = 30
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (keep forever) or a number of days")
+
+
+def _cutoff(now: datetime, days: int) -> datetime | None:
+    if now.tzinfo is None:
+        raise ValueError("retention needs a timezone-aware now")
+    return None if days == 0 else now - timedelta(days=days)
+
+
+# Each walk statement takes ($1 last id seen, $2 cutoff, $3 chunk) and returns scanned,
+# last_id, past_cutoff (the chunk reached rows created after the cutoff: stop) and deleted.
+# ``doomed`` re-reads the rows it locks, so a row changed since the scan (a redelivered delivery)
+# is judged on its current state.
+
+_ATTEMPTS_SQL = """
+WITH scan AS (SELECT id, started_at FROM webhook_attempts WHERE id > $1 ORDER BY id LIMIT $3),
+doomed AS (
+    SELECT a.id FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id
+     WHERE a.id IN (SELECT id FROM scan) AND a.started_at < $2 AND d.status <> 'PENDING'
+       FOR UPDATE OF a SKIP LOCKED FOR SHARE OF d SKIP LOCKED),
+gone AS (DELETE FROM webhook_attempts a USING doomed WHERE a.id = doomed.id RETURNING 1)
+SELECT (SELECT count(*) FROM scan) AS scanned, (SELECT max(id) FROM scan) AS last_id,
+       coalesce((SELECT bool_or(started_at >= $2) FROM scan), false) AS past_cutoff,
+       (SELECT count(*) FROM gone) AS deleted, 0::bigint AS cascaded
+"""
+
+# A delivery's age is its last change (delivered, failed, given up, cancelled); its attempts go
+# with it (counted as attempts).
+_DELIVERIES_SQL = """
+WITH scan AS (SELECT id, create_time FROM webhook_deliveries WHERE id > $1 ORDER BY id LIMIT $3),
+doomed AS (
+    SELECT d.id FROM webhook_deliveries d
+     WHERE d.id IN (SELECT id FROM scan) AND d.status <> 'PENDING' AND d.update_time < $2
+       FOR UPDATE SKIP LOCKED),
+attempts AS (DELETE FROM webhook_attempts a USING doomed WHERE a.delivery_id = doomed.id
+             RETURNING 1),
+gone AS (DELETE FROM webhook_deliveries d USING doomed WHERE d.id = doomed.id RETURNING 1)
+SELECT (SELECT count(*) FROM scan) AS scanned, (SELECT max(id) FROM scan) AS last_id,
+       coalesce((SELECT bool_or(create_time >= $2) FROM scan), false) AS past_cutoff,
+       (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM attempts) AS cascaded
+"""
+
+# An event goes once it is old and none of its deliveries is left (a pending one, or a finished
+# one its own retention still keeps). Deliveries are only ever added with their event, in the
+# same statement, so an event without deliveries stays without.
+_EVENTS_SQL = """
+WITH scan AS (SELECT id, create_time FROM webhook_events WHERE id > $1 ORDER BY id LIMIT $3),
+doomed AS (
+    SELECT e.id FROM webhook_events e
+     WHERE e.id IN (SELECT id FROM scan) AND e.create_time < $2
+       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id)
+       FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM webhook_events e USING doomed WHERE e.id = doomed.id RETURNING 1)
+SELECT (SELECT count(*) FROM scan) AS scanned, (SELECT max(id) FROM scan) AS last_id,
+       coalesce((SELECT bool_or(create_time >= $2) FROM scan), false) AS past_cutoff,
+       (SELECT count(*) FROM gone) AS deleted, 0::bigint AS cascaded
+"""
+
+_ALERTS_SQL = """
+WITH scan AS (SELECT id, raised_at FROM code_pool_alerts WHERE id > $1 ORDER BY id LIMIT $3),
+doomed AS (
+    SELECT a.id FROM code_pool_alerts a
+     WHERE a.id IN (SELECT id FROM scan) AND a.raised_at < $2 AND a.emitted_at IS NOT NULL
+       FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM code_pool_alerts a USING doomed WHERE a.id = doomed.id RETURNING 1)
+SELECT (SELECT count(*) FROM scan) AS scanned, (SELECT max(id) FROM scan) AS last_id,
+       coalesce((SELECT bool_or(raised_at >= $2) FROM scan), false) AS past_cutoff,
+       (SELECT count(*) FROM gone) AS deleted, 0::bigint AS cascaded
+"""
+
+# Finished jobs only ('done' or 'dead', both stamp finished_at). A pending job is never touched,
+# however old (a campaign due in months). A freed dedup key is never needed again: the keys
+# name a campaign or a batching window that is long past.
+_OUTBOX_SQL = """
+WITH scan AS (SELECT id, created_at FROM outbox_jobs WHERE id > $1 ORDER BY id LIMIT $3),
+doomed AS (
+    SELECT j.id FROM outbox_jobs j
+     WHERE j.id IN (SELECT id FROM scan) AND j.status IN ('done', 'dead')
+       AND j.finished_at < $2
+       FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM outbox_jobs j USING doomed WHERE j.id = doomed.id RETURNING 1)
+SELECT (SELECT count(*) FROM scan) AS scanned, (SELECT max(id) FROM scan) AS last_id,
+       coalesce((SELECT bool_or(created_at >= $2) FROM scan), false) AS past_cutoff,
+       (SELECT count(*) FROM gone) AS deleted, 0::bigint AS cascaded
+"""
+
+_IDEMPOTENCY_SQL = """
+WITH doomed AS (
+    SELECT scope, request_id FROM idempotency_keys WHERE created_at < $1
+     ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM idempotency_keys k USING doomed
+          WHERE k.scope = doomed.scope AND k.request_id = doomed.request_id RETURNING 1)
+SELECT count(*) FROM gone
+"""
+
+
+async def _walk(conn: asyncpg.Connection, sql: str, cutoff: datetime,
+                chunk: int) -> tuple[int, int]:
+    """Run a walk statement chunk after chunk; returns (deleted, cascaded attempts)."""
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    after, deleted, cascaded = 0, 0, 0
+    while True:
+        row = await conn.fetchrow(sql, after, cutoff, chunk)
+        assert row is not None
+        deleted += row["deleted"]
+        cascaded += row["cascaded"]
+        if row["scanned"] < chunk or row["past_cutoff"]:
+            return deleted, cascaded
+        after = row["last_id"]
+
+
+async def purge_webhook_attempts(conn: asyncpg.Connection, *, now: datetime, days: int,
+                                 chunk: int = CHUNK) -> int:
+    """Attempts started more than ``days`` ago, of deliveries that are no longer pending."""
+    cutoff = _cutoff(now, days)
+    if cutoff is None:
+        return 0
+    return (await _walk(conn, _ATTEMPTS_SQL, cutoff, chunk))[0]
+
+
+async def purge_webhook_deliveries(conn: asyncpg.Connection, *, now: datetime, days: int,
+                                   chunk: int = CHUNK) -> tuple[int, int]:
+    """Finished deliveries last changed more than ``days`` ago, with their attempts. Returns
+    (deliveries, attempts) deleted."""
+    cutoff = _cutoff(now, days)
+    if cutoff is None:
+        return 0, 0
+    return await _walk(conn, _DELIVERIES_SQL, cutoff, chunk)
+
+
+async def purge_webhook_events(conn: asyncpg.Connection, *, now: datetime, days: int,
+                               chunk: int = CHUNK) -> int:
+    """Events recorded more than ``days`` ago that no delivery refers to any more."""
+    cutoff = _cutoff(now, days)
+    if cutoff is None:
+        return 0
+    return (await _walk(conn, _EVENTS_SQL, cutoff, chunk))[0]
+
+
+async def purge_code_pool_alerts(conn: asyncpg.Connection, *, now: datetime, days: int,
+                                 chunk: int = CHUNK) -> int:
+    """Alerts raised more than ``days`` ago and already turned into events."""
+    cutoff = _cutoff(now, days)
+    if cutoff is None:
+        return 0
+    return (await _walk(conn, _ALERTS_SQL, cutoff, chunk))[0]
+
+
+async def purge_outbox_jobs(conn: asyncpg.Connection, *, now: datetime, days: int,
+                            chunk: int = CHUNK) -> int:
+    """Outbox jobs finished (done or dead) more than ``days`` ago."""
+    cutoff = _cutoff(now, days)
+    if cutoff is None:
+        return 0
+    return (await _walk(conn, _OUTBOX_SQL, cutoff, chunk))[0]
+
+
+async def purge_idempotency_keys(conn: asyncpg.Connection, *, now: datetime, days: int,
+                                 chunk: int = CHUNK) -> int:
+    """Keys created more than ``days`` ago: a retry with such a request id runs as new."""
+    cutoff = _cutoff(now, days)
+    if cutoff is None:
+        return 0
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    total = 0
+    while True:
+        deleted: int = await conn.fetchval(_IDEMPOTENCY_SQL, cutoff, chunk)
+        total += deleted
+        if deleted < chunk:
+            return total
+
+
+async def purge_all(conn: asyncpg.Connection, policy: RetentionPolicy, *, now: datetime,
+                    chunk: int = CHUNK) -> dict[str, int]:
+    """Every purge, children before parents (attempts, deliveries, then the events they freed),
+    on an autocommit connection. Returns rows deleted per table (every table in TABLES)."""
+    attempts = await purge_webhook_attempts(conn, now=now, days=policy.webhook_attempt_days,
+                                            chunk=chunk)
+    deliveries, with_deliveries = await purge_webhook_deliveries(
+        conn, now=now, days=policy.webhook_delivery_days, chunk=chunk)
+    events = await purge_webhook_events(conn, now=now, days=policy.webhook_event_days,
+                                        chunk=chunk)
+    alerts = await purge_code_pool_alerts(conn, now=now, days=policy.webhook_event_days,
+                                          chunk=chunk)
+    jobs = await purge_outbox_jobs(conn, now=now, days=policy.outbox_job_days, chunk=chunk)
+    keys = await purge_idempotency_keys(conn, now=now, days=policy.idempotency_key_days,
+                                        chunk=chunk)
+    return {WEBHOOK_ATTEMPTS: attempts + with_deliveries, WEBHOOK_DELIVERIES: deliveries,
+            WEBHOOK_EVENTS: events, CODE_POOL_ALERTS: alerts, OUTBOX_JOBS: jobs,
+            IDEMPOTENCY_KEYS: keys}
