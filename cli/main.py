@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import sys
@@ -10,15 +11,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 
 from config.settings import ApiKeyConfig, Settings, load_settings
+from core.secret_box import generate_key, parse_keys
 from server.logs import configure_logging
 
 app = typer.Typer(help="Promotions and rewards engine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console(stderr=True)
+log = logging.getLogger("promo.cli")
 ADMIN_KEY_FILE = "admin-api-key"
+SECRET_KEY_FILE = "secret-key"
 
 
 def _settings() -> Settings:
@@ -31,18 +36,30 @@ def _settings() -> Settings:
     return settings
 
 
+def _warn_if_secrets_in_clear(settings: Settings) -> None:
+    """Once per process start: without a key, listener secrets are stored readable."""
+    if settings.secret_encryption_keys is None:
+        log.warning("PROMO_SECRET_ENCRYPTION_KEYS is not set: webhook listener secrets are "
+                    "stored in clear, so a database dump can forge our webhooks; see "
+                    "docs/webhooks.md, \"Secrets at rest\"")
+
+
 @app.command()
 def serve() -> None:
     """Run the gRPC server against PROMO_DATABASE_URL."""
     from cli.runtime import run_server
-    asyncio.run(run_server(_settings()))
+    settings = _settings()
+    _warn_if_secrets_in_clear(settings)
+    asyncio.run(run_server(settings))
 
 
 @app.command()
 def worker() -> None:
     """Run an arq worker (outbox jobs, sweeper) against PROMO_DATABASE_URL and PROMO_REDIS_URL."""
     from cli.runtime import run_worker
-    asyncio.run(run_worker(_settings()))
+    settings = _settings()
+    _warn_if_secrets_in_clear(settings)
+    asyncio.run(run_worker(settings))
 
 
 @app.command()
@@ -64,6 +81,21 @@ def _local_admin_key(data_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     key = "pk_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+def _local_secret_key(data_dir: Path) -> str:
+    """The listener-secret key of this data folder, for the embedded PostgreSQL beside it:
+    created once (mode 0600), reused after. Raises ValueError if the file holds no valid key."""
+    path = data_dir / SECRET_KEY_FILE
+    if path.exists():
+        key = path.read_text().strip()
+        parse_keys(key)
+        return key
+    key = generate_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
@@ -94,7 +126,16 @@ def up() -> None:
             admin_key = _local_admin_key(data_dir)
             overrides["api_keys"] = [ApiKeyConfig(name="local-admin", key=admin_key,
                                                   roles=["admin"])]
+        local_secret_key = postgres is not None and settings.secret_encryption_keys is None
+        if local_secret_key:  # the database lives in this folder: its key may live beside it
+            try:
+                overrides["secret_encryption_keys"] = SecretStr(_local_secret_key(data_dir))
+            except ValueError as exc:
+                console.print(f"[red]{data_dir / SECRET_KEY_FILE} holds no valid key:[/red] "
+                              f"{exc}")
+                raise typer.Exit(2) from exc
         effective = settings.model_copy(update=overrides)
+        _warn_if_secrets_in_clear(effective)
 
         def ready(running: RunningServer) -> None:
             lines = [f"promo is up: gRPC on {running.address}"
@@ -106,6 +147,9 @@ def up() -> None:
             if admin_key is not None:
                 lines.append(f"admin API key: {admin_key}")
                 lines.append(f"  (stored in {data_dir / ADMIN_KEY_FILE})")
+            if local_secret_key:
+                lines.append(f"listener secrets sealed with the key in "
+                             f"{data_dir / SECRET_KEY_FILE}")
             lines.append("press Ctrl-C to stop")
             print("\n".join(lines), flush=True)
 
@@ -173,7 +217,14 @@ def _add_client_commands() -> None:
     app.add_typer(products.app, name="products")
 
 
+def _add_database_commands() -> None:
+    """Command groups that talk to the database directly, like `migrate`."""
+    from cli.commands import secrets as secrets_commands
+    app.add_typer(secrets_commands.app, name="secrets")
+
+
 _add_client_commands()
+_add_database_commands()
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from core.secret_box import SecretBox, parse_keys
+
 ROLES = frozenset({"admin", "runtime", "listener"})
 DEFAULT_UP_METRICS_PORT = 9464  # `promo up`'s metrics endpoint when PROMO_METRICS_PORT is unset
 
@@ -59,6 +61,12 @@ class ApiKeyConfig(BaseModel):
         if len(self.key_sha256) != 64:
             raise ValueError(f"API key {self.name!r}: key_sha256 must be 64 hex characters")
         return self
+
+
+class SecretKeysSettingError(Exception):
+    """PROMO_SECRET_ENCRYPTION_KEYS is malformed. Deliberately not a ValueError: pydantic would
+    wrap that in a ValidationError that prints the raw input, i.e. the keys themselves; this
+    passes through Settings() as is, naming only the position of the bad key."""
 
 
 def hash_api_key(key: str) -> str:
@@ -120,6 +128,9 @@ class Settings(BaseSettings):
     webhook_batch_size: int = Field(default=100, ge=1, le=1000)
     # Sends (HTTP POSTs and e-mails) one worker process has in flight at once.
     webhook_concurrency: int = Field(default=32, ge=1, le=1000)
+    # Listener secrets at rest (core/secret_box.py): comma-separated base64 AES-256 keys, the
+    # first seals, all open. Unset: secrets are stored in clear (one warning at startup).
+    secret_encryption_keys: SecretStr | None = None
     # E-mail listeners: an SMTP relay. No host: the e-mail channel is off.
     smtp_host: str | None = None
     smtp_port: int = Field(default=587, ge=1, le=65535)
@@ -138,11 +149,29 @@ class Settings(BaseSettings):
     # The idempotency code has no expiry of its own (a key answered retries forever); 30 days
     # is far beyond any client's retry window. A retry with an older request id runs again.
     idempotency_key_retention_days: int = Field(default=30, ge=0)
+    # Dynamic-bonus results, finished requests and batch records: the vendor keeps the approval
+    # queue's history 30 days. The bonus ledger (what was issued) is never purged.
+    bonus_result_retention_days: int = Field(default=30, ge=0)
 
-    @field_validator("smtp_host", "smtp_username", mode="before")
+    @field_validator("smtp_host", "smtp_username", "secret_encryption_keys", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("secret_encryption_keys")
+    @classmethod
+    def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                parse_keys(value.get_secret_value())
+            except ValueError as exc:
+                raise SecretKeysSettingError(f"PROMO_SECRET_ENCRYPTION_KEYS: {exc}") from None
+        return value
+
+    def secret_box(self) -> SecretBox:
+        """The box that seals and opens listener secrets (no keys: secrets stay in clear)."""
+        keys = self.secret_encryption_keys
+        return SecretBox.from_setting(keys.get_secret_value() if keys else None)
 
     @field_validator("smtp_from")
     @classmethod

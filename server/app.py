@@ -78,6 +78,7 @@ async def start_server(settings: Settings, deps: Dependencies, *,
                                  ("grpc.max_receive_message_length", 32 * 1024 * 1024)])
     deps.settings = settings
     deps.queue_name = settings.queue_name
+    deps.secret_box = settings.secret_box()
     for module in SERVICE_MODULES:
         module.register(server, deps)
 

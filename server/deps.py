@@ -9,6 +9,7 @@ import asyncpg
 
 from config.settings import Settings
 from core.clock import Clock, SystemClock
+from core.secret_box import SecretBox
 
 
 @dataclass
@@ -20,3 +21,5 @@ class Dependencies:
     queue_name: str = "promo:queue"
     # Filled in by start_server from the settings it was given.
     settings: Settings | None = None
+    # Seals listener secrets before they are stored (no keys: they are stored in clear).
+    secret_box: SecretBox = field(default_factory=lambda: SecretBox([]))

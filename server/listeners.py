@@ -3,6 +3,9 @@ storage.webhooks.
 
 Secrets are write-only: a generated one is returned once (in the Register/Update response, and
 so also to a retry with the same request_id, which replays that response); no read returns one.
+They are stored sealed with the server's secret box (core/secret_box.py) when a key is
+configured, in clear otherwise; only the worker opens them, to sign. The stored answer that a
+retry replays is sealed too (its generated_secret), so the secret is in clear in no table.
 E-mail listeners have recipients instead of a URL and no secret; registering one needs the
 server's SMTP settings (PROMO_SMTP_HOST), else FAILED_PRECONDITION.
 """
@@ -27,11 +30,13 @@ from core.events import (
     validate_secret,
 )
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.secret_box import SecretBoxError
 from promo.v1 import listeners_pb2 as pb
 from promo.v1 import listeners_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from storage import webhooks as repo
+from storage.listener_secrets import LISTENER_SECRET_PURPOSE
 from storage.queue import queue_after_commit
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ListenerService"].full_name
@@ -44,6 +49,9 @@ UPDATABLE_FIELDS = frozenset({"url", "active", "description", "secret", "email_r
 CHANNEL_FIELDS = {Channel.WEBHOOK: frozenset({"url", "secret"}),
                   Channel.EMAIL: frozenset({"email_recipients"})}
 GENERATED_SECRET_BYTES = 32
+# The generated secret inside a stored answer (idempotency_keys.response): another use than the
+# listener's column, so neither opens in place of the other.
+ANSWER_PURPOSE = b"idempotency_keys.generated_secret"
 
 _STATUS_TO_PB = {
     DeliveryStatus.PENDING: pb.DELIVERY_STATUS_PENDING,
@@ -127,6 +135,27 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
 
+    def _stored(self, secret: str) -> str:
+        """A webhook secret as it goes into the table: sealed when a key is configured."""
+        box = self._deps.secret_box
+        return box.seal(secret, purpose=LISTENER_SECRET_PURPOSE) if box.sealing else secret
+
+    def _sealed_answer(self, generated: str) -> str:
+        """A generated secret as the stored answer keeps it (sealed when a key is configured)."""
+        box = self._deps.secret_box
+        return (box.seal(generated, purpose=ANSWER_PURPOSE) if generated and box.sealing
+                else generated)
+
+    def _opened_answer(self, stored: str) -> str:
+        """The generated secret of an answer, fresh or replayed (one stored in clear as is)."""
+        try:
+            return self._deps.secret_box.open(stored, purpose=ANSWER_PURPOSE)
+        except SecretBoxError as exc:
+            raise FailedPrecondition(
+                f"the answer to this request_id cannot be replayed: {exc}; generate a new "
+                "secret with UpdateListener (a new request_id)",
+                reason="SECRET_KEY_NOT_CONFIGURED", metadata={"field": "request_id"}) from None
+
     def _email_enabled(self) -> bool:
         settings = self._deps.settings
         return settings is not None and settings.smtp_host is not None
@@ -169,16 +198,20 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
         async def work(conn: asyncpg.Connection) -> bytes:
             chosen = "" if channel is Channel.EMAIL else secret or generate_secret()
             row = await repo.insert_listener(
-                conn, event_type=int(event_type), url=url, secret=chosen, active=active,
+                conn, event_type=int(event_type), url=url,
+                secret=self._stored(chosen) if chosen else "", active=active,
                 description=description, now=self._deps.clock.now(), channel=channel,
                 email_recipients=recipients)
             return pb.RegisterListenerResponse(
                 listener=listener_to_pb(row),
-                generated_secret="" if secret or channel is Channel.EMAIL else chosen,
+                generated_secret=self._sealed_answer(
+                    "" if secret or channel is Channel.EMAIL else chosen),
             ).SerializeToString()
 
         raw = await run_request_once(self._deps.pool, "RegisterListener", request, work)
-        return pb.RegisterListenerResponse.FromString(raw)
+        response = pb.RegisterListenerResponse.FromString(raw)
+        response.generated_secret = self._opened_answer(response.generated_secret)
+        return response
 
     async def GetListener(self, request: pb.GetListenerRequest,
                           context: aio.ServicerContext) -> pb.GetListenerResponse:
@@ -242,16 +275,20 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                     reason="WRONG_CHANNEL",
                     metadata={"field": "update_mask", "channel": current.channel.value})
             generated = generate_secret() if "secret" in paths and secret is None else None
+            new_secret = secret or generated
             row = await repo.update_listener(
                 conn, listener_id, now=self._deps.clock.now(), url=url, active=active,
-                description=description, secret=secret or generated,
+                description=description,
+                secret=self._stored(new_secret) if new_secret else None,
                 email_recipients=recipients)
             return pb.UpdateListenerResponse(
                 listener=listener_to_pb(row),
-                generated_secret=generated or "").SerializeToString()
+                generated_secret=self._sealed_answer(generated or "")).SerializeToString()
 
         raw = await run_request_once(self._deps.pool, "UpdateListener", request, work)
-        return pb.UpdateListenerResponse.FromString(raw)
+        response = pb.UpdateListenerResponse.FromString(raw)
+        response.generated_secret = self._opened_answer(response.generated_secret)
+        return response
 
     async def UnregisterListener(self, request: pb.UnregisterListenerRequest,
                                  context: aio.ServicerContext) -> pb.UnregisterListenerResponse:

@@ -84,6 +84,7 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
         ctx["clock"] = clock or SystemClock()
+        ctx[webhooks.SECRET_BOX_KEY] = settings.secret_box()  # opens listener secrets to sign
         ctx["pool"] = await create_pool(database_url, min_size=settings.db_pool_min_size,
                                         max_size=settings.db_pool_max_size,
                                         command_timeout=settings.db_command_timeout_seconds)

@@ -21,6 +21,12 @@ twice.
 
 ``setup``/``teardown`` create and close the worker's one HTTP client (connection reuse) and its
 send slots; the worker's on_startup/on_shutdown call them.
+
+Secrets are stored sealed (core/secret_box.py) once a key is configured; each send opens the
+current (and, in its grace period, the previous) secret with the worker's keys. One that no
+configured key opens is never replaced by sending unsigned: the attempt is recorded as a
+retryable failure naming the key id, so the delivery goes out once the key is back (or ends DEAD
+as any failing delivery does).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import httpx
 from config.settings import Settings
 from core.clock import Clock
 from core.events import Channel, DeliveryStatus, Outcome, classify_status
+from core.secret_box import SecretBox, SecretBoxError
 from core.webhook_signature import (
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
@@ -49,6 +56,7 @@ from core.webhook_signature import (
     signature_header,
 )
 from storage import webhooks as repo
+from storage.listener_secrets import LISTENER_SECRET_PURPOSE
 from storage.outbox import OutboxJob
 from storage.queue import queue_outbox_job
 from workers import email, metrics
@@ -59,6 +67,7 @@ log = logging.getLogger("promo.webhooks")
 
 HTTP_CLIENT_KEY = "webhook_http"
 SLOTS_KEY = "webhook_slots"
+SECRET_BOX_KEY = "secret_box"
 USER_AGENT = "promo-engine-webhooks/1"
 HEADER_DELIVERY_ID = "Promo-Delivery-Id"
 HEADER_DELIVERY_ATTEMPT = "Promo-Delivery-Attempt"
@@ -112,13 +121,27 @@ async def teardown(ctx: dict[str, Any]) -> None:
         await client.aclose()
 
 
-def _secrets(work: repo.DeliveryWork, *, now: datetime, grace: timedelta) -> list[str]:
-    """The current secret, plus the previous one during the grace period after a rotation."""
+def secret_box(ctx: dict[str, Any]) -> SecretBox:
+    """The worker's box (set by on_startup; else made once from the settings)."""
+    box: SecretBox | None = ctx.get(SECRET_BOX_KEY)
+    if box is None:
+        settings: Settings = ctx["settings"]
+        box = ctx[SECRET_BOX_KEY] = settings.secret_box()
+    return box
+
+
+def _secrets(work: repo.DeliveryWork, box: SecretBox, *, now: datetime,
+             grace: timedelta) -> list[str]:
+    """The current secret, plus the previous one during the grace period after a rotation,
+    opened. Raises SecretBoxError when one of them does not open."""
     assert work.secret is not None
-    keys = [work.secret]
+    current = box.open(work.secret, purpose=LISTENER_SECRET_PURPOSE)
+    keys = [current]
     if (work.previous_secret and work.secret_rotated_at is not None
-            and now - work.secret_rotated_at < grace and work.previous_secret != work.secret):
-        keys.append(work.previous_secret)
+            and now - work.secret_rotated_at < grace):
+        previous = box.open(work.previous_secret, purpose=LISTENER_SECRET_PURPOSE)
+        if previous != current:
+            keys.append(previous)
     return keys
 
 
@@ -378,16 +401,22 @@ async def _send_webhook(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: i
     settings: Settings = ctx["settings"]
     client: Http11Client | httpx.AsyncClient = ctx.get(HTTP_CLIENT_KEY) or await setup(ctx)
     assert work.listener_url is not None and work.delivery_id is not None
+    try:
+        secrets = _secrets(work, secret_box(ctx), now=sent_at,
+                           grace=timedelta(seconds=settings.webhook_secret_grace_seconds))
+    except SecretBoxError as exc:
+        # Never unsigned: a retry, so the delivery goes out once the key is configured again.
+        log.error("webhook not sent: the listener's secret cannot be opened", extra={
+            "delivery_id": work.delivery_id, "listener_id": work.listener_id,
+            "error": str(exc)})
+        return None, f"not sent: {exc}", Outcome.RETRY
     timestamp = int(sent_at.timestamp())
     headers = {
         "Content-Type": "application/json",
         HEADER_EVENT_ID: work.event_id,
         HEADER_EVENT_TYPE: str(work.event_type),
         HEADER_TIMESTAMP: str(timestamp),
-        HEADER_SIGNATURE: signature_header(
-            _secrets(work, now=sent_at,
-                     grace=timedelta(seconds=settings.webhook_secret_grace_seconds)),
-            timestamp, work.body),
+        HEADER_SIGNATURE: signature_header(secrets, timestamp, work.body),
         HEADER_DELIVERY_ID: str(work.delivery_id),
         HEADER_DELIVERY_ATTEMPT: str(attempt),
     }
