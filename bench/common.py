@@ -8,6 +8,7 @@ machine, which every figure here has to be read with.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -428,3 +429,16 @@ def top_frames(path: Path, limit: int = 15, *, leaf: bool = True) -> list[tuple[
             for frame in set(frames):
                 counts[frame] += count
     return [(frame, n / total) for frame, n in counts.most_common(limit)] if total else []
+
+
+def dynamic_bench_parser(doc: str, *, repeats: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options of the dynamic-bonus benches: --quick, --dsn, sizes and ``--<repeats>``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--dsn", default=default_database_url(),
+                        help="a maintenance database of a server where the bench may create "
+                             "a database (default: $PROMO_BENCH_DATABASE_URL or local)")
+    parser.add_argument(f"--{repeats}", type=int, default=0)
+    parser.add_argument("--customers", type=int, default=0)
+    parser.add_argument("--events", type=int, default=0)
+    return parser

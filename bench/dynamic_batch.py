@@ -33,7 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import default_database_url, scratch_database
+from bench.common import dynamic_bench_parser, scratch_database
 from bench.formula_batch import (
     DAYS,
     FORMULA,
@@ -151,15 +151,8 @@ async def measure(pool: asyncpg.Pool, n_customers: int, n_events: int, pairs: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="10,000 requests / 500,000 events, 3 pairs")
-    parser.add_argument("--dsn", default=default_database_url(),
-                        help="a maintenance database of a server where the bench may create "
-                             "a database (default: $PROMO_BENCH_DATABASE_URL or local)")
-    parser.add_argument("--pairs", type=int, default=0)
-    parser.add_argument("--customers", type=int, default=0)
-    parser.add_argument("--events", type=int, default=0)
+    parser = dynamic_bench_parser(__doc__, repeats="pairs",
+                                  quick_help="10,000 requests / 500,000 events, 3 pairs")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 
