@@ -115,14 +115,31 @@ def _required(mapping: dict[int, Any], value: int, field: str, names: str) -> An
     return found
 
 
+def _required_id(value: str, field: str) -> str:
+    """An id the call names: empty is INVALID_ARGUMENT MISSING_FIELD, not "no such ''" (no
+    definition, rule, schedule or customer can have an empty id). List filters are not checked
+    with this: there an empty id means "all"."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", reason="MISSING_FIELD",
+                              metadata={"field": field})
+    return value
+
+
 def _names(mapping: dict[Any, Any]) -> str:
     return ", ".join(m.value for m in mapping.values())
 
 
-def to_domain(m: pb.BonusDefinition) -> BonusDefinition:
-    """The message as a definition (not validated yet; validate_definition does that)."""
+def to_domain(m: pb.BonusDefinition, *, default_decimals: bool = True) -> BonusDefinition:
+    """The message as a definition (not validated yet; validate_definition does that).
+
+    ``default_decimals``: without rounding, decimals 0 (unset) becomes 2. Only for a create: an
+    update's message leaves fields outside its mask unset, so there an explicit 0 would be
+    mistaken for "unset" (and the update applies only the masked fields anyway)."""
     data_mode = _required(_DATA_MODE, m.data_mode, "data_mode", _names(_DATA_MODE))
     rounding = ROUNDING_FROM_PB.get(m.rounding, "NONE")
+    decimals = m.decimals
+    if default_decimals and not decimals and rounding == "NONE":
+        decimals = 2
     return BonusDefinition(
         definition_id=m.definition_id, display_name=m.display_name, formula=m.formula,
         result_type=_required(_RESULT_TYPE, m.result_type, "result_type", _names(_RESULT_TYPE)),
@@ -130,7 +147,7 @@ def to_domain(m: pb.BonusDefinition) -> BonusDefinition:
         min_allowed=parse_decimal(m.min_allowed, field="min_allowed", allow_empty=True),
         cap_amount=parse_decimal(m.cap_amount, field="cap_amount", allow_empty=True),
         rounding=RoundingMode[rounding],
-        decimals=m.decimals if m.decimals or rounding != "NONE" else 2,
+        decimals=decimals,
         rounding_factor=parse_decimal(m.rounding_factor, field="rounding_factor",
                                       allow_empty=True),
         data_mode=data_mode,
@@ -229,6 +246,7 @@ def _check_ids(ids: list[str], field: str, limit: int) -> list[str]:
 
 
 def rule_from_pb(m: pb.BonusRule) -> Rule:
+    _required_id(m.definition_id, "definition_id")
     qualification = None
     if m.qualification_kind:
         qualification = Qualification(
@@ -270,6 +288,7 @@ def schedule_from_pb(m: pb.BonusSchedule) -> Schedule:
     except ValueError as exc:
         raise InvalidArgument(f"local_time must be HH:MM, got {m.local_time!r}",
                               reason="INVALID_TIME", metadata={"field": "local_time"}) from exc
+    _required_id(m.definition_id, "definition_id")
     return validate_schedule(Schedule(
         schedule_id=m.schedule_id, definition_id=m.definition_id,
         customer_ids=tuple(m.customer_ids), weekday=m.weekday or None, local_time=local,
@@ -325,7 +344,7 @@ class TriggerServicer:
     async def GetBonusRule(self, request: pb.GetBonusRuleRequest,
                            context: aio.ServicerContext) -> pb.GetBonusRuleResponse:
         async with self._pool.acquire() as conn:
-            row = await triggers_repo.get_rule(conn, request.rule_id)
+            row = await triggers_repo.get_rule(conn, _required_id(request.rule_id, "rule_id"))
         return pb.GetBonusRuleResponse(rule=rule_to_pb(row))
 
     async def ListBonusRules(self, request: pb.ListBonusRulesRequest,
@@ -343,9 +362,10 @@ class TriggerServicer:
     async def UpdateBonusRule(self, request: pb.UpdateBonusRuleRequest,
                               context: aio.ServicerContext) -> pb.UpdateBonusRuleResponse:
         paths = check_update_mask(list(request.update_mask.paths), RULE_UPDATABLE)
+        rule_id = _required_id(request.rule.rule_id, "rule_id")
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            current = await triggers_repo.get_rule(conn, request.rule.rule_id, for_update=True)
+            current = await triggers_repo.get_rule(conn, rule_id, for_update=True)
             before = rule_to_pb(current)
             edited: pb.BonusRule = _merged(before, request.rule, paths)
             rule = replace(rule_from_pb(edited), active=edited.active)  # as create checks it
@@ -362,11 +382,11 @@ class TriggerServicer:
                                   context: aio.ServicerContext
                                   ) -> pb.UpdateBonusScheduleResponse:
         paths = check_update_mask(list(request.update_mask.paths), SCHEDULE_UPDATABLE)
+        schedule_id = _required_id(request.schedule.schedule_id, "schedule_id")
         now = self._deps.clock.now()
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            current = await triggers_repo.get_schedule(conn, request.schedule.schedule_id,
-                                                       for_update=True)
+            current = await triggers_repo.get_schedule(conn, schedule_id, for_update=True)
             before = schedule_to_pb(current)
             edited: pb.BonusSchedule = _merged(before, request.schedule, paths)
             schedule = replace(schedule_from_pb(edited), active=edited.active)
@@ -421,6 +441,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def CreateBonusDefinition(self, request: pb.CreateBonusDefinitionRequest,
                                     context: aio.ServicerContext
                                     ) -> pb.CreateBonusDefinitionResponse:
+        _required_id(request.definition.definition_id, "definition_id")
         definition, compiled = validate_definition(to_domain(request.definition))
         now = self._deps.clock.now()
 
@@ -434,8 +455,9 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
 
     async def GetBonusDefinition(self, request: pb.GetBonusDefinitionRequest,
                                  context: aio.ServicerContext) -> pb.GetBonusDefinitionResponse:
+        definition_id = _required_id(request.definition_id, "definition_id")
         async with self._pool.acquire() as conn:
-            row = await repo.get_definition(conn, request.definition_id)
+            row = await repo.get_definition(conn, definition_id)
         return pb.GetBonusDefinitionResponse(definition=to_pb(row.definition))
 
     async def ListBonusDefinitions(self, request: pb.ListBonusDefinitionsRequest,
@@ -455,6 +477,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                                     context: aio.ServicerContext
                                     ) -> pb.UpdateBonusDefinitionResponse:
         paths = list(request.update_mask.paths)
+        definition_id = _required_id(request.definition.definition_id, "definition_id")
         message = pb.BonusDefinition()
         message.CopyFrom(request.definition)
         # Fields outside the mask may be left unset: give the enums a value to_domain accepts.
@@ -463,12 +486,11 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                               ("approval_mode", pb.APPROVAL_MODE_MANUAL)):
             if name not in paths and not getattr(message, name):
                 setattr(message, name, default)
-        patch = to_domain(message)
+        patch = to_domain(message, default_decimals=False)
         now = self._deps.clock.now()
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            current = await repo.get_definition(conn, request.definition.definition_id,
-                                                for_update=True)
+            current = await repo.get_definition(conn, definition_id, for_update=True)
             updated = apply_update(current.definition,
                                    replace(patch, definition_id=current.definition.definition_id),
                                    paths)
@@ -485,6 +507,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def RequestBonusCalculation(self, request: pb.RequestBonusCalculationRequest,
                                       context: aio.ServicerContext
                                       ) -> pb.RequestBonusCalculationResponse:
+        definition_id = _required_id(request.definition_id, "definition_id")
         customers = _check_ids(list(request.customer_ids), "customer_ids",
                                MAX_CUSTOMERS_PER_REQUEST)
         period = None
@@ -502,10 +525,10 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
         jobs: list[tuple[int, datetime]] = []
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await repo.get_definition(conn, request.definition_id)
+            row = await repo.get_definition(conn, definition_id)
             if period is not None and row.definition.data_mode is DataMode.PROPERTIES_ONLY:
                 raise InvalidArgument(
-                    f"definition {request.definition_id!r} reads customer properties only: "
+                    f"definition {definition_id!r} reads customer properties only: "
                     "it takes no period_start / period_end", reason="INVALID_PERIOD",
                     metadata={"field": "period_start"})
             accepted = await repo.add_requests(
@@ -601,11 +624,12 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def RecalculateBonusResults(self, request: pb.RecalculateBonusResultsRequest,
                                       context: aio.ServicerContext
                                       ) -> pb.RecalculateBonusResultsResponse:
+        definition_id = _required_id(request.definition_id, "definition_id")
         now = self._deps.clock.now()
         jobs: list[int] = []
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            row = await repo.get_definition(conn, request.definition_id, for_update=True)
+            row = await repo.get_definition(conn, definition_id, for_update=True)
             done = await repo.recalculate(conn, row, now=now)
             jobs.extend(done.outbox_job_ids)
             return pb.RecalculateBonusResultsResponse(
@@ -641,9 +665,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def ListCustomerBonusLedger(self, request: pb.ListCustomerBonusLedgerRequest,
                                       context: aio.ServicerContext
                                       ) -> pb.ListCustomerBonusLedgerResponse:
-        if not request.customer_id:
-            raise InvalidArgument("customer_id is required", reason="MISSING_FIELD",
-                                  metadata={"field": "customer_id"})
+        _required_id(request.customer_id, "customer_id")
         size = effective_page_size(request.page_size)
         filters = {"customer_id": request.customer_id}
         before_pk = _page_before(request.page_token, filters)

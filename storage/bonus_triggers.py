@@ -7,11 +7,24 @@ An edit of a rule takes an exclusive advisory lock on it (_RULE_LOCK_CLASS, rule
 event recording a shared one before it reads the rule again: a recording that began under the
 old rule finishes before the edit resets counts, one that began after counts under the new
 rule, so no count made under an old condition survives its reset.
+
+Lock order, and why it cannot deadlock: an edit (UpdateBonusRule, which also pauses and resumes;
+there is no rule deletion) locks the rule's row, then takes the advisory lock. A recording takes
+the advisory lock (shared), then inserts bonus_rule_states rows, whose foreign key check takes
+KEY SHARE on the rule's row. The edit's row lock is FOR NO KEY UPDATE (it never changes the
+row's keys), which KEY SHARE does not wait for; so a recording holding the advisory lock never
+waits for an edit, and the edit only waits for it to commit. (FOR UPDATE would conflict with
+KEY SHARE and close the cycle.)
+
+A scheduled run that cannot be made (the definition's period is empty at the run time, a
+customer is gone) is logged and skipped: the schedule moves on to its next run, so one bad
+schedule neither blocks the others nor retries forever.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,8 +41,9 @@ from core.bonuses.rules import (
     compile_filter,
     next_run,
 )
+from core.bonuses.schedule_periods import check_schedule_period
 from core.customers import typed_attributes
-from core.errors import AlreadyExists, NotFound
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from core.formula.memory import EventRecord
 from storage.bonuses import (
     Accepted,
@@ -39,6 +53,8 @@ from storage.bonuses import (
     get_definition,
     known_customers,
 )
+
+log = logging.getLogger("promo.bonuses")
 
 # --- triggers: automation rules -------------------------------------------------------------
 
@@ -98,7 +114,9 @@ async def insert_rule(conn: asyncpg.Connection, rule: Rule, *, event_filter: str
 
 async def get_rule(conn: asyncpg.Connection, rule_id: str, *,
                    for_update: bool = False) -> RuleRow:
-    lock = " FOR UPDATE OF r" if for_update else ""
+    """The rule; ``for_update`` locks its row against other edits (FOR NO KEY UPDATE, so event
+    recordings inserting states that reference it are not blocked: see the module doc)."""
+    lock = " FOR NO KEY UPDATE OF r" if for_update else ""
     row = await conn.fetchrow(f"{_RULE_SELECT} WHERE r.rule_id = $1{lock}", rule_id)
     if row is None:
         raise NotFound(f"no bonus rule {rule_id!r}", reason="BONUS_RULE_NOT_FOUND",
@@ -262,8 +280,10 @@ async def _campaign_customers(conn: asyncpg.Connection, campaign_pk: int) -> lis
 async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
                                check_customers: bool = True) -> tuple[int, int | None]:
     """The definition's and the campaign's pks; every one the schedule names must exist (the
-    listed customers too, unless they were checked before: up to 100,000 of them)."""
+    listed customers too, unless they were checked before: up to 100,000 of them), and the
+    definition's period must not be empty at every run."""
     definition = await get_definition(conn, schedule.definition_id)
+    check_schedule_period(schedule, definition.definition.period)
     campaign_pk = None
     if schedule.campaign_id:
         campaign_pk = await conn.fetchval("SELECT id FROM campaigns WHERE campaign_id = $1",
@@ -342,45 +362,80 @@ async def list_schedules(conn: asyncpg.Connection, *, after_id: str | None,
     return [_schedule(row) for row in rows]
 
 
+# A run that fails with one of these cannot succeed by retrying it: it is skipped (logged) and
+# the schedule moves on. Anything else (a database error, a bug) leaves the run due.
+_SKIPPED_RUN_ERRORS = (InvalidArgument, FailedPrecondition, NotFound)
+
+
 async def run_due_schedules(pool: asyncpg.Pool, *, now: datetime,
                             default_window: int) -> list[tuple[int, datetime]]:
     """Turn every due schedule into requests (one transaction per schedule, SKIP LOCKED so
     several workers share the work). A run missed while no worker was up happens once, late;
     the requests are made as of the scheduled time, so periods like "last weekend" resolve the
-    same whenever the run happens. Returns the batch jobs to queue."""
+    same whenever the run happens. Returns the batch jobs to queue.
+
+    One schedule's failure never stops the others. A run refused by the domain (e.g. the
+    definition's TODAY_SO_FAR period is empty at a 00:00 run) is logged and skipped: the
+    schedule still advances (``last_run_at`` is the skipped run), or it would fail again on
+    every sweep. Any other error is logged and leaves the schedule due (retried on the next
+    sweep); the sweep goes on with the other schedules."""
     jobs: list[tuple[int, datetime]] = []
+    failed: list[int] = []  # left due after an unexpected error: not retried in this sweep
     async with pool.acquire() as conn:
         while True:
             async with conn.transaction():
                 row = await conn.fetchrow(
                     f"""{_SCHEDULE_SELECT} WHERE s.active AND s.next_run_at <= $1
-                         ORDER BY s.next_run_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED""", now)
+                          AND s.id <> ALL($2::bigint[])
+                         ORDER BY s.next_run_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED""",
+                    now, failed)
                 if row is None:
                     return jobs
                 due = _schedule(row)
                 run_at = due.next_run_at
-                definition = await get_definition(conn, due.schedule.definition_id)
-                key = f"schedule:{due.schedule.schedule_id}:{run_at.isoformat()}"
-                targets = list(due.schedule.customer_ids)
-                period: tuple[datetime, datetime] | None = None
-                if row["campaign_pk"] is not None:
-                    targets = await _campaign_customers(conn, row["campaign_pk"])
-                    if due.schedule.since_campaign_entrance:
-                        entered = await conn.fetchval(
-                            "SELECT executed_at FROM campaigns WHERE id = $1",
-                            row["campaign_pk"])
-                        if entered is None or entered >= run_at:  # not run yet: nobody entered
-                            targets = []
-                        else:
-                            period = (entered, run_at)
-                accepted = Accepted(run_at, run_at, 0, None)
-                if targets:
-                    accepted = await add_requests(
-                        conn, definition, [NewRequest(c, f"{key}/{c}", period) for c in targets],
-                        now=run_at, default_window=default_window,
-                        source=f"schedule:{due.schedule.schedule_id}")
+                context = {"schedule_id": due.schedule.schedule_id,
+                           "definition_id": due.schedule.definition_id,
+                           "run_time": run_at.isoformat()}
+                try:
+                    async with conn.transaction():  # a savepoint: a failed run leaves nothing
+                        accepted = await _run_schedule(conn, row, due, default_window)
+                except _SKIPPED_RUN_ERRORS as exc:
+                    log.warning("bonus schedule run skipped: %s", exc.message, extra={
+                        **context, "reason": exc.reason})
+                    accepted = None
+                except Exception:
+                    # Not advanced: the run stays due and the next sweep tries it again.
+                    log.exception("bonus schedule run failed; retried on the next sweep",
+                                  extra=context)
+                    failed.append(due.pk)
+                    continue
                 await conn.execute(
                     "UPDATE bonus_schedules SET next_run_at = $2, last_run_at = $3 WHERE id = $1",
                     due.pk, next_run(due.schedule, max(now, run_at)), run_at)
-                if accepted.outbox_job_id is not None:
+                if accepted is not None and accepted.outbox_job_id is not None:
                     jobs.append((accepted.outbox_job_id, accepted.due_at))
+
+
+async def _run_schedule(conn: asyncpg.Connection, row: asyncpg.Record, due: ScheduleRow,
+                        default_window: int) -> Accepted | None:
+    """Make one run's requests, as of its scheduled time (None: nobody to request for)."""
+    run_at = due.next_run_at
+    definition = await get_definition(conn, due.schedule.definition_id)
+    key = f"schedule:{due.schedule.schedule_id}:{run_at.isoformat()}"
+    targets = list(due.schedule.customer_ids)
+    period: tuple[datetime, datetime] | None = None
+    if row["campaign_pk"] is not None:
+        targets = await _campaign_customers(conn, row["campaign_pk"])
+        if due.schedule.since_campaign_entrance:
+            entered = await conn.fetchval(
+                "SELECT executed_at FROM campaigns WHERE id = $1", row["campaign_pk"])
+            if entered is None or entered >= run_at:  # not run yet: nobody entered
+                targets = []
+            else:
+                period = (entered, run_at)
+    if not targets:
+        return None
+    return await add_requests(
+        conn, definition, [NewRequest(c, f"{key}/{c}", period) for c in targets],
+        now=run_at, default_window=default_window,
+        source=f"schedule:{due.schedule.schedule_id}")

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -78,7 +78,8 @@ BATCH_MAX_ATTEMPTS = 1000
 WRITE_CHUNK = 2000
 PARALLEL_WRITES_FROM = 4 * WRITE_CHUNK
 PARALLEL_WRITERS = 2
-RETENTION = timedelta(days=30)
+# Times a batch starts over with the edited definition before the job fails (and is retried).
+DEFINITION_CHANGE_RETRIES = 3
 _STATUS_TEXT = {s: s.value for s in BonusStatus}
 _LOCK_CLASS = 7009  # advisory lock namespace: (7009, definition pk)
 _EVENT_TYPES = {BonusStatus.SKIPPED: EventType.BONUS_SKIPPED,
@@ -175,7 +176,10 @@ async def update_definition(conn: asyncpg.Connection, pk: int, d: BonusDefinitio
 
 async def get_definition(conn: asyncpg.Connection, definition_id: str, *,
                          for_update: bool = False) -> DefinitionRow:
-    lock = " FOR UPDATE" if for_update else ""
+    # NO KEY UPDATE: serializes edits and recalculations with each other and with a batch's
+    # FOR SHARE check, without making new requests' and rules' foreign-key checks (KEY SHARE)
+    # wait for an edit.
+    lock = " FOR NO KEY UPDATE" if for_update else ""
     row = await conn.fetchrow(
         f"SELECT * FROM bonus_definitions WHERE definition_id = $1{lock}", definition_id)
     if row is None:
@@ -259,46 +263,129 @@ async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
                        metadata={"customer_id": missing[0], "count": len(missing)})
     starts: list[datetime | None] = []
     ends: list[datetime | None] = []
+    revisions: list[int | None] = []
     for request in requests:
         if d.data_mode is DataMode.PROPERTIES_ONLY:
-            starts.append(None)
-            ends.append(None)
+            window: tuple[datetime | None, datetime | None] = (None, None)
         elif request.period is not None:
-            starts.append(request.period[0])
-            ends.append(request.period[1])
+            window = request.period
         else:
-            assert d.period is not None
-            resolved = resolve_period(d.period, now=now,
-                                      customer_time_zone=customers[request.customer_id].time_zone)
-            starts.append(resolved.start)
-            ends.append(resolved.end)
+            window = _definition_window(d, now=now,
+                                        time_zone=customers[request.customer_id].time_zone)
+        starts.append(window[0])
+        ends.append(window[1])
+        # A request without a window of its own follows its definition's period: see
+        # migration 0019 and _current_windows.
+        revisions.append(d.revision if request.period is None else None)
     accepted = await conn.fetchval(
         """WITH added AS (
                INSERT INTO bonus_requests (definition_pk, request_key, customer_id, window_start,
-                                           request_time, period_start, period_end, source)
-               SELECT $1, t.key, t.customer_id, $2, $3, t.period_start, t.period_end, $4
-                 FROM unnest($5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[])
-                      AS t(key, customer_id, period_start, period_end)
+                                           request_time, period_start, period_end, source,
+                                           period_revision)
+               SELECT $1, t.key, t.customer_id, $2, $3, t.period_start, t.period_end, $4,
+                      t.revision
+                 FROM unnest($5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[],
+                             $9::bigint[])
+                      AS t(key, customer_id, period_start, period_end, revision)
                 ORDER BY t.key
                ON CONFLICT (definition_pk, request_key) DO NOTHING
                RETURNING 1)
            SELECT count(*) FROM added""",
         row.pk, start, now, source, [r.key for r in requests],
-        [r.customer_id for r in requests], starts, ends)
+        [r.customer_id for r in requests], starts, ends, revisions)
     job_id = None
     if accepted:
         await conn.execute(
             """INSERT INTO bonus_batches (definition_pk, window_start, window_end)
                VALUES ($1, $2, $3) ON CONFLICT (definition_pk, window_start) DO NOTHING""",
             row.pk, start, end)
-        job_id = await outbox.add_job(
-            conn, kind=BATCH_JOB_KIND, due_at=end,
-            payload={"definition": row.pk, "window_start": start.isoformat(),
-                     "window_end": end.isoformat()},
-            dedup_key=f"bonus-batch:{row.pk}:{start.isoformat()}",
-            max_attempts=BATCH_MAX_ATTEMPTS)
+        job_id = await _ensure_batch_job(conn, row.pk, start, end, now=now)
     return Accepted(window_start=start, due_at=end, accepted=int(accepted),
                     outbox_job_id=job_id)
+
+
+def _definition_window(d: BonusDefinition, *, now: datetime,
+                       time_zone: str | None) -> tuple[datetime | None, datetime | None]:
+    """The transaction window the definition's own period gives at ``now`` in the customer's
+    zone ((None, None) for a properties-only definition, which reads no transactions)."""
+    if d.data_mode is DataMode.PROPERTIES_ONLY or d.period is None:
+        return None, None
+    resolved = resolve_period(d.period, now=now, customer_time_zone=time_zone)
+    return resolved.start, resolved.end
+
+
+async def _current_windows(conn: asyncpg.Connection, d: BonusDefinition,
+                           rows: Sequence[asyncpg.Record]) -> list[_Pending]:
+    """Requests (id, customer_id, period_start, period_end, period_revision, request_time) as
+    the batch computes them: a request that followed its definition's period, stored under an
+    older revision, reads the period of the current one as of its own request time (an operator
+    who widens the period and recalculates gets the wider window). The common case (nothing
+    edited since) costs one comparison per request."""
+    stale = [r for r in rows
+             if r["period_revision"] is not None and r["period_revision"] != d.revision]
+    zones = {c.customer_id: c.time_zone for c in (await known_customers(
+        conn, (r["customer_id"] for r in stale), properties=False)).values()} if stale else {}
+    pending = []
+    for r in rows:
+        start, end = r["period_start"], r["period_end"]
+        if r["period_revision"] is not None and r["period_revision"] != d.revision:
+            start, end = _definition_window(d, now=r["request_time"],
+                                            time_zone=zones.get(r["customer_id"]))
+        pending.append(_Pending(r["id"], r["customer_id"], start, end))
+    return pending
+
+
+async def _ensure_batch_job(conn: asyncpg.Connection, definition_pk: int, start: datetime,
+                            end: datetime, *, now: datetime) -> int | None:
+    """Make sure a batch job will compute the window's pending requests; returns the job id to
+    queue after commit (None: a job already waits for the window).
+
+    One job per (definition, window) by its dedup key. A request can join a window whose batch
+    has already run: a schedule run late (workers were down) is made "as of" its scheduled
+    time, or a request commits just after the batch read the pending ones. The finished job is
+    then armed again, due now, rather than leaving the request to whichever later request of
+    the definition comes along (for a weekly schedule: a week). A job that died (ran out of
+    attempts) stays dead: that is an operator's to look at, not to retry forever."""
+    job_id = await outbox.add_job(
+        conn, kind=BATCH_JOB_KIND, due_at=end,
+        payload={"definition": definition_pk, "window_start": start.isoformat(),
+                 "window_end": end.isoformat()},
+        dedup_key=_batch_dedup_key(definition_pk, start), max_attempts=BATCH_MAX_ATTEMPTS)
+    if job_id is None:
+        job_id = await conn.fetchval(
+            """UPDATE outbox_jobs
+                  SET status = 'pending', due_at = greatest($2::timestamptz, $3::timestamptz),
+                      attempts = 0, locked_until = NULL, last_error = NULL, finished_at = NULL
+                WHERE dedup_key = $1 AND status = 'done' RETURNING id""",
+            _batch_dedup_key(definition_pk, start), end, now)
+    return job_id
+
+
+def _batch_dedup_key(definition_pk: int, start: datetime) -> str:
+    return f"bonus-batch:{definition_pk}:{start.isoformat()}"
+
+
+async def rearm_stranded_batches(conn: asyncpg.Connection, *,
+                                 now: datetime) -> list[tuple[int, datetime]]:
+    """The sweeper's safety net for invariant 3 (no calculation request lost): every window
+    that still has PENDING requests after it closed gets a batch job again if its own job has
+    finished (see :func:`_ensure_batch_job`; a request that committed while the batch was
+    finishing is the case this catches). Returns (job id, due) pairs to queue."""
+    windows = await conn.fetch(
+        """SELECT DISTINCT q.definition_pk, q.window_start, b.window_end
+             FROM bonus_requests q
+             JOIN bonus_batches b ON b.definition_pk = q.definition_pk
+                                 AND b.window_start = q.window_start
+            WHERE q.status = 'PENDING' AND b.window_end <= $1
+            ORDER BY q.definition_pk, q.window_start""", now)
+    armed = []
+    for w in windows:
+        async with conn.transaction():
+            job_id = await _ensure_batch_job(conn, w["definition_pk"], w["window_start"],
+                                             w["window_end"], now=now)
+        if job_id is not None:
+            armed.append((job_id, max(w["window_end"], now)))
+    return armed
 
 
 # --- computing -------------------------------------------------------------------------------
@@ -496,44 +583,22 @@ async def run_batch(pool: asyncpg.Pool, definition_pk: int, window: datetime, *,
                                    definition_pk):
             raise BatchBusy(f"bonus definition {definition_pk} is being computed elsewhere")
         try:
-            row = await get_definition_by_pk(conn, definition_pk)
-            if row is None:
-                return report
             report.batch_pk = await conn.fetchval(
                 "SELECT id FROM bonus_batches WHERE definition_pk = $1 AND window_start = $2",
                 definition_pk, window)
-            pending = [_Pending(r["id"], r["customer_id"], r["period_start"], r["period_end"])
-                       for r in await conn.fetch(
-                           """SELECT id, customer_id, period_start, period_end
-                                FROM bonus_requests
-                               WHERE definition_pk = $1 AND status = 'PENDING'
-                                 AND window_start <= $2
-                               ORDER BY id""", definition_pk, window)]
-            if pending:
-                compiled = row.compiled()
-                cost = Cost()
-                # Each writer needs a connection besides this one.
-                writers = min(PARALLEL_WRITERS if len(pending) >= PARALLEL_WRITES_FROM else 1,
-                              pool.get_max_size() - 1)
-                if writers < 1:  # a one-connection pool: compute everything, then write here
-                    await _compute_then_write(conn, row, compiled, pending, cost, now=now,
-                                              report=report)
-                else:
-                    async with _Writer(pool, row, compiled, now=now,
-                                       batch_pk=report.batch_pk, report=report,
-                                       writers=writers) as writer:
-                        buffered: list[Computed] = []
-                        async with contextlib.aclosing(_compute(
-                                conn, row, compiled, pending, row.definition.approval_mode,
-                                cost)) as chunks:
-                            async for chunk in chunks:
-                                buffered += chunk
-                                while len(buffered) >= WRITE_CHUNK:
-                                    await writer.put(buffered[:WRITE_CHUNK])
-                                    del buffered[:WRITE_CHUNK]
-                        if buffered:
-                            await writer.put(buffered)
-                report.customers, report.events_read = cost.customers, cost.events_read
+            for attempt in range(1, DEFINITION_CHANGE_RETRIES + 1):
+                row = await get_definition_by_pk(conn, definition_pk)
+                if row is None:
+                    return report
+                try:
+                    await _compute_and_write(pool, conn, row, window, report, now=now)
+                    break
+                except DefinitionChanged:
+                    # The chunks written before the edit stay (they were committed under the
+                    # old revision, before the edit could commit: a recalculation covers
+                    # them); the rest is computed again with the definition as it is now.
+                    if attempt == DEFINITION_CHANGE_RETRIES:
+                        raise
             report.duration_ms = round((time.perf_counter() - started) * 1000)
             if report.batch_pk is not None:
                 await conn.execute(
@@ -548,6 +613,64 @@ async def run_batch(pool: asyncpg.Pool, definition_pk: int, window: datetime, *,
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_CLASS, definition_pk)
     return report
+
+
+async def _compute_and_write(pool: asyncpg.Pool, conn: asyncpg.Connection, row: DefinitionRow,
+                             window: datetime, report: BatchReport, *, now: datetime) -> None:
+    """One pass of run_batch with one revision of the definition: every pending request of
+    windows up to ``window``, computed on ``conn`` and written by the writers."""
+    pending = await _current_windows(conn, row.definition, await conn.fetch(
+        """SELECT id, customer_id, period_start, period_end, period_revision, request_time
+             FROM bonus_requests
+            WHERE definition_pk = $1 AND status = 'PENDING' AND window_start <= $2
+            ORDER BY id""", row.pk, window))
+    if not pending:
+        return
+    compiled = row.compiled()
+    cost = Cost()
+    try:
+        # Each writer needs a connection besides this one.
+        writers = min(PARALLEL_WRITERS if len(pending) >= PARALLEL_WRITES_FROM else 1,
+                      pool.get_max_size() - 1)
+        if writers < 1:  # a one-connection pool: compute everything, then write here
+            await _compute_then_write(conn, row, compiled, pending, cost, now=now,
+                                      report=report)
+            return
+        async with _Writer(pool, row, compiled, now=now, batch_pk=report.batch_pk,
+                           report=report, writers=writers) as writer:
+            buffered: list[Computed] = []
+            async with contextlib.aclosing(_compute(
+                    conn, row, compiled, pending, row.definition.approval_mode,
+                    cost)) as chunks:
+                async for chunk in chunks:
+                    buffered += chunk
+                    while len(buffered) >= WRITE_CHUNK:
+                        await writer.put(buffered[:WRITE_CHUNK])
+                        del buffered[:WRITE_CHUNK]
+            if buffered:
+                await writer.put(buffered)
+    finally:
+        report.customers += cost.customers
+        report.events_read += cost.events_read
+
+
+class DefinitionChanged(RuntimeError):
+    """The definition got a new revision or approval mode while its batch was computing."""
+
+
+async def _check_definition(conn: asyncpg.Connection, row: DefinitionRow) -> None:
+    """First statement of every result transaction: the definition is still the one the
+    results were computed with. FOR SHARE holds an edit (UPDATE bonus_definitions) until this
+    chunk commits, so an edit either comes after the chunk (and a recalculation covers it) or
+    before it (and the chunk is computed again): never a result of a replaced formula, nor one
+    issued automatically after the operator switched to manual approval."""
+    current = await conn.fetchrow(
+        "SELECT revision, approval_mode FROM bonus_definitions WHERE id = $1 FOR SHARE", row.pk)
+    d = row.definition
+    if current is None or (current["revision"], current["approval_mode"]) != (
+            d.revision, d.approval_mode.value):
+        raise DefinitionChanged(f"bonus definition {d.definition_id!r} changed while its batch "
+                                "was computing")
 
 
 async def _compute_then_write(conn: asyncpg.Connection, row: DefinitionRow,
@@ -668,17 +791,19 @@ class _Writer:
 
 
 def _event(d: BonusDefinition, *, bonus_id: str, customer_id: str, status: BonusStatus,
-           amount: Decimal | None, template: str | None, currency: str | None,
+           result_type: str, amount: Decimal | None, template: str | None, currency: str | None,
            skip_reason: str | None, skip_detail: str | None, period_start: datetime | None,
            period_end: datetime | None, requires_approval: bool, now: datetime,
            dedup: str) -> tuple[EventType, str, dict[str, Any]]:
-    """One Skipped / Calculated / Issued event: its type, dedup key and data."""
+    """One Skipped / Calculated / Issued event: its type, dedup key and data. ``result_type``
+    is the result's own (an approval issues what was calculated, even if the definition has
+    changed type since); the message templates are the definition's current ones."""
     messages = {BonusStatus.SKIPPED: d.skipped_message,
                 BonusStatus.CALCULATED: d.calculated_message,
                 BonusStatus.ISSUED: d.issued_message}
     payload = event_payload(
         bonus_id=bonus_id, definition_id=d.definition_id, customer_id=customer_id, status=status,
-        result_type=d.result_type.value, amount=amount, template=template, currency=currency,
+        result_type=result_type, amount=amount, template=template, currency=currency,
         skip_reason=skip_reason, skip_detail=skip_detail, period_start=period_start,
         period_end=period_end, requires_approval=requires_approval,
         issued_at=now if status is BonusStatus.ISSUED else None,
@@ -750,15 +875,16 @@ def _currency(d: BonusDefinition, currency: str | None) -> str | None:
     return currency if d.result_type is ResultType.AMOUNT else None
 
 
-async def _ledger(conn: asyncpg.Connection, d: BonusDefinition, *, bonus_id: str,
-                  customer_id: str, amount: Decimal | None, template: str | None,
+async def _ledger(conn: asyncpg.Connection, d: BonusDefinition, result: ResultRow, *,
                   now: datetime) -> None:
+    """The ledger entry of an approved result: what the result says (type, points target,
+    amount or template), not what the definition says now."""
     await conn.execute(
         """INSERT INTO bonus_ledger (bonus_id, customer_id, definition_id, result_type,
                                      points_target, amount, template, issue_time)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (bonus_id) DO NOTHING""",
-        uuid.UUID(bonus_id), customer_id, d.definition_id, d.result_type.value,
-        d.points_target.value if d.points_target else None, amount, template, now)
+        uuid.UUID(result.bonus_id), result.customer_id, d.definition_id, result.result_type,
+        result.points_target, result.amount, result.template, now)
 
 
 @dataclass
@@ -842,6 +968,7 @@ async def _write_results(conn: asyncpg.Connection, row: DefinitionRow,
     Requests already DONE (a retried batch) are left alone."""
     d = row.definition
     written = _Written()
+    await _check_definition(conn, row)
     prepared = chunk if isinstance(chunk, _Prepared) else _prepare_results(
         row, compiled, chunk, now=now)
     # Claim the chunk's requests still pending (marked DONE in this transaction, so a retried
@@ -964,7 +1091,8 @@ def _bonus_uuid(bonus_id: str) -> uuid.UUID:
 
 
 def _result_not_found(bonus_id: str) -> NotFound:
-    return NotFound(f"no bonus result {bonus_id} (results are kept 30 days)",
+    return NotFound(f"no bonus result {bonus_id} (results are purged after "
+                    "PROMO_BONUS_RESULT_RETENTION_DAYS, 30 by default)",
                     reason="BONUS_RESULT_NOT_FOUND", metadata={"bonus_id": bonus_id})
 
 
@@ -1047,12 +1175,11 @@ async def decide_results(conn: asyncpg.Connection, bonus_ids: Sequence[str],
         if result.definition_id not in definitions:
             definitions[result.definition_id] = await get_definition(conn, result.definition_id)
         d = definitions[result.definition_id].definition
-        await _ledger(conn, d, bonus_id=result.bonus_id, customer_id=result.customer_id,
-                      amount=result.amount, template=result.template, now=now)
+        await _ledger(conn, d, result, now=now)
         decided.outbox_job_ids += await _emit(
             conn, d, bonus_id=result.bonus_id, customer_id=result.customer_id,
-            status=BonusStatus.ISSUED, amount=result.amount, template=result.template,
-            currency=result.currency, skip_reason=None, skip_detail=None,
+            status=BonusStatus.ISSUED, result_type=result.result_type, amount=result.amount,
+            template=result.template, currency=result.currency, skip_reason=None, skip_detail=None,
             period_start=result.period_start, period_end=result.period_end,
             requires_approval=False, now=now, dedup="issued")
     return decided
@@ -1074,7 +1201,7 @@ async def recalculate(conn: asyncpg.Connection, row: DefinitionRow, *,
     without an operator. A changed result is told again (a new Calculated / Skipped event)."""
     results = await conn.fetch(
         """SELECT r.id, r.bonus_id, r.request_pk, r.customer_id, r.calculation_count,
-                  q.period_start, q.period_end
+                  q.period_start, q.period_end, q.period_revision, q.request_time
              FROM bonus_results r JOIN bonus_requests q ON q.id = r.request_pk
             WHERE r.definition_pk = $1 AND r.status = ANY($2::text[])
             ORDER BY r.id FOR UPDATE OF r""",
@@ -1083,8 +1210,8 @@ async def recalculate(conn: asyncpg.Connection, row: DefinitionRow, *,
         return Recalculated(0, 0, 0, [])
     compiled = row.compiled()
     by_request = {r["request_pk"]: r for r in results}
-    pending = [_Pending(r["request_pk"], r["customer_id"], r["period_start"], r["period_end"])
-               for r in results]
+    pending = await _current_windows(conn, row.definition, [
+        {**dict(r), "id": r["request_pk"]} for r in results])
     computed = [c async for chunk in _compute(conn, row, compiled, pending, ApprovalMode.MANUAL,
                                               Cost())
                 for c in chunk]
@@ -1102,18 +1229,21 @@ async def recalculate(conn: asyncpg.Connection, row: DefinitionRow, *,
                       skip_detail = $6, raw_value = $7, aggregates = $8::jsonb,
                       aggregate_kinds = $9, branch = $10, explanation = $11,
                       definition_revision = $12, calculation_count = $13, calculate_time = $14,
-                      result_type = $15, points_target = $16, currency = $17
+                      result_type = $15, points_target = $16, currency = $17,
+                      period_start = $18, period_end = $19
                 WHERE id = $1""",
             current["id"], status.value, c.decision.amount, c.decision.template,
             c.decision.skip_reason, c.decision.skip_detail, _raw(c.evaluation),
             _aggregates_json(compiled, c.evaluation),
             sorted({spec.kind for spec in compiled.aggregates}), c.evaluation.branch,
             c.evaluation.explain(), d.revision, count, now, d.result_type.value,
-            d.points_target.value if d.points_target else None, _currency(d, c.currency))
+            d.points_target.value if d.points_target else None, _currency(d, c.currency),
+            c.period_start, c.period_end)
         job_ids += await _emit(
             conn, d, bonus_id=str(current["bonus_id"]), customer_id=c.customer_id,
-            status=status, amount=c.decision.amount, template=c.decision.template,
-            currency=_currency(d, c.currency), skip_reason=c.decision.skip_reason,
+            status=status, result_type=d.result_type.value, amount=c.decision.amount,
+            template=c.decision.template, currency=_currency(d, c.currency),
+            skip_reason=c.decision.skip_reason,
             skip_detail=c.decision.skip_detail, period_start=c.period_start,
             period_end=c.period_end, requires_approval=True, now=now,
             dedup=f"{status.value.lower()}:{count}")
@@ -1141,23 +1271,3 @@ async def list_ledger(conn: asyncpg.Connection, customer_id: str, *, before_pk: 
         """SELECT * FROM bonus_ledger WHERE customer_id = $1
               AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
         customer_id, before_pk, limit))
-
-
-async def purge(conn: asyncpg.Connection, *, now: datetime) -> int:
-    """Delete results (and their finished requests) calculated more than 30 days ago. The
-    ledger of issued rewards is kept."""
-    cutoff = now - RETENTION
-    deleted = await conn.fetchval(
-        """WITH gone AS (DELETE FROM bonus_results WHERE calculate_time < $1 RETURNING request_pk)
-           SELECT count(*) FROM gone""", cutoff)
-    await conn.execute(
-        """DELETE FROM bonus_requests q WHERE status = 'DONE' AND request_time < $1
-              AND NOT EXISTS (SELECT 1 FROM bonus_results r WHERE r.request_pk = q.id)""",
-        cutoff)
-    # What ON DELETE SET NULL did before 0013 dropped the foreign key: a result recalculated
-    # after its batch's 30 days keeps no dangling batch reference.
-    await conn.execute(
-        """WITH gone AS (DELETE FROM bonus_batches WHERE finish_time < $1 RETURNING id)
-           UPDATE bonus_results SET batch_pk = NULL WHERE batch_pk IN (SELECT id FROM gone)""",
-        cutoff)
-    return int(deleted)

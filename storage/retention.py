@@ -1,9 +1,10 @@
 """Retention: delete bookkeeping rows whose age makes them useless, in bounded chunks.
 
 Why: webhook events, deliveries and their attempt log, finished outbox jobs, idempotency keys
-and emitted code-pool alerts are written on every change and were never deleted. Business records
-(grants, ledgers, codes, budgets, campaign targets) are never touched here; dynamic-bonus results
-have their own purge (storage/bonuses.py).
+and emitted code-pool alerts are written on every change and were never deleted; the dynamic-bonus
+history (results, finished requests, batch records) is kept 30 days, as the vendor keeps its
+approval queue's records. Business records (grants, the bonus ledger, codes, budgets, campaign
+targets) are never touched here.
 
 How, so that a backlog of millions never holds long locks or scans a table per chunk:
 * every statement deletes at most ``chunk`` rows and commits on its own (no transaction around
@@ -21,15 +22,21 @@ How, so that a backlog of millions never holds long locks or scans a table per c
 What is never deleted: a delivery still PENDING (being sent or retried) and the attempts of such a
 delivery; an event that still has any delivery (deliveries reference their event, ON DELETE
 CASCADE: deleting the event would take them along); an outbox job that is not finished
-(``pending``); an idempotency key younger than its retention; an alert not yet emitted.
+(``pending``); an idempotency key younger than its retention; an alert not yet emitted; a bonus
+request still PENDING, or one whose result is kept. A bonus result still waiting for approval
+(CALCULATED) *is* deleted with the rest of its day (the vendor's rule): those are counted apart
+and logged as a warning, so an operator learns that a queue went unattended for 30 days.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
+
+log = logging.getLogger("promo.retention")
 
 # Rows per statement: large enough that a backlog goes quickly, small enough that each
 # statement holds its row locks for milliseconds.
@@ -41,8 +48,11 @@ WEBHOOK_ATTEMPTS = "webhook_attempts"
 OUTBOX_JOBS = "outbox_jobs"
 IDEMPOTENCY_KEYS = "idempotency_keys"
 CODE_POOL_ALERTS = "code_pool_alerts"
+BONUS_RESULTS = "bonus_results"
+BONUS_REQUESTS = "bonus_requests"
+BONUS_BATCHES = "bonus_batches"
 TABLES = (WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_EVENTS, CODE_POOL_ALERTS, OUTBOX_JOBS,
-          IDEMPOTENCY_KEYS)
+          IDEMPOTENCY_KEYS, BONUS_RESULTS, BONUS_REQUESTS, BONUS_BATCHES)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class RetentionPolicy:
     webhook_attempt_days: int = 30
     outbox_job_days: int = 7
     idempotency_key_days: int = 30
+    bonus_result_days: int = 30
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -217,20 +228,84 @@ async def purge_outbox_jobs(conn: asyncpg.Connection, *, now: datetime, days: in
     return (await _walk(conn, _OUTBOX_SQL, cutoff, chunk))[0]
 
 
+async def _drain(conn: asyncpg.Connection, sql: str, cutoff: datetime, chunk: int) -> int:
+    """Run a ($1 cutoff, $2 chunk) delete statement until a chunk comes back short."""
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    total = 0
+    while True:
+        deleted: int = await conn.fetchval(sql, cutoff, chunk)
+        total += deleted
+        if deleted < chunk:
+            return total
+
+
 async def purge_idempotency_keys(conn: asyncpg.Connection, *, now: datetime, days: int,
                                  chunk: int = CHUNK) -> int:
     """Keys created more than ``days`` ago: a retry with such a request id runs as new."""
     cutoff = _cutoff(now, days)
     if cutoff is None:
         return 0
+    return await _drain(conn, _IDEMPOTENCY_SQL, cutoff, chunk)
+
+
+# Bonus history. bonus_results and bonus_requests have indexes on their age columns (migration
+# 0009): deleted oldest first. A result's request goes once the result has gone (a request
+# recalculated later keeps its newer result, and so itself). Batch records are one row per
+# definition and window: few, no index needed; results pointing at a deleted batch lose the
+# reference, as the dropped foreign key's ON DELETE SET NULL did (migration 0013).
+
+_BONUS_RESULTS_SQL = """
+WITH doomed AS (
+    SELECT id FROM bonus_results WHERE calculate_time < $1
+     ORDER BY calculate_time LIMIT $2 FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM bonus_results r USING doomed WHERE r.id = doomed.id RETURNING r.status)
+SELECT count(*) AS deleted, count(*) FILTER (WHERE status = 'CALCULATED') AS unapproved FROM gone
+"""
+
+_BONUS_REQUESTS_SQL = """
+WITH doomed AS (
+    SELECT id FROM bonus_requests q
+     WHERE request_time < $1 AND status = 'DONE'
+       AND NOT EXISTS (SELECT 1 FROM bonus_results r WHERE r.request_pk = q.id)
+     ORDER BY request_time LIMIT $2 FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM bonus_requests q USING doomed WHERE q.id = doomed.id RETURNING 1)
+SELECT count(*) FROM gone
+"""
+
+_BONUS_BATCHES_SQL = """
+WITH doomed AS (
+    SELECT id FROM bonus_batches WHERE finish_time < $1
+     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM bonus_batches b USING doomed WHERE b.id = doomed.id RETURNING b.id),
+unlinked AS (UPDATE bonus_results SET batch_pk = NULL WHERE batch_pk IN (SELECT id FROM gone))
+SELECT count(*) FROM gone
+"""
+
+
+async def purge_bonus_history(conn: asyncpg.Connection, *, now: datetime, days: int,
+                              chunk: int = CHUNK) -> tuple[int, int, int]:
+    """Bonus results calculated, finished requests made and batches finished more than
+    ``days`` ago; returns (results, requests, batches) deleted. The ledger stays."""
+    cutoff = _cutoff(now, days)
+    if cutoff is None:
+        return 0, 0, 0
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
-    total = 0
+    results = unapproved = 0
     while True:
-        deleted: int = await conn.fetchval(_IDEMPOTENCY_SQL, cutoff, chunk)
-        total += deleted
-        if deleted < chunk:
-            return total
+        row = await conn.fetchrow(_BONUS_RESULTS_SQL, cutoff, chunk)
+        assert row is not None
+        results += row["deleted"]
+        unapproved += row["unapproved"]
+        if row["deleted"] < chunk:
+            break
+    if unapproved:
+        log.warning("purged bonus results that were still waiting for approval",
+                    extra={"count": unapproved, "calculated_before": cutoff.isoformat()})
+    requests = await _drain(conn, _BONUS_REQUESTS_SQL, cutoff, chunk)
+    batches = await _drain(conn, _BONUS_BATCHES_SQL, cutoff, chunk)
+    return results, requests, batches
 
 
 async def purge_all(conn: asyncpg.Connection, policy: RetentionPolicy, *, now: datetime,
@@ -248,6 +323,9 @@ async def purge_all(conn: asyncpg.Connection, policy: RetentionPolicy, *, now: d
     jobs = await purge_outbox_jobs(conn, now=now, days=policy.outbox_job_days, chunk=chunk)
     keys = await purge_idempotency_keys(conn, now=now, days=policy.idempotency_key_days,
                                         chunk=chunk)
+    results, requests, batches = await purge_bonus_history(
+        conn, now=now, days=policy.bonus_result_days, chunk=chunk)
     return {WEBHOOK_ATTEMPTS: attempts + with_deliveries, WEBHOOK_DELIVERIES: deliveries,
             WEBHOOK_EVENTS: events, CODE_POOL_ALERTS: alerts, OUTBOX_JOBS: jobs,
-            IDEMPOTENCY_KEYS: keys}
+            IDEMPOTENCY_KEYS: keys, BONUS_RESULTS: results, BONUS_REQUESTS: requests,
+            BONUS_BATCHES: batches}

@@ -1,4 +1,7 @@
-"""Dynamic-bonus jobs: the batch of one (definition, batching window), and the 30-day purge.
+"""Dynamic-bonus jobs: the batch of one (definition, batching window), due schedules, and the
+sweep that re-arms the batch of requests left pending after their window's batch ran.
+
+The 30-day purge of results is part of the hourly retention job (storage/retention.py).
 
 The batch job is an outbox row written with the window's first request, due when the window
 closes (dedup key per definition and window, so one job per window). It computes every pending
@@ -9,7 +12,7 @@ storage/bonuses.py for why a crash or a second copy of the job cannot lose or do
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from core.clock import Clock
@@ -21,9 +24,6 @@ from workers.outbox import JobAlreadyRunning
 from workers.registry import PermanentJobError, handler, sweep_hook
 
 log = logging.getLogger("promo.bonuses")
-
-PURGE_EVERY = timedelta(hours=1)
-
 
 @handler(repo.BATCH_JOB_KIND)
 async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
@@ -51,22 +51,6 @@ async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
 
 
 @sweep_hook
-async def purge_old_results(ctx: dict[str, Any]) -> None:
-    """Results older than 30 days are deleted (the vendor keeps the queue's history 30 days);
-    the ledger of issued rewards stays. At most once an hour per worker."""
-    clock: Clock = ctx["clock"]
-    now = clock.now()
-    last = ctx.get("bonus_purged_at")
-    if last is not None and now - last < PURGE_EVERY:
-        return
-    async with ctx["pool"].acquire() as conn:
-        deleted = await repo.purge(conn, now=now)
-    ctx["bonus_purged_at"] = now
-    if deleted:
-        log.info("purged old bonus results", extra={"count": deleted})
-
-
-@sweep_hook
 async def run_due_schedules(ctx: dict[str, Any]) -> None:
     """Scheduled bonus runs (e.g. every Monday 06:00 for last weekend's deposits): due
     schedules become requests in the current batching window, on every sweeper tick."""
@@ -77,3 +61,17 @@ async def run_due_schedules(ctx: dict[str, Any]) -> None:
     for job_id, due in jobs:
         await queue_after_commit(ctx.get("redis"), job_id=job_id, due_at=due,
                                  queue_name=settings.queue_name)
+
+
+@sweep_hook
+async def rearm_stranded_batches(ctx: dict[str, Any]) -> None:
+    """Requests still pending after their window's batch finished get that batch again (see
+    storage.bonuses.rearm_stranded_batches); on every sweeper tick, one indexed query."""
+    clock: Clock = ctx["clock"]
+    async with ctx["pool"].acquire() as conn:
+        armed = await repo.rearm_stranded_batches(conn, now=clock.now())
+    for job_id, due in armed:
+        log.warning("bonus requests were left pending after their batch ran: batch queued again",
+                    extra={"outbox_job_id": job_id})
+        await queue_after_commit(ctx.get("redis"), job_id=job_id, due_at=due,
+                                 queue_name=ctx["settings"].queue_name)

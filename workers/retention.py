@@ -36,7 +36,8 @@ def policy(settings: Settings) -> retention.RetentionPolicy:
         webhook_delivery_days=settings.webhook_delivery_retention_days,
         webhook_attempt_days=settings.webhook_attempt_retention_days,
         outbox_job_days=settings.outbox_job_retention_days,
-        idempotency_key_days=settings.idempotency_key_retention_days)
+        idempotency_key_days=settings.idempotency_key_retention_days,
+        bonus_result_days=settings.bonus_result_retention_days)
 
 
 async def purge_retention(ctx: dict[str, Any]) -> dict[str, int]:

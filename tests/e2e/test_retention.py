@@ -123,7 +123,8 @@ async def test_webhook_rows_past_retention_go_and_live_ones_stay(pool: asyncpg.P
         counts = await retention.purge_all(conn, RetentionPolicy(), now=NOW)
 
         assert counts == {"webhook_attempts": 3, "webhook_deliveries": 1, "webhook_events": 2,
-                          "code_pool_alerts": 0, "outbox_jobs": 0, "idempotency_keys": 0}
+                          "code_pool_alerts": 0, "outbox_jobs": 0, "idempotency_keys": 0,
+                          "bonus_results": 0, "bonus_requests": 0, "bonus_batches": 0}
         assert await ids(conn, "webhook_deliveries") == [pending, redone, young]
         assert await ids(conn, "webhook_attempts") == [pending_attempt, redone_recent,
                                                        young_attempt]
@@ -307,7 +308,8 @@ async def test_the_worker_job_purges_with_the_settings_and_logs_one_line(
         counts = await purge_retention(ctx)
 
     assert counts == {"webhook_attempts": 0, "webhook_deliveries": 0, "webhook_events": 1,
-                      "code_pool_alerts": 0, "outbox_jobs": 1, "idempotency_keys": 0}
+                      "code_pool_alerts": 0, "outbox_jobs": 1, "idempotency_keys": 0,
+                          "bonus_results": 0, "bonus_requests": 0, "bonus_batches": 0}
     records = [r for r in caplog.records if r.name == "promo.retention"]
     assert [r.getMessage() for r in records] == ["retention purge done"]
     assert {t: getattr(records[0], t) for t in retention.TABLES} == counts

@@ -28,7 +28,8 @@ from core.rounding import RoundingMode
 from storage import bonuses as repo
 from storage import customers as customers_repo
 from storage import events as events_repo
-from workers import bonuses as bonus_jobs
+from storage import retention
+from workers import bonuses as _bonus_jobs  # noqa: F401  registers the bonus.batch handler
 from workers.outbox import run_outbox_job
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -204,19 +205,19 @@ async def test_results_older_than_30_days_are_purged_and_the_ledger_stays(
         await conn.execute("INSERT INTO bonus_ledger (bonus_id, customer_id, definition_id, "
                            "result_type, issue_time) SELECT bonus_id, customer_id, 'd1', "
                            "'AMOUNT', calculate_time FROM bonus_results")
-    sweep = ctx(pool, settings, NOW + timedelta(days=30, minutes=6))
-    await bonus_jobs.purge_old_results(sweep)
+    async with pool.acquire() as conn:
+        purged = await retention.purge_bonus_history(
+            conn, now=NOW + timedelta(days=30, minutes=6), days=30, chunk=1)
+    assert purged == (1, 1, 1)  # c0's result, its request, the first window's batch record
     assert await count(pool, "SELECT count(*) FROM bonus_results") == 1
     assert await count(pool, "SELECT count(*) FROM bonus_requests") == 1
     assert await count(pool, "SELECT count(*) FROM bonus_ledger") == 2
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT customer_id FROM bonus_results") == "c1"
-    sweep["clock"].advance(timedelta(days=30))
-    sweep["bonus_purged_at"] = sweep["clock"].now() - timedelta(minutes=30)
-    await bonus_jobs.purge_old_results(sweep)  # purged less than an hour ago: not yet
-    assert await count(pool, "SELECT count(*) FROM bonus_results") == 1
-    sweep["bonus_purged_at"] = None
-    await bonus_jobs.purge_old_results(sweep)
+        assert await retention.purge_bonus_history(
+            conn, now=NOW + timedelta(days=60), days=0) == (0, 0, 0)  # 0 keeps them forever
+        assert await retention.purge_bonus_history(
+            conn, now=NOW + timedelta(days=60), days=30) == (1, 1, 1)
     assert await count(pool, "SELECT count(*) FROM bonus_results") == 0
 
 
