@@ -69,7 +69,16 @@ def reward_from_pb(index: int, message: pb.PromotionReward) -> PromotionReward:
     kind = _enum(message.kind, KIND_FROM_PB, f"{where}.kind", "REWARD_KIND_SINGLE, _TIERED, "
                  "_EXTERNAL, _CALCULATED")
     assert isinstance(kind, RewardKind)
-    rounding = ROUNDING_FROM_PB.get(message.rounding, "NONE")
+    # UNSPECIFIED means no rounding; a value this server does not know is refused, never
+    # read as NONE (the reward would be paid unrounded).
+    rounding = "NONE"
+    if message.rounding != pb.ROUNDING_MODE_UNSPECIFIED:
+        if message.rounding not in ROUNDING_FROM_PB:
+            raise InvalidArgument(
+                f"{where}.rounding {message.rounding} is not a rounding mode: one of "
+                "ROUNDING_MODE_NONE, _ROUND, _ROUND_UP, _ROUND_DOWN, _MROUND",
+                reason="INVALID_ENUM", metadata={"field": f"{where}.rounding"})
+        rounding = ROUNDING_FROM_PB[message.rounding]
     return PromotionReward(
         reward_type=message.reward_type, kind=kind,
         value=parse_decimal(message.value, field=f"{where}.value", allow_empty=True),

@@ -191,7 +191,8 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             merged = replace(stored.promotion, **{p: getattr(patch, p) for p in paths})
             promotion = domain.validate_promotion(merged, await _reward_types(conn, merged))
             saved = await repo.save(conn, stored.id, promotion,
-                                    formulas=stored_forms(compile_rewards(promotion)))
+                                    formulas=stored_forms(compile_rewards(promotion)),
+                                    recount_at=self._clock.now())
             await self._sync_codes(conn, saved, raised)
             return await with_usage(conn, saved, self._clock.now())
 

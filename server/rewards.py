@@ -4,12 +4,22 @@ GetReward reads the promotion from the in-memory cache, decides each reward's va
 the cap charges, and makes one database round trip (promo_grant), which checks the cached
 version, returns an existing grant for a retry, or inserts the grant and charges every cap,
 all or nothing. A STALE answer reloads the configuration and tries again.
+
+An EXISTING answer (a retry, or a customer who already holds the grant) is checked against
+the request before it is given: a request id that made a grant for another customer, another
+campaign or other external values is a different request, refused as REQUEST_ID_REUSED. That
+check reads the grant's keys in a query of its own, on the EXISTING path only; a new grant
+costs what it did.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
+from dataclasses import replace
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 from grpc import aio
@@ -25,8 +35,9 @@ from core.rewards import Denial, charges_for, decide_values
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import rewards_pb2 as pb
 from promo.v1 import rewards_pb2_grpc as pb_grpc
+from server.activation_context import loggable_context
 from server.code_alerts import AlertDispatcher
-from server.convert import timestamp
+from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from server.grant_batcher import GrantBatcher
 from server.metrics import observe_reward
@@ -37,7 +48,7 @@ from storage import campaigns as campaigns_repo
 from storage import customers as customers_repo
 from storage import promotions as repo
 from storage.idempotency import validate_request_id
-from storage.promotions import GrantCharge, GrantOutcome, GrantRequest
+from storage.promotions import GrantCharge, GrantKeys, GrantOutcome, GrantRequest
 
 log = logging.getLogger("promo.rewards")
 
@@ -51,6 +62,30 @@ _DENIALS = {"NOT_ACTIVE": pb.DENIAL_REASON_NOT_ACTIVE,
             "BELOW_MINIMUM": pb.DENIAL_REASON_BELOW_MINIMUM,
             "OUT_OF_CODES": pb.DENIAL_REASON_OUT_OF_CODES}
 _PERIODS = {p.value: v for p, v in PERIOD_TO_PB.items()}
+# ASCII digits only: str.isdigit() also accepts "²" and Arabic-Indic digits, which int()
+# rejects or reads as another number.
+_GRANT_ID = re.compile(r"[0-9]{1,18}")
+
+
+def _external_values(rewards: list[dict[str, Any]]) -> dict[str, Decimal]:
+    """The external values a grant was made with, by reward type."""
+    return {r["reward_type"]: Decimal(r["value"]) for r in rewards
+            if r["kind"] == RewardKind.EXTERNAL.value and r["value"] is not None}
+
+
+def _check_same_request(keys: GrantKeys, rewards: list[dict[str, Any]],
+                        request: pb.GetRewardRequest, external: Mapping[str, Decimal]) -> None:
+    """An existing grant answers this request only if the request is a retry of the one that
+    made it (same customer, campaign and external values), or names its customer and
+    campaign under another request id (a customer who already holds the grant)."""
+    if keys.request_id != request.request_id:
+        return  # found by customer and campaign, which the request names
+    if (keys.customer_id, keys.campaign_key) != (request.customer_id, request.campaign_id) \
+            or _external_values(rewards) != dict(external):
+        raise InvalidArgument(
+            f"request_id {request.request_id!r} was already used for a different request; "
+            "use a new request_id for a new request", reason="REQUEST_ID_REUSED",
+            metadata={"field": "request_id"})
 
 
 def _check_id(value: str, field: str) -> str:
@@ -61,7 +96,7 @@ def _check_id(value: str, field: str) -> str:
 
 
 def _parse_grant_id(value: str) -> int:
-    if not value.isdigit() or len(value) > 18:
+    if not _GRANT_ID.fullmatch(value):
         raise InvalidArgument(f"grant_id {value!r} is not a grant id", reason="INVALID_ID",
                               metadata={"field": "grant_id"})
     return int(value)
@@ -89,6 +124,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             value = parse_decimal(text, field=f"external_values[{name}]")
             assert value is not None
             external[name] = value
+        if request.context:
+            log.info("get reward context", extra={
+                "promotion_code": request.promotion_code, "customer_id": request.customer_id,
+                "activation_context": loggable_context(request.context)})
         for _ in range(3):
             cached = await self._cache.get(request.promotion_code)
             outcome = await self._grant(cached, request, external)
@@ -97,6 +136,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             if outcome.outcome == "STALE":
                 self._cache.invalidate(request.promotion_code)
                 continue
+            if outcome.outcome == "EXISTING":
+                outcome = await self._existing(outcome, request, external)
             return observe_reward(self._answer(cached, request, outcome))
         raise Aborted("the promotion changed repeatedly during this call; retry it",
                       reason="CONFIG_CHANGING")
@@ -145,6 +186,17 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             personalized=promotion.code_type is CodeType.PERSONALIZED,
             fallback_code=promotion.fallback_code))
 
+    async def _existing(self, outcome: GrantOutcome, request: pb.GetRewardRequest,
+                        external: Mapping[str, Decimal]) -> GrantOutcome:
+        """The existing grant with its keys, once it is known to answer this request."""
+        assert outcome.grant_id is not None and outcome.rewards is not None
+        keys = outcome.keys
+        if keys is None:
+            async with self._pool.acquire() as conn:
+                keys = await repo.grant_keys(conn, outcome.grant_id)
+        _check_same_request(keys, outcome.rewards, request, external)
+        return replace(outcome, keys=keys)
+
     async def _computed(self, cached: CachedPromotion,
                         request: pb.GetRewardRequest) -> dict[str, Decimal | Denial]:
         """Evaluate the TIERED and CALCULATED rewards for this customer: their properties and,
@@ -181,9 +233,12 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             self._alerts.dispatch_soon()
         if outcome.outcome in ("GRANTED", "EXISTING"):
             assert outcome.grant_id is not None and outcome.rewards is not None
+            # An existing grant is shown as stored (its keys were checked against the request).
+            keys = outcome.keys or GrantKeys(request.customer_id, request.campaign_id,
+                                             request.request_id)
             grant = pb.Grant(
                 grant_id=str(outcome.grant_id), promotion_code=promotion.code,
-                customer_id=request.customer_id, campaign_id=request.campaign_id,
+                customer_id=keys.customer_id, campaign_id=keys.campaign_key,
                 promo_code=outcome.promo_code or promotion.code,
                 properties=dict(promotion.properties), granted_at=timestamp(outcome.granted_at),
                 revoked=outcome.grant_status == "REVOKED", fallback_code=outcome.fallback)
@@ -227,14 +282,21 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         if len(request.reason) > 1000:
             raise InvalidArgument("reason is at most 1000 characters", reason="INVALID_REASON",
                                   metadata={"field": "reason"})
-        async with self._pool.acquire() as conn:
+
+        async def work(conn: asyncpg.Connection) -> bytes:
             outcome = await repo.revoke(conn, grant_id, reason=request.reason,
                                         now=self._clock.now())
-        if outcome == "NOT_FOUND":
-            raise NotFound(f"no grant {request.grant_id}", reason="GRANT_NOT_FOUND",
-                           metadata={"grant_id": request.grant_id})
-        log.info("grant revoke", extra={"grant_id": grant_id, "outcome": outcome})
-        return pb.RevokeGrantResponse(revoked=outcome == "REVOKED")
+            if outcome == "NOT_FOUND":
+                raise NotFound(f"no grant {request.grant_id}", reason="GRANT_NOT_FOUND",
+                               metadata={"grant_id": request.grant_id})
+            log.info("grant revoke", extra={"grant_id": grant_id, "outcome": outcome})
+            return pb.RevokeGrantResponse(revoked=outcome == "REVOKED").SerializeToString()
+
+        # Once per request id, like every mutating call: a retry gets the first answer (even
+        # "revoked" after the grant is gone), the id reused for another grant or reason is
+        # REQUEST_ID_REUSED and changes nothing.
+        raw = await run_request_once(self._pool, "RevokeGrant", request, work)
+        return pb.RevokeGrantResponse.FromString(raw)
 
 
 def register(server: aio.Server, deps: Dependencies) -> None:

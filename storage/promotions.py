@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from core.cap_state import CUSTOMERS_SCOPE
+from core.cap_state import CUSTOMERS_SCOPE, windows
 from core.catalogue.promotions import (
     BudgetCap,
     CapPeriod,
@@ -148,11 +148,15 @@ async def get_by_id(conn: asyncpg.Connection, promotion_id: int) -> StoredPromot
 
 
 async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion, *,
-               formulas: Mapping[str, Any] | None = None) -> StoredPromotion:
+               formulas: Mapping[str, Any] | None = None,
+               recount_at: datetime | None = None) -> StoredPromotion:
     """Write every editable field and the status, bumping the version (caches compare it).
 
     ``formulas`` (the stored form of the rewards' formulas) must come with changed rewards;
-    None keeps the stored forms, for a change of status alone."""
+    None keeps the stored forms, for a change of status alone. ``recount_at`` (the clock's
+    now) comes with an edit, which may have added or set back a cap: every cap's current
+    window is then recounted from the live grants (see _recount_caps). A change of status
+    alone leaves the counters to the grants and revokes that keep them."""
     row = await conn.fetchrow(
         f"""UPDATE promotions SET name = $2, description = $3, properties = $4, status = $5,
                    time_zone = $6, customer_cap = $7, rewards = $8, budget_caps = $9,
@@ -166,29 +170,82 @@ async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion, *
         [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion),
         None if formulas is None else dict(formulas), *_code_settings(promotion))
     assert row is not None
-    if promotion.customer_cap is not None:
-        # A cap added later starts from the customers already holding a live grant.
-        await conn.execute(
-            """INSERT INTO cap_usage (promotion_id, scope, period, period_start, used, grants)
-               SELECT $1, $2, 'LIFETIME', 'epoch'::timestamptz, count(*), count(*)
-                 FROM promotion_customers WHERE promotion_id = $1 AND live_grants > 0
-               ON CONFLICT (promotion_id, scope, period, period_start) DO NOTHING""",
-            stored_id, CUSTOMERS_SCOPE)
+    if recount_at is not None:
+        await _recount_caps(conn, stored_id, promotion, recount_at)
     return _from_row(row)
+
+
+async def _recount_caps(conn: asyncpg.Connection, promotion_id: int, promotion: Promotion,
+                        now: datetime) -> None:
+    """Set every cap's current-window counter from the promotion's live grants.
+
+    Why: grants charge only the caps the promotion has when they are made, so a cap that was
+    removed and set again would otherwise keep the counter it had when it went (missing
+    everything granted meanwhile), and a new cap would start from zero. The rule: the customer
+    cap counts the customers holding a live grant; a budget cap's current window holds the
+    values of its reward type in the live grants made inside that window (the window in the
+    promotion's time zone, as charged). Editing only a limit changes nothing: the counters
+    already say exactly that.
+
+    The counter rows are locked first, in the order grants lock them (customers, then budget
+    windows by reward type and period), and counted afterwards in statements of their own, so a
+    grant still in flight has either committed before the count (and is in it) or charges the
+    counter after this commit."""
+    current = windows(promotion, now)
+    if not current:
+        return
+    await conn.execute(
+        """SELECT 1 FROM cap_usage u
+             JOIN unnest($2::text[], $3::text[], $4::timestamptz[]) AS w(scope, period, start)
+               ON u.scope = w.scope AND u.period = w.period AND u.period_start = w.start
+            WHERE u.promotion_id = $1
+            ORDER BY u.scope <> $5, u.scope COLLATE "C", u.period COLLATE "C"
+              FOR UPDATE OF u""",
+        promotion_id, [w[0] for w in current], [w[1].value for w in current],
+        [w[2] for w in current], CUSTOMERS_SCOPE)
+    if promotion.customer_cap is not None:
+        await conn.execute(
+            """INSERT INTO cap_usage AS u (promotion_id, scope, period, period_start, used,
+                                           grants)
+               SELECT $1, $2, 'LIFETIME', $3, count(*), count(*)
+                 FROM promotion_customers WHERE promotion_id = $1 AND live_grants > 0
+               ON CONFLICT (promotion_id, scope, period, period_start) DO UPDATE
+                  SET used = excluded.used, grants = excluded.grants""",
+            promotion_id, CUSTOMERS_SCOPE, current[0][2])
+    budgets = [w for w in current if w[0] != CUSTOMERS_SCOPE]
+    if budgets:
+        await conn.execute(
+            """INSERT INTO cap_usage AS u (promotion_id, scope, period, period_start, used,
+                                           grants)
+               SELECT $1, w.scope, w.period, w.start, coalesce(live.used, 0), live.grants
+                 FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[])
+                      AS w(scope, period, start, stop)
+                 CROSS JOIN LATERAL (
+                      SELECT sum((r->>'value')::numeric) AS used, count(*) AS grants
+                        FROM grants g, jsonb_array_elements(g.rewards) AS r
+                       WHERE g.promotion_id = $1 AND g.status = 'GRANTED'
+                         AND g.granted_at >= w.start
+                         AND (w.stop IS NULL OR g.granted_at < w.stop)
+                         AND r->>'reward_type' = w.scope) AS live
+               ON CONFLICT (promotion_id, scope, period, period_start) DO UPDATE
+                  SET used = excluded.used, grants = excluded.grants""",
+            promotion_id, [w[0] for w in budgets], [w[1].value for w in budgets],
+            [w[2] for w in budgets], [w[3] for w in budgets])
 
 
 async def list_page(conn: asyncpg.Connection, *, after_code: str | None, limit: int,
                     search: str, statuses: Sequence[str],
                     kinds: Sequence[str]) -> list[StoredPromotion]:
-    pattern = f"%{search.lower()}%" if search else None
+    # strpos, not LIKE: "_" and "%" are characters of codes and names, not wildcards.
     rows = await conn.fetch(
         f"""SELECT {_COLUMNS} FROM promotions
              WHERE ($1::text IS NULL OR code > $1)
-               AND ($2::text IS NULL OR lower(name) LIKE $2 OR lower(code) LIKE $2)
+               AND ($2::text = '' OR strpos(lower(name), lower($2)) > 0
+                    OR strpos(lower(code), lower($2)) > 0)
                AND (cardinality($3::text[]) = 0 OR status = ANY($3))
                AND (cardinality($4::text[]) = 0 OR reward_kinds && $4)
              ORDER BY code LIMIT $5""",
-        after_code, pattern, list(statuses), list(kinds), limit)
+        after_code, search, list(statuses), list(kinds), limit)
     return [_from_row(row) for row in rows]
 
 
@@ -270,9 +327,22 @@ class GrantCharge:
 
 
 @dataclass(frozen=True)
+class GrantKeys:
+    """Who and what an existing grant was made for: a request id reused for another customer
+    or campaign is told apart from a retry by these."""
+
+    customer_id: str
+    campaign_key: str
+    request_id: str
+
+
+@dataclass(frozen=True)
 class GrantOutcome:
     """outcome: GRANTED, EXISTING, NOT_ACTIVE, STALE, NOT_FOUND, or a cap denial
-    (CUSTOMER_CAP_REACHED / BUDGET_CAP_REACHED with denied_scope and denied_period)."""
+    (CUSTOMER_CAP_REACHED / BUDGET_CAP_REACHED with denied_scope and denied_period).
+
+    ``keys`` is known for an EXISTING grant found by find_existing; promo_grant does not return
+    them (the hot path stays as it is): ask grant_keys for them."""
 
     outcome: str
     grant_id: int | None = None
@@ -284,6 +354,7 @@ class GrantOutcome:
     denied_period: str | None = None
     alert: bool = False      # the grant raised a code-pool alert: dispatch it
     fallback: bool = False   # promo_code is the fallback code (the pool was empty)
+    keys: GrantKeys | None = None
 
 
 CAP_ERROR_SQLSTATE = "PC001"
@@ -390,7 +461,8 @@ async def find_existing(conn: asyncpg.Connection, *, promotion_id: int, customer
                         campaign_key: str, request_id: str) -> GrantOutcome | None:
     """The grant a retry or a repeat call should get back, without charging anything."""
     row = await conn.fetchrow(
-        """SELECT id, status, rewards, promo_code, granted_at FROM grants
+        """SELECT id, status, rewards, promo_code, granted_at, customer_id, campaign_key,
+                  request_id FROM grants
             WHERE promotion_id = $1 AND (request_id = $4 OR (customer_id = $2
                   AND campaign_key = $3 AND status = 'GRANTED'))
             ORDER BY request_id = $4 DESC LIMIT 1""",
@@ -399,7 +471,17 @@ async def find_existing(conn: asyncpg.Connection, *, promotion_id: int, customer
         return None
     return GrantOutcome(outcome="EXISTING", grant_id=row["id"], grant_status=row["status"],
                         rewards=row["rewards"], promo_code=row["promo_code"],
-                        granted_at=row["granted_at"])
+                        granted_at=row["granted_at"],
+                        keys=GrantKeys(row["customer_id"], row["campaign_key"],
+                                       row["request_id"]))
+
+
+async def grant_keys(conn: asyncpg.Connection, grant_id: int) -> GrantKeys:
+    """The customer, campaign and request id of a grant (they never change once made)."""
+    row = await conn.fetchrow(
+        "SELECT customer_id, campaign_key, request_id FROM grants WHERE id = $1", grant_id)
+    assert row is not None, f"grant {grant_id} vanished"
+    return GrantKeys(row["customer_id"], row["campaign_key"], row["request_id"])
 
 
 async def revoke(conn: asyncpg.Connection, grant_id: int, *, reason: str,

@@ -23,6 +23,8 @@ CODE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 MAX_PROPERTIES = 50
 MAX_REWARDS = 10
 MAX_TIERS = 20
+# customer_cap is int64 on the wire but counted in integer columns (the cap and its counter).
+MAX_CUSTOMER_CAP = 2**31 - 1
 
 
 class PromotionStatus(enum.Enum):
@@ -206,9 +208,9 @@ def validate_promotion(promotion: Promotion,
     if len(set(names)) != len(names):
         raise _bad("each reward type may appear once among a promotion's rewards",
                    "DUPLICATE_REWARD_TYPE", "rewards")
-    if promotion.customer_cap is not None and promotion.customer_cap <= 0:
-        raise _bad("customer_cap must be positive (or unset for no cap)", "INVALID_CAP",
-                   "customer_cap")
+    if promotion.customer_cap is not None and not 0 < promotion.customer_cap <= MAX_CUSTOMER_CAP:
+        raise _bad(f"customer_cap must be 1-{MAX_CUSTOMER_CAP} (or unset for no cap)",
+                   "INVALID_CAP", "customer_cap")
     seen_caps: set[tuple[str, CapPeriod]] = set()
     for index, cap in enumerate(promotion.budget_caps):
         where = f"budget_caps[{index}]"

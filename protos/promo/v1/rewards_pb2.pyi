@@ -114,12 +114,17 @@ class GetRewardRequest(_message.Message):
     promotion_code: _builtins.str
     customer_id: _builtins.str
     request_id: _builtins.str
-    """Required; a retry with the same id returns the first grant."""
+    """Required; a retry with the same id returns the first grant. The same id with another
+    customer, campaign or external values is INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    """
     campaign_id: _builtins.str
     """Optional: the campaign activating the promotion (one grant per campaign)."""
     @_builtins.property
     def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Optional attributes of the activation (logged with the grant's request)."""
+        """Optional attributes of the activation, logged with the call's request id (at most 20
+        entries, keys cut to 64 and values to 256 characters, values of keys that name a
+        credential redacted); not stored.
+        """
 
     @_builtins.property
     def external_values(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
