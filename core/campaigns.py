@@ -18,13 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from core.errors import FailedPrecondition, InvalidArgument
+from core.catalogue.promotions import CODE_PATTERN
+from core.customers import customer_id_problem
+from core.errors import FailedPrecondition, InvalidArgument, NotFound
+from core.text import nul_problem
 
 CAMPAIGN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 MAX_STATUSES_PER_CALL = 10_000
 MAX_TARGETS_PER_CALL = 100_000
 MAX_PROMOTIONS = 20
-MAX_CUSTOMER_ID_LENGTH = 128
 # Outbox job kinds: written by the server when a campaign is created, run by the workers.
 NOTIFY_JOB_KIND = "campaign.notify"
 EXECUTE_JOB_KIND = "campaign.execute"
@@ -49,7 +51,11 @@ class CampaignSpec:
     promotion_codes: tuple[str, ...]
 
 
-def validate_campaign(spec: CampaignSpec, *, now: datetime) -> CampaignSpec:
+def validate_campaign(spec: CampaignSpec) -> CampaignSpec:
+    """The campaign's shape, which does not depend on when it is checked. Whether execute_at is
+    still ahead is ``check_execution_in_future``'s job, asked only when the campaign is created
+    for the first time: a retry of a request that already ran replays its answer whatever the
+    time."""
     if not CAMPAIGN_ID_PATTERN.fullmatch(spec.campaign_id):
         raise InvalidArgument(
             "campaign_id must be 1-64 characters of letters, digits, '_', '-' or '.', starting "
@@ -59,12 +65,18 @@ def validate_campaign(spec: CampaignSpec, *, now: datetime) -> CampaignSpec:
     if not name or len(name) > 200:
         raise InvalidArgument("name is required and at most 200 characters",
                               reason="INVALID_NAME", metadata={"field": "name"})
+    if (problem := nul_problem(name, "name")) is not None:
+        raise InvalidArgument(problem, reason="INVALID_NAME", metadata={"field": "name"})
     if spec.execute_at.tzinfo is None:
         raise InvalidArgument("execute_at must carry a time zone", reason="INVALID_TIME",
                               metadata={"field": "execute_at"})
-    if spec.execute_at <= now:
-        raise InvalidArgument(f"execute_at {spec.execute_at.isoformat()} is not in the future",
-                              reason="EXECUTION_IN_PAST", metadata={"field": "execute_at"})
+    for index, code in enumerate(spec.promotion_codes):
+        if not CODE_PATTERN.fullmatch(code):  # no promotion has such a code
+            raise InvalidArgument(
+                f"promotion_codes[{index}] {code[:100]!r} is not a promotion code (1-64 "
+                "letters, digits, '_', '-' or '.', starting with a letter or digit)",
+                reason="INVALID_PROMOTION_CODE",
+                metadata={"field": f"promotion_codes[{index}]"})
     codes = tuple(dict.fromkeys(spec.promotion_codes))
     if not codes:
         raise InvalidArgument("a campaign needs at least one promotion",
@@ -76,21 +88,42 @@ def validate_campaign(spec: CampaignSpec, *, now: datetime) -> CampaignSpec:
     return CampaignSpec(spec.campaign_id, name, spec.execute_at, spec.conditional, codes)
 
 
+def check_execution_in_future(execute_at: datetime, now: datetime) -> None:
+    """A new campaign must execute after ``now`` (its clearance window would be gone)."""
+    if execute_at <= now:
+        raise InvalidArgument(f"execute_at {execute_at.isoformat()} is not in the future",
+                              reason="EXECUTION_IN_PAST", metadata={"field": "execute_at"})
+
+
 def notify_at(execute_at: datetime, lead: timedelta) -> datetime:
     """When listeners hear of a conditional campaign: ``lead`` before execution."""
     return execute_at - lead
 
 
 def validate_customer_ids(customer_ids: Sequence[str], *, field: str, limit: int) -> None:
+    """The customers API's id rules (core.customers: 1-128 characters, no control characters),
+    so every target can match a customer, and nothing the database cannot store reaches it."""
     if len(customer_ids) > limit:
         raise InvalidArgument(f"{field} has {len(customer_ids)} entries; at most {limit} per call"
                               " (split it into several calls)", reason="TOO_MANY_ENTRIES",
                               metadata={"field": field, "limit": limit})
     for index, customer_id in enumerate(customer_ids):
-        if not customer_id or len(customer_id) > MAX_CUSTOMER_ID_LENGTH:
-            raise InvalidArgument(f"{field}[{index}]: a customer id is 1-128 characters",
-                                  reason="INVALID_CUSTOMER_ID",
+        if (problem := customer_id_problem(customer_id)) is not None:
+            raise InvalidArgument(f"{field}[{index}]: {problem}", reason="INVALID_CUSTOMER_ID",
                                   metadata={"field": f"{field}[{index}]"})
+
+
+def campaign_not_found(campaign_id: str) -> NotFound:
+    return NotFound(f"no campaign {campaign_id[:100]!r}", reason="CAMPAIGN_NOT_FOUND",
+                    metadata={"campaign_id": campaign_id[:100]})
+
+
+def check_campaign_id_lookup(campaign_id: str) -> None:
+    """A campaign id to look up: one no campaign can have (CAMPAIGN_ID_PATTERN) is NOT_FOUND
+    at once, before it reaches the database, which cannot even take some of them as a
+    parameter (a NUL character)."""
+    if not CAMPAIGN_ID_PATTERN.fullmatch(campaign_id):
+        raise campaign_not_found(campaign_id)
 
 
 def check_targets_open(status: CampaignStatus, campaign_id: str) -> None:

@@ -14,6 +14,8 @@ Decisions:
   bonus windows).
 - Attribute names ``amount`` and ``currency`` are refused: formula filters use them for the
   event's own fields, so such an attribute could never be read.
+- Property and attribute values must not contain NUL (U+0000): jsonb cannot store it
+  (core.text). Other control characters are kept; ids refuse all of them.
 - A batch holds at most 10,000 items; more is INVALID_ARGUMENT (``BATCH_TOO_LARGE``), not
   RESOURCE_EXHAUSTED: it is the request's shape, not a quota, and retrying it never helps.
 """
@@ -30,6 +32,7 @@ from functools import lru_cache
 
 from core.errors import InvalidArgument
 from core.money import parse_decimal
+from core.text import nul_problem
 
 MAX_BATCH = 10_000
 MAX_REPORTED_PROBLEMS = 10
@@ -227,6 +230,8 @@ def _validate_customer(raw: CustomerInput) -> tuple[Customer | None, list[str]]:
                 properties[name] = number
         elif len(value) > MAX_PROPERTY_TEXT:
             problems.append(f"property {name!r} must be at most {MAX_PROPERTY_TEXT} characters")
+        elif (p := nul_problem(value, f"property {name!r}")) is not None:
+            problems.append(p)
         else:
             properties[name] = value
     if problems:
@@ -291,6 +296,8 @@ def _validate_event(raw: EventInput, now: datetime) -> tuple[Event | None, list[
             problems.append(p)
         elif len(raw.attributes[name]) > MAX_ATTRIBUTE_TEXT:
             problems.append(f"attribute {name!r} must be at most {MAX_ATTRIBUTE_TEXT} characters")
+        elif (p := nul_problem(raw.attributes[name], f"attribute {name!r}")) is not None:
+            problems.append(p)
     if problems:
         return None, problems
     assert amount is not None and isinstance(occurred_at, datetime)

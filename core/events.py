@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 from core.errors import InvalidArgument
+from core.secret_box import PREFIX as SEALED_PREFIX
+from core.text import nul_problem
 
 
 class EventType(enum.IntEnum):
@@ -138,6 +140,13 @@ def validate_secret(secret: str, *, field: str = "secret") -> str:
     if not secret.isprintable() or secret != secret.strip():
         raise InvalidArgument(f"{field} must be printable, without leading or trailing spaces",
                               reason="INVALID_SECRET", metadata={"field": field})
+    if secret.startswith(SEALED_PREFIX):
+        # Stored in clear (no encryption key configured), such a value would read as a sealed
+        # one (core.secret_box) and never open: every delivery would fail until DEAD.
+        raise InvalidArgument(
+            f"{field} must not start with {SEALED_PREFIX!r}: that prefix marks an encrypted "
+            "stored secret, so the worker could never sign with it", reason="INVALID_SECRET",
+            metadata={"field": field})
     return secret
 
 
@@ -230,6 +239,8 @@ def validate_description(description: str, *, field: str = "description") -> str
     if len(description) > MAX_DESCRIPTION_LENGTH:
         raise InvalidArgument(f"{field} must be at most {MAX_DESCRIPTION_LENGTH} characters",
                               reason="INVALID_DESCRIPTION", metadata={"field": field})
+    if (problem := nul_problem(description, field)) is not None:
+        raise InvalidArgument(problem, reason="INVALID_DESCRIPTION", metadata={"field": field})
     return description
 
 

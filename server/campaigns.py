@@ -18,7 +18,7 @@ from core.campaigns import CampaignSpec, CampaignStatus
 from core.cap_state import windows
 from core.errors import InvalidArgument
 from core.forecast import forecast
-from core.money import format_decimal
+from core.money import format_decimal, plain
 from core.pagination import decode_page_token, effective_page_size, encode_page_token
 from promo.v1 import campaigns_pb2 as pb
 from promo.v1 import campaigns_pb2_grpc as pb_grpc
@@ -69,18 +69,21 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
         if not message.HasField("execute_at"):
             raise InvalidArgument("execute_at is required", reason="INVALID_TIME",
                                   metadata={"field": "execute_at"})
-        now = self._deps.clock.now()
         spec = domain.validate_campaign(CampaignSpec(
             campaign_id=message.campaign_id, name=message.name,
             execute_at=message.execute_at.ToDatetime(UTC),
             conditional=message.conditional_execution,
-            promotion_codes=tuple(message.promotion_codes)), now=now)
+            promotion_codes=tuple(message.promotion_codes)))
         customer_ids = list(request.customer_ids)
         domain.validate_customer_ids(customer_ids, field="customer_ids",
                                      limit=domain.MAX_TARGETS_PER_CALL)
         jobs: list[tuple[int | None, datetime]] = []
 
         async def work(conn: asyncpg.Connection) -> bytes:
+            # Checked here, on the first run only: a retry after execute_at (a client that lost
+            # the answer) replays the stored answer instead of being refused.
+            now = self._deps.clock.now()
+            domain.check_execution_in_future(spec.execute_at, now)
             promotion_ids = [(await promotions_repo.get(conn, code)).id
                              for code in spec.promotion_codes]
             row = await repo.insert(conn, spec, promotion_ids)
@@ -163,8 +166,13 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             rows = await repo.reconciliation(conn, row.id)
         return pb.GetCampaignReconciliationResponse(promotions=[
             pb.CampaignPromotionReconciliation(
-                promotion_code=r["code"], approved=r["approved"], granted=r["granted"],
-                revoked=r["revoked"], net_amount=format(r["net_amount"].normalize(), "f"))
+                promotion_code=r.promotion_code, approved=r.approved, granted=r.granted,
+                revoked=r.revoked,
+                amounts=[pb.RewardTypeAmount(reward_type=t, amount=format_decimal(plain(a)))
+                         for t, a in r.amounts],
+                # Deprecated single figure: only meaningful for one reward type.
+                net_amount=(format_decimal(plain(r.amounts[0][1])) if len(r.amounts) == 1
+                            else ""))
             for r in rows])
 
 
@@ -197,6 +205,8 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
     async def UpdateCustomerPromotionStatus(
             self, request: pb.UpdateCustomerPromotionStatusRequest,
             context: aio.ServicerContext) -> pb.UpdateCustomerPromotionStatusResponse:
+        # Before run_request_once: the campaign id is part of the idempotency scope.
+        domain.check_campaign_id_lookup(request.campaign_id)
         ids = [s.customer_id for s in request.statuses]
         domain.validate_customer_ids(ids, field="statuses", limit=domain.MAX_STATUSES_PER_CALL)
         flags = [s.approved for s in request.statuses]

@@ -4,6 +4,11 @@ Target groups can hold millions of customers: they are added in chunks with one 
 chunk (unnest), paged by customer id, and approvals are applied per call of up to 10,000 with
 one UPDATE ... FROM unnest. Approvals and execution serialize on the campaign row: approvals
 take it FOR SHARE, execution FOR UPDATE, so no approval lands after the campaign executed.
+
+Approvals only share the campaign row, so several may run at once over the same customers:
+every bulk write to campaign_targets therefore takes its row locks in customer id order (never
+the caller's order), or two calls listing the same customers in opposite orders would each hold
+a row the other waits for and PostgreSQL would abort one of them as a deadlock.
 """
 
 from __future__ import annotations
@@ -11,11 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 import asyncpg
 
-from core.campaigns import CampaignSpec, CampaignStatus
-from core.errors import AlreadyExists, NotFound
+from core.campaigns import (
+    CampaignSpec,
+    CampaignStatus,
+    campaign_not_found,
+    check_campaign_id_lookup,
+)
+from core.errors import AlreadyExists
 
 
 @dataclass(frozen=True)
@@ -73,21 +84,18 @@ async def insert(conn: asyncpg.Connection, spec: CampaignSpec,
 
 
 async def get(conn: asyncpg.Connection, campaign_id: str, *, lock: str = "") -> CampaignRow:
-    """``lock``: "" or "FOR SHARE" / "FOR UPDATE" (of the campaign row only)."""
+    """``lock``: "" or "FOR SHARE" / "FOR UPDATE" (of the campaign row only). An id no campaign
+    can have is NOT_FOUND without a query (check_campaign_id_lookup)."""
+    check_campaign_id_lookup(campaign_id)
     if lock:
         locked = await conn.fetchval(
             f"SELECT id FROM campaigns WHERE campaign_id = $1 {lock}", campaign_id)
         if locked is None:
-            raise _not_found(campaign_id)
+            raise campaign_not_found(campaign_id)
     row = await conn.fetchrow(f"{_SELECT} WHERE c.campaign_id = $1", campaign_id)
     if row is None:
-        raise _not_found(campaign_id)
+        raise campaign_not_found(campaign_id)
     return _from_row(row)
-
-
-def _not_found(campaign_id: str) -> NotFound:
-    return NotFound(f"no campaign {campaign_id!r}", reason="CAMPAIGN_NOT_FOUND",
-                    metadata={"campaign_id": campaign_id})
 
 
 async def get_by_pk(conn: asyncpg.Connection, pk: int, *, lock: str = "") -> CampaignRow | None:
@@ -108,13 +116,14 @@ async def list_page(conn: asyncpg.Connection, *, after: str | None, limit: int,
 
 async def add_targets(conn: asyncpg.Connection, campaign_pk: int,
                       customer_ids: Sequence[str]) -> int:
-    """Add customers (duplicates ignored); returns how many were new."""
+    """Add customers (duplicates ignored); returns how many were new. Inserted in customer id
+    order, so the unique index's locks are taken in the same order as every other writer's."""
     added: int = await conn.fetchval(
         """WITH ins AS (
                INSERT INTO campaign_targets (campaign_id, customer_id)
-               SELECT $1, c FROM unnest($2::text[]) AS c
+               SELECT $1, c FROM unnest($2::text[]) AS c ORDER BY c
                ON CONFLICT DO NOTHING RETURNING 1)
-           SELECT count(*) FROM ins""", campaign_pk, list(customer_ids))
+           SELECT count(*) FROM ins""", campaign_pk, sorted(set(customer_ids)))
     await conn.execute(
         "UPDATE campaigns SET target_count = target_count + $2, update_time = now() "
         "WHERE id = $1", campaign_pk, added)
@@ -131,18 +140,26 @@ async def targets_page(conn: asyncpg.Connection, campaign_pk: int, *, after: str
 
 async def set_statuses(conn: asyncpg.Connection, campaign_pk: int, customer_ids: Sequence[str],
                        approved: Sequence[bool], now: datetime) -> list[str]:
-    """Apply approvals; returns the customer ids that are not in the target group.
-    Within one call the last status given for a customer wins."""
+    """Apply approvals; returns the customer ids that are not in the target group, in the
+    order given. Within one call the last status given for a customer wins.
+
+    The target rows are locked first, in customer id order (SELECT ... ORDER BY ... FOR
+    UPDATE: the lock step runs on the sorted rows), then updated; an UPDATE ... FROM alone
+    locks in whatever order its plan visits the rows, which for a nested loop over the input is
+    the caller's order. Must run inside a transaction (the locks are held until it ends)."""
     last: dict[str, bool] = {}
     for customer_id, flag in zip(customer_ids, approved, strict=True):
         last[customer_id] = flag
-    rows = await conn.fetch(
+    ordered = sorted(last)
+    found = {r["customer_id"] for r in await conn.fetch(
+        """SELECT customer_id FROM campaign_targets
+            WHERE campaign_id = $1 AND customer_id = ANY($2::text[])
+            ORDER BY customer_id FOR UPDATE""", campaign_pk, ordered)}
+    await conn.execute(
         """UPDATE campaign_targets t SET approved = s.approved, status_time = $4
              FROM unnest($2::text[], $3::boolean[]) AS s(customer_id, approved)
-            WHERE t.campaign_id = $1 AND t.customer_id = s.customer_id
-        RETURNING t.customer_id""",
-        campaign_pk, list(last), list(last.values()), now)
-    found = {r["customer_id"] for r in rows}
+            WHERE t.campaign_id = $1 AND t.customer_id = s.customer_id""",
+        campaign_pk, ordered, [last[c] for c in ordered], now)
     return [c for c in last if c not in found]
 
 
@@ -196,24 +213,65 @@ async def eligibility(conn: asyncpg.Connection, campaign_id: str, promotion_id: 
     return "ELIGIBLE"
 
 
-async def reconciliation(conn: asyncpg.Connection, campaign_pk: int) -> list[asyncpg.Record]:
-    """Per promotion of the campaign: approved, granted, revoked counts and granted amounts."""
-    return await conn.fetch(
-        """SELECT p.code,
+@dataclass(frozen=True)
+class PromotionReconciliation:
+    """One promotion of a campaign: who may receive it, its grants, and the value still live.
+
+    ``amounts``: (reward type, value of the live grants) sorted by reward type, for every
+    reward type the promotion grants today or that one of the campaign's grants carries (0 when
+    none of them is live). Per type because values of different reward types (money, free
+    spins, points) never add up; caps count them apart too."""
+
+    promotion_code: str
+    approved: int
+    granted: int
+    revoked: int
+    amounts: tuple[tuple[str, Decimal], ...]
+
+
+async def reconciliation(conn: asyncpg.Connection, campaign_pk: int
+                         ) -> list[PromotionReconciliation]:
+    """Per promotion of the campaign, in the campaign's order."""
+    counts = await conn.fetch(
+        """SELECT p.id, p.code,
                   (SELECT count(*) FROM campaign_targets t WHERE t.campaign_id = c.id
                       AND (t.approved OR NOT c.conditional)) AS approved,
-                  count(DISTINCT g.id) AS granted,
-                  count(DISTINCT g.id) FILTER (WHERE g.status = 'REVOKED') AS revoked,
-                  coalesce(sum((r->>'value')::numeric) FILTER (WHERE g.status = 'GRANTED'), 0)
-                      AS net_amount
+                  count(g.id) AS granted,
+                  count(g.id) FILTER (WHERE g.status = 'REVOKED') AS revoked
              FROM campaigns c
              JOIN campaign_promotions cp ON cp.campaign_id = c.id
              JOIN promotions p ON p.id = cp.promotion_id
              LEFT JOIN grants g ON g.promotion_id = p.id AND g.campaign_key = c.campaign_id
-             LEFT JOIN LATERAL jsonb_array_elements(g.rewards) r ON true
             WHERE c.id = $1
-            GROUP BY p.code, cp.position, c.id, c.conditional
+            GROUP BY p.id, p.code, cp.position, c.id, c.conditional
             ORDER BY cp.position""", campaign_pk)
+    amounts: dict[int, list[tuple[str, Decimal]]] = {}
+    for row in await conn.fetch(
+            """WITH involved AS (
+                   SELECT p.id AS promotion_id, r->>'reward_type' AS reward_type,
+                          NULL::numeric AS value
+                     FROM campaign_promotions cp
+                     JOIN promotions p ON p.id = cp.promotion_id,
+                          jsonb_array_elements(p.rewards) AS r
+                    WHERE cp.campaign_id = $1
+                   UNION ALL
+                   SELECT g.promotion_id, r->>'reward_type',
+                          CASE WHEN g.status = 'GRANTED' THEN (r->>'value')::numeric END
+                     FROM campaign_promotions cp
+                     JOIN campaigns c ON c.id = cp.campaign_id
+                     JOIN grants g ON g.promotion_id = cp.promotion_id
+                                  AND g.campaign_key = c.campaign_id,
+                          jsonb_array_elements(g.rewards) AS r
+                    WHERE cp.campaign_id = $1)
+               SELECT promotion_id, reward_type, coalesce(sum(value), 0) AS amount
+                 FROM involved
+                GROUP BY promotion_id, reward_type
+                ORDER BY promotion_id, reward_type COLLATE "C"
+            """, campaign_pk):
+        amounts.setdefault(row["promotion_id"], []).append((row["reward_type"], row["amount"]))
+    return [PromotionReconciliation(
+        promotion_code=r["code"], approved=r["approved"], granted=r["granted"],
+        revoked=r["revoked"], amounts=tuple(amounts.get(r["id"], ()))) for r in counts]
 
 
 async def forecast_counts(conn: asyncpg.Connection, campaign_pk: int, conditional: bool,

@@ -23,10 +23,11 @@ twice.
 send slots; the worker's on_startup/on_shutdown call them.
 
 Secrets are stored sealed (core/secret_box.py) once a key is configured; each send opens the
-current (and, in its grace period, the previous) secret with the worker's keys. One that no
-configured key opens is never replaced by sending unsigned: the attempt is recorded as a
-retryable failure naming the key id, so the delivery goes out once the key is back (or ends DEAD
-as any failing delivery does).
+current (and, in its grace period, the previous) secret with the worker's keys. A current secret
+that no configured key opens is never replaced by sending unsigned: the attempt is recorded as a
+retryable failure naming the key id, so the delivery goes out once the key is back, or once the
+listener has a new secret (or ends DEAD as any failing delivery does). An unreadable previous
+secret is only left out of the signature, with a warning.
 """
 
 from __future__ import annotations
@@ -133,15 +134,27 @@ def secret_box(ctx: dict[str, Any]) -> SecretBox:
 def _secrets(work: repo.DeliveryWork, box: SecretBox, *, now: datetime,
              grace: timedelta) -> list[str]:
     """The current secret, plus the previous one during the grace period after a rotation,
-    opened. Raises SecretBoxError when one of them does not open."""
+    opened. Raises SecretBoxError when the current one does not open.
+
+    Only the current secret is required. A previous secret no configured key opens is left out
+    (with a warning): rotating to a new secret is the documented way out of a lost key, and the
+    unreadable old value must not block the new one for the whole grace period. A listener
+    still verifying with the old secret then rejects the signature, which it would have to
+    learn about anyway."""
     assert work.secret is not None
     current = box.open(work.secret, purpose=LISTENER_SECRET_PURPOSE)
     keys = [current]
     if (work.previous_secret and work.secret_rotated_at is not None
             and now - work.secret_rotated_at < grace):
-        previous = box.open(work.previous_secret, purpose=LISTENER_SECRET_PURPOSE)
-        if previous != current:
-            keys.append(previous)
+        try:
+            previous = box.open(work.previous_secret, purpose=LISTENER_SECRET_PURPOSE)
+        except SecretBoxError as exc:  # the message names a key id, never the secret
+            log.warning("webhook signed without the listener's previous secret: it cannot be "
+                        "opened", extra={"delivery_id": work.delivery_id,
+                                         "listener_id": work.listener_id, "error": str(exc)})
+        else:
+            if previous != current:
+                keys.append(previous)
     return keys
 
 

@@ -130,13 +130,20 @@ def _answer(customer: pb.CampaignCustomer) -> str:
 
 @app.command()
 def reconciliation(ctx: typer.Context, campaign_id: str, as_json: JsonOpt = False) -> None:
-    """Approved, granted and revoked per promotion of an executed campaign."""
+    """Approved, granted and revoked per promotion of an executed campaign, and the value of the
+    live grants per reward type."""
     response = call(ctx, STUB, "GetCampaignReconciliation",
                     pb.GetCampaignReconciliationRequest(campaign_id=campaign_id))
     if as_json:
         print_json(response)
         return
     show_rows(f"Reconciliation of {campaign_id}",
-              ["promotion", "approved", "granted", "revoked", "net amount"],
-              ([p.promotion_code, p.approved, p.granted, p.revoked, p.net_amount]
+              ["promotion", "approved", "granted", "revoked", "live amounts"],
+              ([p.promotion_code, p.approved, p.granted, p.revoked, _amounts(p)]
                for p in response.promotions))
+
+
+def _amounts(row: pb.CampaignPromotionReconciliation) -> str:
+    """Per reward type ("cashback 15, free_spins 10"): amounts of different reward types are
+    never added up."""
+    return ", ".join(f"{a.reward_type} {a.amount}" for a in row.amounts) or "-"

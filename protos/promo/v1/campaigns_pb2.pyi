@@ -19,6 +19,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _CampaignStatus:
@@ -406,14 +411,36 @@ class CampaignPromotionReconciliation(_message.Message):
     GRANTED_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     NET_AMOUNT_FIELD_NUMBER: _builtins.int
+    AMOUNTS_FIELD_NUMBER: _builtins.int
     promotion_code: _builtins.str
     approved: _builtins.int
     """Customers who may receive it (approved, or the whole group when not conditional)."""
     granted: _builtins.int
     """Grants made with this campaign id (including later revoked ones)."""
     revoked: _builtins.int
-    net_amount: _builtins.str
-    """Value of the grants still live (decimal string)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def net_amount(self) -> _builtins.str:
+        """Deprecated: read amounts. The value of the grants still live (decimal string), set only
+        when exactly one reward type is involved (one entry in amounts); empty otherwise, because
+        values of different reward types (money, free spins, points) do not add up.
+        """
+
+    @net_amount.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def net_amount(self, value: _builtins.str) -> None:
+        """Deprecated: read amounts. The value of the grants still live (decimal string), set only
+        when exactly one reward type is involved (one entry in amounts); empty otherwise, because
+        values of different reward types (money, free spins, points) do not add up.
+        """
+
+    @_builtins.property
+    def amounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardTypeAmount]:
+        """The value of the grants still live, per reward type, sorted by reward type: every reward
+        type the promotion grants, and any other one the campaign's grants carry ("0" when none
+        of them is live).
+        """
+
     def __init__(
         self,
         *,
@@ -422,14 +449,40 @@ class CampaignPromotionReconciliation(_message.Message):
         granted: _builtins.int = ...,
         revoked: _builtins.int = ...,
         net_amount: _builtins.str = ...,
+        amounts: _abc.Iterable[Global___RewardTypeAmount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "granted", b"granted", "net_amount", b"net_amount", "promotion_code", b"promotion_code", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amounts", b"amounts", "approved", b"approved", "granted", b"granted", "net_amount", b"net_amount", "promotion_code", b"promotion_code", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CampaignPromotionReconciliation: _TypeAlias = CampaignPromotionReconciliation  # noqa: Y015
+
+@_typing.final
+class RewardTypeAmount(_message.Message):
+    """RewardTypeAmount is a value in one reward type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWARD_TYPE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    reward_type: _builtins.str
+    amount: _builtins.str
+    """Decimal string."""
+    def __init__(
+        self,
+        *,
+        reward_type: _builtins.str = ...,
+        amount: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "reward_type", b"reward_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardTypeAmount: _TypeAlias = RewardTypeAmount  # noqa: Y015
 
 @_typing.final
 class GetCampaignReconciliationResponse(_message.Message):
