@@ -32,6 +32,7 @@ from core.errors import Aborted, InvalidArgument, NotFound
 from core.money import parse_decimal
 from core.reward_formulas import evaluate_reward
 from core.rewards import Denial, charges_for, decide_values
+from core.text import nul_problem
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import rewards_pb2 as pb
 from promo.v1 import rewards_pb2_grpc as pb_grpc
@@ -88,10 +89,13 @@ def _check_same_request(keys: GrantKeys, rewards: list[dict[str, Any]],
             metadata={"field": "request_id"})
 
 
-def _check_id(value: str, field: str) -> str:
-    if not value or len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(f"{field} is required (1-{MAX_ID_LENGTH} characters)",
-                              reason="INVALID_ID", metadata={"field": field})
+def _check_id(value: str, field: str, *, required: bool = True) -> str:
+    if (required and not value) or len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(
+            f"{field} is {'required' if required else 'optional'} (1-{MAX_ID_LENGTH} characters)",
+            reason="INVALID_ID", metadata={"field": field})
+    if (problem := nul_problem(value, field)) is not None:
+        raise InvalidArgument(problem, reason="INVALID_ID", metadata={"field": field})
     return value
 
 
@@ -116,9 +120,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         _check_id(request.promotion_code, "promotion_code")
         _check_id(request.customer_id, "customer_id")
         validate_request_id(request.request_id)
-        if len(request.campaign_id) > MAX_ID_LENGTH:
-            raise InvalidArgument("campaign_id is at most 128 characters", reason="INVALID_ID",
-                                  metadata={"field": "campaign_id"})
+        _check_id(request.campaign_id, "campaign_id", required=False)
         external: dict[str, Decimal] = {}
         for name, text in request.external_values.items():
             value = parse_decimal(text, field=f"external_values[{name}]")

@@ -253,7 +253,10 @@ async def test_unknown_promotion_and_bad_input(api: Api) -> None:
     await reward_type(api)
     await promotion(api)
     for kwargs, reason in (({"customer": ""}, "INVALID_ID"),
-                           ({"customer": "c", "request_id": ""}, "INVALID_REQUEST_ID")):
+                           ({"customer": "c", "request_id": ""}, "INVALID_REQUEST_ID"),
+                           # PostgreSQL cannot store NUL: refused up front, not INTERNAL
+                           ({"customer": "c\x00d"}, "INVALID_ID"),
+                           ({"customer": "c", "campaign_id": "camp\x00"}, "INVALID_ID")):
         with pytest.raises(grpc.RpcError) as err:
             await get_reward(api, **kwargs)  # type: ignore[arg-type]
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
