@@ -7,16 +7,18 @@ import logging
 import os
 import secrets
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import SecretStr
 from rich.console import Console
+from rich.text import Text
 
-from config.settings import ApiKeyConfig, Settings, load_settings
+from cli.settings_loader import load_settings_or_exit
+from config.settings import MIN_API_KEY_LENGTH, ApiKeyConfig, Settings
 from core.secret_box import generate_key, parse_keys
-from server.logs import configure_logging
 
 app = typer.Typer(help="Promotions and rewards engine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -27,13 +29,15 @@ SECRET_KEY_FILE = "secret-key"
 
 
 def _settings() -> Settings:
-    try:
-        settings = load_settings()
-    except Exception as exc:  # pydantic's message names the setting and the problem
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    configure_logging(settings.log_level, settings.log_format)
-    return settings
+    """Every command that reads the settings goes through here (or, for `promo secrets`,
+    through the same cli.settings_loader): a bad setting is one line each, never a value."""
+    return load_settings_or_exit(console)
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print one plain-text line (paths may hold '[') and give the exit to raise (status 2)."""
+    console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True, highlight=False)
+    return typer.Exit(2)
 
 
 def _warn_if_secrets_in_clear(settings: Settings) -> None:
@@ -75,15 +79,35 @@ def migrate() -> None:
                   else "database is up to date")
 
 
+def _write_key_file(path: Path, key: str) -> None:
+    """Write ``key`` to ``path`` all at once: a temporary file (mode 0600) in the same folder,
+    flushed to disk, then renamed over ``path``. A crash or a full disk leaves either no file
+    or the whole key, never an empty file that would stop every later start."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:  # mkstemp creates the file with mode 0600
+            handle.write(key + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def _local_admin_key(data_dir: Path) -> str:
-    """The admin key of this data folder: created once (mode 0600), reused after."""
+    """The admin key of this data folder: created once (mode 0600), reused after. Raises
+    ValueError (never quoting the content) if the file holds something too short to be a key."""
     path = data_dir / ADMIN_KEY_FILE
     if path.exists():
-        return path.read_text().strip()
+        key = path.read_text().strip()
+        if len(key) < MIN_API_KEY_LENGTH:
+            raise ValueError(f"it holds {len(key)} characters, a key has at least "
+                             f"{MIN_API_KEY_LENGTH}; delete the file and `promo up` creates a "
+                             "new key")
+        return key
     key = "pk_" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
+    _write_key_file(path, key)
     return key
 
 
@@ -96,9 +120,7 @@ def _local_secret_key(data_dir: Path) -> str:
         parse_keys(key)
         return key
     key = generate_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
+    _write_key_file(path, key)
     return key
 
 
@@ -123,7 +145,10 @@ def up() -> None:
             redis = EmbeddedRedis(data_dir)
             overrides["redis_url"] = redis.start()
         if not settings.api_keys:
-            admin_key = _local_admin_key(data_dir)
+            try:
+                admin_key = _local_admin_key(data_dir)
+            except ValueError as exc:
+                raise _fail(f"{data_dir / ADMIN_KEY_FILE} holds no valid key: {exc}") from None
             overrides["api_keys"] = [ApiKeyConfig(name="local-admin", key=admin_key,
                                                   roles=["admin"])]
         local_secret_key = postgres is not None and settings.secret_encryption_keys is None
@@ -131,9 +156,7 @@ def up() -> None:
             try:
                 overrides["secret_encryption_keys"] = SecretStr(_local_secret_key(data_dir))
             except ValueError as exc:
-                console.print(f"[red]{data_dir / SECRET_KEY_FILE} holds no valid key:[/red] "
-                              f"{exc}")
-                raise typer.Exit(2) from exc
+                raise _fail(f"{data_dir / SECRET_KEY_FILE} holds no valid key: {exc}") from None
         effective = settings.model_copy(update=overrides)
         _warn_if_secrets_in_clear(effective)
 

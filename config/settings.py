@@ -21,17 +21,20 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from config.tls_files import check_server_files
 from core.secret_box import SecretBox, parse_keys
 
 ROLES = frozenset({"admin", "runtime", "listener"})
 DEFAULT_UP_METRICS_PORT = 9464  # `promo up`'s metrics endpoint when PROMO_METRICS_PORT is unset
+MIN_API_KEY_LENGTH = 16
 
 
 class ApiKeyConfig(BaseModel):
     """One API key: who it is (name, for logs), what it may do (roles), and the secret.
 
     Give either the plain ``key`` or its ``key_sha256`` (hex), so a config file need not hold the
-    secret itself. Only the hash is kept in memory after loading.
+    secret itself. Only the hash is kept in memory after loading. Error messages name the
+    entry (its name is no secret: it appears in logs) and never the key or its hash.
     """
 
     name: str = Field(min_length=1, max_length=100)
@@ -52,8 +55,9 @@ class ApiKeyConfig(BaseModel):
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError(f"API key {self.name!r}: give exactly one of 'key' or 'key_sha256'")
         if self.key is not None:
-            if len(self.key.get_secret_value()) < 16:
-                raise ValueError(f"API key {self.name!r}: a key must be at least 16 characters")
+            if len(self.key.get_secret_value()) < MIN_API_KEY_LENGTH:
+                raise ValueError(f"API key {self.name!r}: a key must be at least "
+                                 f"{MIN_API_KEY_LENGTH} characters")
             self.key_sha256 = hash_api_key(self.key.get_secret_value())
             self.key = None
         assert self.key_sha256 is not None
@@ -201,12 +205,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
+        """Checks across settings. Their messages name settings and files, never a value:
+        pydantic's own rendering of this error would carry the whole raw input (API keys,
+        SMTP password), which is why the CLI prints only ``loc: msg`` (cli/settings_loader)."""
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both PROMO_TLS_CERT_FILE and PROMO_TLS_KEY_FILE, or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("PROMO_TLS_CLIENT_CA_FILE needs PROMO_TLS_CERT_FILE and KEY_FILE")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("PROMO_DB_POOL_MIN_SIZE must not exceed PROMO_DB_POOL_MAX_SIZE")
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            check_server_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         return self
 
     @property

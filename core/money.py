@@ -6,12 +6,30 @@ crosses the API as a decimal string and becomes a ``Decimal`` here, with a clear
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Context, Decimal, InvalidOperation
 
 from core.errors import InvalidArgument
 
 MAX_DIGITS = 20
 MAX_SCALE = 6
+# What the API calls a decimal: ASCII digits with an optional sign, point and exponent.
+# Python's Decimal() also reads "1_000" and non-ASCII digits ("١٢"); an amount that a person
+# would read differently from the server is refused instead.
+_NON_FINITE = frozenset({"inf", "infinity", "nan", "snan"})
+_DECIMAL_SYNTAX = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def read_decimal(text: str) -> Decimal | None:
+    """The finite decimal ``text`` spells in the API's syntax (surrounding spaces allowed), or
+    None: no bounds are checked here, see parse_decimal."""
+    stripped = text.strip()
+    if not _DECIMAL_SYNTAX.fullmatch(stripped):
+        return None
+    try:
+        return Decimal(stripped)
+    except InvalidOperation:  # pragma: no cover - the syntax check admits only valid text
+        return None
 
 
 def parse_decimal(text: str, *, field: str, allow_negative: bool = False,
@@ -23,13 +41,11 @@ def parse_decimal(text: str, *, field: str, allow_negative: bool = False,
             return None
         raise InvalidArgument(f"{field} is required", reason="MISSING_FIELD",
                               metadata={"field": field})
-    try:
-        value = Decimal(stripped)
-    except InvalidOperation as exc:
-        raise InvalidArgument(f"{field} must be a decimal number such as 10.50, got {text!r}",
-                              reason="INVALID_DECIMAL", metadata={"field": field}) from exc
-    if not value.is_finite():
-        raise InvalidArgument(f"{field} must be a finite number, got {text!r}",
+    value = read_decimal(stripped)
+    if value is None:
+        expected = ("a finite number" if stripped.lstrip("+-").lower() in _NON_FINITE
+                    else "a decimal number such as 10.50")
+        raise InvalidArgument(f"{field} must be {expected}, got {text!r}",
                               reason="INVALID_DECIMAL", metadata={"field": field})
     _, digits, exponent = value.as_tuple()
     assert isinstance(exponent, int)
@@ -53,5 +69,12 @@ def format_decimal(value: Decimal | None) -> str:
 
 
 def plain(value: Decimal) -> Decimal:
-    """The same amount without trailing zeros or exponent (25.000000 -> 25, 7.50 -> 7.5)."""
-    return value.quantize(1) if value == value.to_integral() else value.normalize()
+    """The same amount without trailing zeros or exponent (25.000000 -> 25, 7.50 -> 7.5).
+
+    Every digit is kept: the context is as wide as the value (the default 28-digit one would
+    round 100/3 computed to 34 digits, and fail on integers of more than 28 digits).
+    """
+    exact = Context(prec=max(28, len(value.as_tuple().digits)))
+    if value == value.to_integral_value():
+        return value.quantize(Decimal(1), context=exact)
+    return value.normalize(exact)

@@ -3,6 +3,12 @@
 Why opaque: clients must not build tokens, so the server may change the ordering key later. A
 token remembers the last key of the page and a fingerprint of the filters, so a token used with
 different filters is rejected instead of silently skipping rows.
+
+A token is base64 JSON without a signature, so a client can still decode and edit one. Decoding
+therefore checks the key's shape against what the list expects (its ``key`` kinds: text of at
+most MAX_TEXT_KEY characters that PostgreSQL can store, a 64-bit integer, or an ISO 8601
+instant with a UTC offset): an edited token is INVALID_ARGUMENT INVALID_PAGE_TOKEN, never a
+crash in the query.
 """
 
 from __future__ import annotations
@@ -11,13 +17,20 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from core.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_TEXT_KEY = 1000  # characters; longer than any id or name this server issues tokens for
+_INT64 = range(-(2**63), 2**63)
+
+KeyKind = type[str] | type[int] | type[datetime]
+"""The kind of one part of a list's ordering key: ``str``, ``int`` or ``datetime``."""
 
 
 def effective_page_size(requested: int, *, default: int = DEFAULT_PAGE_SIZE,
@@ -37,7 +50,8 @@ def filters_fingerprint(filters: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class PageCursor:
-    """Where the next page starts: strictly after ``after`` in the list's order."""
+    """Where the next page starts: strictly after ``after`` in the list's order. ``after``
+    holds one value per key kind, of that kind (a ``datetime`` part is an aware datetime)."""
 
     after: list[Any]
     filters: str
@@ -48,8 +62,32 @@ def encode_page_token(after: list[Any], filters: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def decode_page_token(token: str, filters: dict[str, Any]) -> PageCursor | None:
-    """None for the first page; InvalidArgument for a malformed or mismatched token."""
+def _not_ours() -> InvalidArgument:
+    return InvalidArgument("page_token is not a token this server issued",
+                           reason="INVALID_PAGE_TOKEN")
+
+
+def _key_part(value: Any, kind: KeyKind) -> Any:
+    """``value`` checked (and for datetimes parsed) as ``kind``; ValueError if it is not one."""
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in _INT64:
+            raise ValueError("not a 64-bit integer")
+        return value
+    if not isinstance(value, str) or len(value) > MAX_TEXT_KEY or "\x00" in value:
+        raise ValueError("not a storable text")
+    value.encode()  # a lone surrogate (valid JSON "\ud800") is no text PostgreSQL takes
+    if kind is datetime:
+        moment = datetime.fromisoformat(value)
+        if moment.utcoffset() is None:
+            raise ValueError("an instant without a UTC offset")
+        return moment
+    return value
+
+
+def decode_page_token(token: str, filters: dict[str, Any], *,
+                      key: Sequence[KeyKind]) -> PageCursor | None:
+    """None for the first page; InvalidArgument INVALID_PAGE_TOKEN for a malformed token, one
+    whose key does not have the shape ``key`` describes, or one issued for other filters."""
     if not token:
         return None
     try:
@@ -59,14 +97,15 @@ def decode_page_token(token: str, filters: dict[str, Any]) -> PageCursor | None:
         fingerprint = data["f"]
         if not isinstance(after, list) or not isinstance(fingerprint, str):
             raise ValueError("bad shape")
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidArgument(
-            "page_token is not a token this server issued", reason="INVALID_PAGE_TOKEN"
-        ) from exc
+        if len(after) != len(key):
+            raise ValueError("wrong key length")
+        parts = [_key_part(value, kind) for value, kind in zip(after, key, strict=True)]
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        raise _not_ours() from exc
     if fingerprint != filters_fingerprint(filters):
         raise InvalidArgument(
             "page_token was issued for different filters; repeat the request with the same "
             "filters or start again without a page_token",
             reason="INVALID_PAGE_TOKEN",
         )
-    return PageCursor(after=after, filters=fingerprint)
+    return PageCursor(after=parts, filters=fingerprint)

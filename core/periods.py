@@ -166,6 +166,12 @@ class FixedPeriod:
         end = _require_aware(self.end, "end")
         _check_absolute_window(start, end, _fixed_length(start, end))
 
+    @property
+    def time_zone(self) -> str | None:
+        """The IANA zone both ends are given in, whose wall clock measures the length; None
+        for instants with a plain UTC offset (measured in absolute time, i.e. as UTC)."""
+        return _same_zone_key(self.start, self.end)
+
 
 @dataclass(frozen=True)
 class TimeBackPeriod:
@@ -400,9 +406,8 @@ def period_to_dict(p: Period) -> dict[str, object]:
             "start": p.start.isoformat(),
             "end": p.end.isoformat(),
         }
-        key = _same_zone_key(p.start, p.end)
-        if key is not None:
-            out["time_zone"] = key
+        if p.time_zone is not None:
+            out["time_zone"] = p.time_zone
         return out
     if isinstance(p, TimeBackPeriod):
         return {"type": "time_back", "amount": p.amount, "unit": p.unit}

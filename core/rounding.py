@@ -16,6 +16,8 @@ ROUND_DOWN 2.735        0          2
 ROUND_DOWN 5.789        2          5.78
 ROUND_DOWN 5.789        0          5
 MROUND     34.75 (0.1)  1          34.8
+MROUND     34.75 (0.1)  0          34.8
+MROUND     34.75 (0.1)  2          34.80
 MROUND     11 (3)       0          12
 ========== ============ ========== ==========
 
@@ -29,6 +31,10 @@ practice a reward that reaches rounding is positive, negative amounts are skippe
 
 Everything is Decimal: money is never a float. Results are quantized to exactly ``decimals``
 places ("truncated or extended", as the vendor puts it), so 2.7 with 3 decimals is 2.700.
+MROUND is the one exception: its result is a multiple of the factor, shown with
+``max(decimals, decimal places of the factor)`` places, so fewer decimals than the factor has
+never round the multiple a second time (MROUND(34.75, 0.1) is 34.8 whatever ``decimals`` says,
+as in seed 000; with 2 decimals it is written 34.80).
 """
 
 from __future__ import annotations
@@ -159,6 +165,13 @@ def validate_rounding(mode: RoundingMode, decimals: int, factor: Decimal | None)
         )
 
 
+def factor_places(factor: Decimal) -> int:
+    """Decimal places of an MROUND factor, ignoring trailing zeros (0.10 -> 1, 5 -> 0)."""
+    exponent = factor.normalize(Context(prec=max(28, len(factor.as_tuple().digits)))).as_tuple()
+    assert isinstance(exponent.exponent, int)
+    return max(0, -exponent.exponent)
+
+
 def _context_for(value: Decimal, decimals: int) -> Context:
     """A context wide enough that quantizing ``value`` is exact up to the last kept digit.
 
@@ -179,8 +192,8 @@ def apply_rounding(
 
     NONE returns the value unchanged (decimals are still validated, so a bad configuration is
     caught even while rounding is off). MROUND rounds to the nearest multiple of ``factor``
-    (halves away from zero), then quantizes the multiple to ``decimals`` places half away from
-    zero, so MROUND(34.75, 0.1) with 1 decimal is 34.8 and with 2 decimals 34.80.
+    (halves away from zero) and writes it with ``max(decimals, factor_places(factor))`` places,
+    which is exact: MROUND(34.75, 0.1) is 34.8 with 0 or 1 decimals and 34.80 with 2.
     """
     validate_rounding(mode, decimals, factor)
     if not isinstance(value, Decimal) or not value.is_finite():
@@ -198,7 +211,9 @@ def apply_rounding(
                 assert factor is not None  # validate_rounding guarantees it
                 ctx.prec = max(ctx.prec, max(value.adjusted(), 0) - factor.adjusted() + 10)
                 multiples = (value / factor).quantize(Decimal(1), rounding=ROUND_HALF_UP)
-                return (multiples * factor).quantize(exponent, rounding=ROUND_HALF_UP)
+                places = max(decimals, factor_places(factor))
+                ctx.prec += places - decimals
+                return (multiples * factor).quantize(Decimal(1).scaleb(-places))
             return value.quantize(exponent, rounding=_DECIMAL_ROUNDING[mode])
     except DecimalException as exc:  # pragma: no cover - guarded by the sized context
         raise InvalidArgument(

@@ -173,7 +173,8 @@ def _period_pb(period: Period | None) -> fpb.TransactionPeriod | None:
         return None
     if isinstance(period, FixedPeriod):
         return fpb.TransactionPeriod(fixed=fpb.TransactionPeriod.Fixed(
-            start=timestamp(period.start), end=timestamp(period.end)))
+            start=timestamp(period.start), end=timestamp(period.end),
+            time_zone=period.time_zone or ""))
     if isinstance(period, TimeBackPeriod):
         return fpb.TransactionPeriod(time_back=fpb.TransactionPeriod.TimeBack(
             amount=period.amount, unit=_UNITS_PB[period.unit]))
@@ -222,14 +223,8 @@ def result_to_pb(r: repo.ResultRow) -> pb.BonusResult:
 
 
 def _page_before(token: str, filters: dict[str, Any]) -> int | None:
-    cursor = decode_page_token(token, filters)
-    if cursor is None:
-        return None
-    try:
-        return int(cursor.after[0])
-    except (ValueError, TypeError, IndexError) as exc:
-        raise InvalidArgument("page_token is not a token this server issued",
-                              reason="INVALID_PAGE_TOKEN") from exc
+    cursor = decode_page_token(token, filters, key=(int,))
+    return None if cursor is None else int(cursor.after[0])
 
 
 def _check_ids(ids: list[str], field: str, limit: int) -> list[str]:
@@ -350,7 +345,7 @@ class TriggerServicer:
     async def ListBonusRules(self, request: pb.ListBonusRulesRequest,
                              context: aio.ServicerContext) -> pb.ListBonusRulesResponse:
         size = effective_page_size(request.page_size)
-        cursor = decode_page_token(request.page_token, {})
+        cursor = decode_page_token(request.page_token, {}, key=(str,))
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await triggers_repo.list_rules(conn, after_id=after, limit=size + 1)
@@ -416,7 +411,7 @@ class TriggerServicer:
     async def ListBonusSchedules(self, request: pb.ListBonusSchedulesRequest,
                                  context: aio.ServicerContext) -> pb.ListBonusSchedulesResponse:
         size = effective_page_size(request.page_size)
-        cursor = decode_page_token(request.page_token, {})
+        cursor = decode_page_token(request.page_token, {}, key=(str,))
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await triggers_repo.list_schedules(conn, after_id=after, limit=size + 1)
@@ -464,7 +459,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                                    context: aio.ServicerContext
                                    ) -> pb.ListBonusDefinitionsResponse:
         size = effective_page_size(request.page_size)
-        cursor = decode_page_token(request.page_token, {})
+        cursor = decode_page_token(request.page_token, {}, key=(str,))
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await repo.list_definitions(conn, after_id=after, limit=size + 1)

@@ -136,7 +136,8 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             raise InvalidArgument("statuses must not contain CAMPAIGN_STATUS_UNSPECIFIED",
                                   reason="INVALID_ENUM", metadata={"field": "statuses"})
         statuses = sorted({_STATUS_FROM_PB[s].value for s in request.statuses})
-        cursor = decode_page_token(request.page_token, {"statuses": statuses})
+        cursor = decode_page_token(request.page_token, {"statuses": statuses},
+                                   key=(str,))
         async with self._deps.pool.acquire() as conn:
             rows = await repo.list_page(conn, after=str(cursor.after[0]) if cursor else None,
                                         limit=size + 1, statuses=statuses)
@@ -184,7 +185,8 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
             self, request: pb.GetProcessedCampaignCustomersRequest,
             context: aio.ServicerContext) -> pb.GetProcessedCampaignCustomersResponse:
         size = effective_page_size(request.page_size, default=1000, maximum=10_000)
-        cursor = decode_page_token(request.page_token, {"campaign": request.campaign_id})
+        cursor = decode_page_token(request.page_token, {"campaign": request.campaign_id},
+                                   key=(str,))
         async with self._deps.pool.acquire() as conn:
             row = await repo.get(conn, request.campaign_id)
             targets = await repo.targets_page(

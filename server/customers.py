@@ -129,7 +129,7 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
     async def ListCustomers(self, request: pb.ListCustomersRequest,
                             context: aio.ServicerContext) -> pb.ListCustomersResponse:
         size = effective_page_size(request.page_size)
-        cursor = decode_page_token(request.page_token, {})
+        cursor = decode_page_token(request.page_token, {}, key=(str,))
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await customers_repo.list_page(conn, after_id=after, limit=size + 1)
@@ -191,14 +191,8 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
                                       reason="INVALID_KIND", metadata={"field": "kinds"})
         size = effective_page_size(request.page_size)
         filters = {"customer_id": request.customer_id, "kinds": kinds}
-        cursor = decode_page_token(request.page_token, filters)
-        before = None
-        if cursor is not None:
-            try:
-                before = (datetime.fromisoformat(str(cursor.after[0])), int(cursor.after[1]))
-            except (ValueError, IndexError, TypeError) as exc:
-                raise InvalidArgument("page_token is not a token this server issued",
-                                      reason="INVALID_PAGE_TOKEN") from exc
+        cursor = decode_page_token(request.page_token, filters, key=(datetime, int))
+        before = None if cursor is None else (cursor.after[0], cursor.after[1])
         async with self._pool.acquire() as conn:
             if cursor is None:
                 # An unknown customer is NOT_FOUND rather than an empty list (a typo'd id).

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, tzinfo
+from decimal import Decimal
 
 from grpc import aio
 
@@ -24,6 +24,7 @@ from core.periods import (
     RelativeKind,
     RelativePeriod,
     TimeBackPeriod,
+    load_time_zone,
     resolve_period,
 )
 from core.rounding import RoundingMode
@@ -43,25 +44,41 @@ RELATIVE_FROM_PB = {pb.RELATIVE_KIND_LAST_FULL_DAY: RelativeKind.LAST_FULL_DAY,
                     pb.RELATIVE_KIND_LAST_FULL_MONTH: RelativeKind.LAST_FULL_MONTH,
                     pb.RELATIVE_KIND_LAST_WEEKEND: RelativeKind.LAST_WEEKEND,
                     pb.RELATIVE_KIND_TODAY_SO_FAR: RelativeKind.TODAY_SO_FAR}
+_NUMBER_START = frozenset("0123456789+-.")
 _OUTCOMES = {Outcome.AMOUNT: pb.DRY_RUN_OUTCOME_AMOUNT,
              Outcome.TEMPLATE: pb.DRY_RUN_OUTCOME_TEMPLATE,
              Outcome.SKIPPED: pb.DRY_RUN_OUTCOME_SKIPPED}
 
 
+def _bad_variable(index: int, name: str, message: str) -> InvalidArgument:
+    shown = f"variables[{index}]" + (f" ({name!r})" if name else "")
+    return InvalidArgument(f"{shown}: {message}", reason="FORMULA_INVALID",
+                           metadata={"field": f"variables[{index}]", "variable": name})
+
+
 def _variables(messages: list[pb.FormulaVariable]) -> dict[str, VariableValue]:
+    """The request's variables for the compiler. Each name once, and value or per_currency
+    (never both): either mistake would otherwise drop a value silently. A value that starts
+    like a number (a digit, sign or point) is a decimal read by core.money.parse_decimal, so
+    "1_000" is refused rather than read as 1000; any other value is text (a template name)."""
     found: dict[str, VariableValue] = {}
     for index, variable in enumerate(messages):
         field = f"variables[{index}]"
+        if variable.name in found:
+            raise _bad_variable(index, variable.name, "the name is given twice")
         if variable.per_currency:
+            if variable.value:
+                raise _bad_variable(index, variable.name,
+                                    "give value or per_currency, not both")
             found[variable.name] = {
                 code: parse_decimal(text, field=f"{field}.per_currency[{code}]",
                                     allow_negative=True) or Decimal(0)
                 for code, text in variable.per_currency.items()}
+        elif variable.value.strip()[:1] in _NUMBER_START:
+            found[variable.name] = parse_decimal(variable.value, field=f"{field}.value",
+                                                 allow_negative=True) or Decimal(0)
         else:
-            try:
-                found[variable.name] = Decimal(variable.value)
-            except InvalidOperation:
-                found[variable.name] = variable.value
+            found[variable.name] = variable.value
     return found
 
 
@@ -73,7 +90,13 @@ def period_from_pb(message: pb.TransactionPeriod) -> Period:
     """A TransactionPeriod message as the domain's Period (also used by the bonus service)."""
     which = message.WhichOneof("period")
     if which == "fixed":
-        return FixedPeriod(message.fixed.start.ToDatetime(UTC), message.fixed.end.ToDatetime(UTC))
+        # With a zone the ends are wall-clock times there, so the 31-day limit counts local
+        # days (a month across a DST change is 31 days); empty is UTC.
+        zone: tzinfo = UTC
+        if message.fixed.time_zone:
+            zone = load_time_zone(message.fixed.time_zone, field="period.fixed.time_zone")
+        return FixedPeriod(message.fixed.start.ToDatetime(UTC).astimezone(zone),
+                           message.fixed.end.ToDatetime(UTC).astimezone(zone))
     if which == "time_back":
         units = {pb.TIME_UNIT_HOURS: "hours", pb.TIME_UNIT_DAYS: "days"}
         if message.time_back.unit not in units:

@@ -63,8 +63,8 @@ class ServiceInterceptor(aio.ServerInterceptor):
         return _wrap(handler, method, metadata, self)
 
     async def _begin(self, method: str, metadata: tuple[tuple[str, Any], ...],
+                     request_id: str,
                      context: aio.ServicerContext) -> tuple[Principal, dict[str, str]]:
-        request_id = _request_id(metadata)
         ctx = {"request_id": request_id, "method": method, "principal": ANONYMOUS.name}
         call_context.set(ctx)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -73,8 +73,11 @@ class ServiceInterceptor(aio.ServerInterceptor):
         self._auth.authorize(principal, method)
         return principal, ctx
 
-    async def _fail(self, exc: BaseException, method: str, context: aio.ServicerContext,
-                    started: float) -> None:
+    async def _fail(self, exc: BaseException, method: str, request_id: str,
+                    context: aio.ServicerContext, started: float) -> None:
+        """Log the failure and end the call with its status. The status's trailers
+        (grpc-status-details-bin, the google.rpc details) replace the call's trailers, so the
+        x-request-id is added to them: a failed call is the one an operator looks up."""
         if isinstance(exc, DomainError):
             status = domain_status(exc)
             log.info("rpc failed", extra={"code": status.code.name, "reason": exc.reason,
@@ -85,7 +88,9 @@ class ServiceInterceptor(aio.ServerInterceptor):
                                "request id", "INTERNAL")
             log.error("rpc crashed", exc_info=exc, extra={"ms": _ms(started)})
         self._observer.observe(method, status.code, time.perf_counter() - started)
-        await context.abort_with_status(status)
+        await context.abort(status.code, status.details,
+                            trailing_metadata=(*status.trailing_metadata,
+                                               ("x-request-id", request_id)))
 
     def _done(self, method: str, context: aio.ServicerContext, started: float) -> None:
         code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
@@ -106,14 +111,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
 
         async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            request_id = _request_id(metadata)  # known before authentication, for every reply
             try:
-                principal, _ = await icpt._begin(method, metadata, context)
+                principal, _ = await icpt._begin(method, metadata, request_id, context)
                 current_principal.set(principal)
                 response = await inner_uu(request, context)
             except aio.AbortError:
                 raise
             except Exception as exc:
-                await icpt._fail(exc, method, context, started)
+                await icpt._fail(exc, method, request_id, context, started)
                 raise AssertionError("unreachable") from exc
             icpt._done(method, context, started)
             return response
@@ -127,15 +133,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
 
         async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            request_id = _request_id(metadata)  # known before authentication, for every reply
             try:
-                principal, _ = await icpt._begin(method, metadata, context)
+                principal, _ = await icpt._begin(method, metadata, request_id, context)
                 current_principal.set(principal)
                 async for item in inner_us(request, context):
                     yield item
             except aio.AbortError:
                 raise
             except Exception as exc:
-                await icpt._fail(exc, method, context, started)
+                await icpt._fail(exc, method, request_id, context, started)
             icpt._done(method, context, started)
 
         return grpc.unary_stream_rpc_method_handler(
@@ -147,14 +154,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
 
         async def stream_unary(request_iterator: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            request_id = _request_id(metadata)  # known before authentication, for every reply
             try:
-                principal, _ = await icpt._begin(method, metadata, context)
+                principal, _ = await icpt._begin(method, metadata, request_id, context)
                 current_principal.set(principal)
                 response = await inner_su(request_iterator, context)
             except aio.AbortError:
                 raise
             except Exception as exc:
-                await icpt._fail(exc, method, context, started)
+                await icpt._fail(exc, method, request_id, context, started)
                 raise AssertionError("unreachable") from exc
             icpt._done(method, context, started)
             return response
@@ -168,15 +176,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
     async def stream_stream(request_iterator: Any,
                             context: aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        request_id = _request_id(metadata)  # known before authentication, for every reply
         try:
-            principal, _ = await icpt._begin(method, metadata, context)
+            principal, _ = await icpt._begin(method, metadata, request_id, context)
             current_principal.set(principal)
             async for item in inner_ss(request_iterator, context):
                 yield item
         except aio.AbortError:
             raise
         except Exception as exc:
-            await icpt._fail(exc, method, context, started)
+            await icpt._fail(exc, method, request_id, context, started)
         icpt._done(method, context, started)
 
     return grpc.stream_stream_rpc_method_handler(

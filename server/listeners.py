@@ -225,7 +225,7 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
         size = effective_page_size(request.page_size)
         event_type = _event_type(request.event_type, field="event_type", required=False)
         filters = {"event_type": int(event_type) if event_type is not None else None}
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_page_token(request.page_token, filters, key=(int,))
         after = int(cursor.after[0]) if cursor else None
         async with self._deps.pool.acquire() as conn:
             rows = await repo.list_listeners(conn, event_type=filters["event_type"],
@@ -332,7 +332,7 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
         wanted = sorted(set(statuses)) or None
         filters = {"listener_id": listener_id, "event_id": event_id, "statuses": wanted,
                    "event_type": type_number}
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_page_token(request.page_token, filters, key=(int,))
         before = int(cursor.after[0]) if cursor else None
         async with self._deps.pool.acquire() as conn:
             rows = await repo.list_deliveries(

@@ -189,7 +189,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
         lock = (request.lock_after_first_apply if request.HasField("lock_after_first_apply")
                 else None)
         filters = {"search": request.search, "lock": lock}
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_page_token(request.page_token, filters, key=(str,))
         async with self._pool.acquire() as conn:
             rows = await repo.list_promotions(
                 conn, search=request.search, lock_after_first_apply=lock,
@@ -275,7 +275,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
         promotion_id = _promotion_id(request.personalized_promotion_id)
         size = effective_page_size(request.page_size)
         filters = {"promotion": promotion_id}
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_page_token(request.page_token, filters, key=(str,))
         async with self._pool.acquire() as conn:
             promotion = await repo.get_promotion(conn, promotion_id,
                                                  field="personalized_promotion_id")
@@ -315,7 +315,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
             context: aio.ServicerContext) -> pb.ListProductSetDiscountsResponse:
         size = effective_page_size(request.page_size)
         filters = {"promotion": request.personalized_promotion_id}
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_page_token(request.page_token, filters, key=(str,))
         async with self._pool.acquire() as conn:
             rows = await repo.list_discounts(
                 conn, promotion_id=request.personalized_promotion_id,

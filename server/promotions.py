@@ -159,7 +159,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             raise InvalidArgument("statuses and reward_kinds must not contain UNSPECIFIED",
                                   reason="INVALID_ENUM", metadata={"field": "statuses"})
         filters = {"search": request.search, "statuses": statuses, "kinds": kinds}
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_page_token(request.page_token, filters, key=(str,))
         now = self._clock.now()
         async with self._pool.acquire() as conn:
             rows = await repo.list_page(conn, after_code=str(cursor.after[0]) if cursor else None,

@@ -71,7 +71,7 @@ class RewardTypeServicer(pb_grpc.RewardTypeServiceServicer):
     async def ListRewardTypes(self, request: pb.ListRewardTypesRequest,
                               context: aio.ServicerContext) -> pb.ListRewardTypesResponse:
         size = effective_page_size(request.page_size)
-        cursor = decode_page_token(request.page_token, {})
+        cursor = decode_page_token(request.page_token, {}, key=(str,))
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await repo.list_page(conn, after_name=after, limit=size + 1)

@@ -14,9 +14,9 @@ import asyncpg
 import typer
 from rich.console import Console
 
-from config.settings import Settings, load_settings
+from cli.settings_loader import load_settings_or_exit
+from config.settings import Settings
 from core.secret_box import SecretBox
-from server.logs import configure_logging
 from storage.listener_secrets import DEFAULT_BATCH_SIZE, ResealResult, reseal_listener_secrets
 
 app = typer.Typer(help="Webhook listener secrets at rest.", no_args_is_help=True)
@@ -24,13 +24,7 @@ console = Console(stderr=True)
 
 
 def _settings() -> Settings:
-    try:
-        settings = load_settings()
-    except Exception as exc:  # the message names the setting and the problem, never a key
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    configure_logging(settings.log_level, settings.log_format)
-    return settings
+    return load_settings_or_exit(console)  # one line per bad setting, never a value
 
 
 async def _reseal(dsn: str, box: SecretBox, batch_size: int) -> ResealResult:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from core.bonuses.messages import validate_template
@@ -28,6 +28,7 @@ from core.errors import InvalidArgument
 from core.formula import CompiledFormula, ResultOptions, compile_formula
 from core.formula.compiler import FUNCTIONS, KEYWORDS
 from core.formula.model import is_identifier
+from core.money import parse_decimal, read_decimal
 from core.periods import Period, period_from_dict, period_to_dict
 from core.rounding import RoundingMode
 
@@ -137,12 +138,15 @@ def _bad_variable(index: int, name: str, message: str) -> InvalidArgument:
 
 
 def _variable_amount(index: int, name: str, text: str, what: str) -> Decimal:
-    try:
-        amount = Decimal(text.strip())
-    except InvalidOperation:
-        amount = Decimal("NaN")
-    if not text.strip() or not amount.is_finite():
+    """An amount as the API reads every amount (core.money.parse_decimal: ASCII digits, so
+    "1_000" is refused, at most 14 integer digits and 6 decimal places); negatives allowed."""
+    if read_decimal(text) is None:
         raise _bad_variable(index, name, f"{what} must be a decimal number, got {text!r}")
+    try:
+        amount = parse_decimal(text, field=what, allow_negative=True)
+    except InvalidArgument as exc:
+        raise _bad_variable(index, name, exc.message) from exc
+    assert amount is not None
     return amount
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -30,25 +31,54 @@ def test_page_size_defaults_and_limits() -> None:
     assert err.value.reason == "INVALID_PAGE_SIZE"
 
 
-@given(st.lists(st.one_of(st.text(max_size=20), st.integers()), min_size=1, max_size=3))
-def test_page_token_round_trips(after: list[object]) -> None:
+_KEY_PARTS = st.one_of(
+    st.tuples(st.just(str), st.text(st.characters(exclude_categories=("Cs",),
+                                                  exclude_characters="\x00"), max_size=20)),
+    st.tuples(st.just(int), st.integers(min_value=-(2**63), max_value=2**63 - 1)))
+
+
+@given(st.lists(_KEY_PARTS, min_size=1, max_size=3))
+def test_page_token_round_trips(parts: list[tuple[type, object]]) -> None:
+    after = [value for _, value in parts]
+    kinds = tuple(kind for kind, _ in parts)
     cursor = decode_page_token(encode_page_token(after, {"status": "ACTIVE"}),
-                               {"status": "ACTIVE"})
+                               {"status": "ACTIVE"}, key=kinds)
     assert cursor is not None and cursor.after == after
+
+
+def test_a_datetime_key_part_comes_back_as_an_aware_datetime() -> None:
+    moment = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+    cursor = decode_page_token(encode_page_token([moment.isoformat(), 7], {}), {},
+                               key=(datetime, int))
+    assert cursor is not None and cursor.after == [moment, 7]
 
 
 @given(st.text(max_size=60))
 def test_any_garbage_token_is_a_clear_error(token: str) -> None:
     try:
-        decode_page_token(token, {})
+        decode_page_token(token, {}, key=(str,))
     except InvalidArgument as exc:
         assert exc.reason == "INVALID_PAGE_TOKEN"
+
+
+@pytest.mark.parametrize(("after", "kinds"), [
+    ([], (str,)), (["a", "b"], (str,)), ([1], (str,)), (["x" * 1001], (str,)),
+    (["a\x00b"], (str,)), (["\ud800"], (str,)), (["7"], (int,)), ([True], (int,)),
+    ([2**63], (int,)), ([-(2**63) - 1], (int,)), ([1.5], (int,)), ([None], (int,)),
+    (["2026-10-25T00:30:00"], (datetime,)), (["yesterday"], (datetime,)), ([5], (datetime,)),
+])
+def test_an_edited_key_is_an_invalid_page_token(after: list[object],
+                                                 kinds: tuple[type, ...]) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        decode_page_token(encode_page_token(after, {}), {}, key=kinds)
+    assert err.value.reason == "INVALID_PAGE_TOKEN"
+    assert err.value.message == "page_token is not a token this server issued"
 
 
 def test_page_token_with_other_filters_is_rejected() -> None:
     token = encode_page_token(["b"], {"status": "ACTIVE"})
     with pytest.raises(InvalidArgument, match="different filters"):
-        decode_page_token(token, {"status": "DRAFT"})
+        decode_page_token(token, {"status": "DRAFT"}, key=(str,))
 
 
 @pytest.mark.parametrize(("text", "expected"), [("10.50", Decimal("10.50")), (" 7 ", Decimal(7)),

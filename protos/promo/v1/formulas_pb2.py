@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from promo.v1 import promotions_pb2 as promo_dot_v1_dot_promotions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17promo/v1/formulas.proto\x12\x08promo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19promo/v1/promotions.proto\"\xa4\x01\n\x0f\x46ormulaVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12@\n\x0cper_currency\x18\x03 \x03(\x0b\x32*.promo.v1.FormulaVariable.PerCurrencyEntry\x1a\x32\n\x10PerCurrencyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x03\n\x11TransactionPeriod\x12\x32\n\x05\x66ixed\x18\x01 \x01(\x0b\x32!.promo.v1.TransactionPeriod.FixedH\x00\x12\x39\n\ttime_back\x18\x02 \x01(\x0b\x32$.promo.v1.TransactionPeriod.TimeBackH\x00\x12\x38\n\x08relative\x18\x03 \x01(\x0b\x32$.promo.v1.TransactionPeriod.RelativeH\x00\x1a[\n\x05\x46ixed\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a<\n\x08TimeBack\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x05\x12 \n\x04unit\x18\x02 \x01(\x0e\x32\x12.promo.v1.TimeUnit\x1a\x43\n\x08Relative\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.promo.v1.RelativeKind\x12\x11\n\ttime_zone\x18\x02 \x01(\tB\x08\n\x06period\"8\n\x14\x41ggregateDescription\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"V\n\x16ValidateFormulaRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12,\n\tvariables\x18\x02 \x03(\x0b\x32\x19.promo.v1.FormulaVariable\"\xb2\x01\n\x17ValidateFormulaResponse\x12\x18\n\x10language_version\x18\x01 \x01(\x05\x12\x32\n\naggregates\x18\x02 \x03(\x0b\x32\x1e.promo.v1.AggregateDescription\x12\x17\n\x0fproperties_used\x18\x03 \x03(\t\x12\x16\n\x0evariables_used\x18\x04 \x03(\t\x12\x18\n\x10returns_template\x18\x05 \x01(\x08\"\x94\x02\n\x14\x44ryRunFormulaRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12,\n\tvariables\x18\x02 \x03(\x0b\x32\x19.promo.v1.FormulaVariable\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12+\n\x06period\x18\x04 \x01(\x0b\x32\x1b.promo.v1.TransactionPeriod\x12(\n\x08rounding\x18\x05 \x01(\x0e\x32\x16.promo.v1.RoundingMode\x12\x10\n\x08\x64\x65\x63imals\x18\x06 \x01(\x05\x12\x17\n\x0frounding_factor\x18\x07 \x01(\t\x12\x12\n\ncap_amount\x18\x08 \x01(\t\x12\x13\n\x0bmin_allowed\x18\t \x01(\t\"Q\n\x0f\x41ggregateResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\"\x8d\x03\n\x15\x44ryRunFormulaResponse\x12(\n\x07outcome\x18\x01 \x01(\x0e\x32\x17.promo.v1.DryRunOutcome\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x13\n\x0bskip_reason\x18\x04 \x01(\t\x12\x13\n\x0bskip_detail\x18\x05 \x01(\t\x12\x11\n\traw_value\x18\x06 \x01(\t\x12\x1c\n\x14value_after_rounding\x18\x07 \x01(\t\x12\x17\n\x0fvalue_after_cap\x18\x08 \x01(\t\x12\x0e\n\x06\x62ranch\x18\t \x01(\t\x12-\n\naggregates\x18\n \x03(\x0b\x32\x19.promo.v1.AggregateResult\x12\x30\n\x0cwindow_start\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xplanation\x18\r \x01(\t*N\n\x08TimeUnit\x12\x19\n\x15TIME_UNIT_UNSPECIFIED\x10\x00\x12\x13\n\x0fTIME_UNIT_HOURS\x10\x01\x12\x12\n\x0eTIME_UNIT_DAYS\x10\x02*\xd3\x01\n\x0cRelativeKind\x12\x1d\n\x19RELATIVE_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bRELATIVE_KIND_LAST_FULL_DAY\x10\x01\x12 \n\x1cRELATIVE_KIND_LAST_FULL_WEEK\x10\x02\x12!\n\x1dRELATIVE_KIND_LAST_FULL_MONTH\x10\x03\x12\x1e\n\x1aRELATIVE_KIND_LAST_WEEKEND\x10\x04\x12\x1e\n\x1aRELATIVE_KIND_TODAY_SO_FAR\x10\x05*\x87\x01\n\rDryRunOutcome\x12\x1f\n\x1b\x44RY_RUN_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44RY_RUN_OUTCOME_AMOUNT\x10\x01\x12\x1c\n\x18\x44RY_RUN_OUTCOME_TEMPLATE\x10\x02\x12\x1b\n\x17\x44RY_RUN_OUTCOME_SKIPPED\x10\x03\x32\xba\x01\n\x0e\x46ormulaService\x12V\n\x0fValidateFormula\x12 .promo.v1.ValidateFormulaRequest\x1a!.promo.v1.ValidateFormulaResponse\x12P\n\rDryRunFormula\x12\x1e.promo.v1.DryRunFormulaRequest\x1a\x1f.promo.v1.DryRunFormulaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17promo/v1/formulas.proto\x12\x08promo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19promo/v1/promotions.proto\"\xa4\x01\n\x0f\x46ormulaVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12@\n\x0cper_currency\x18\x03 \x03(\x0b\x32*.promo.v1.FormulaVariable.PerCurrencyEntry\x1a\x32\n\x10PerCurrencyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb9\x03\n\x11TransactionPeriod\x12\x32\n\x05\x66ixed\x18\x01 \x01(\x0b\x32!.promo.v1.TransactionPeriod.FixedH\x00\x12\x39\n\ttime_back\x18\x02 \x01(\x0b\x32$.promo.v1.TransactionPeriod.TimeBackH\x00\x12\x38\n\x08relative\x18\x03 \x01(\x0b\x32$.promo.v1.TransactionPeriod.RelativeH\x00\x1an\n\x05\x46ixed\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x1a<\n\x08TimeBack\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x05\x12 \n\x04unit\x18\x02 \x01(\x0e\x32\x12.promo.v1.TimeUnit\x1a\x43\n\x08Relative\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.promo.v1.RelativeKind\x12\x11\n\ttime_zone\x18\x02 \x01(\tB\x08\n\x06period\"8\n\x14\x41ggregateDescription\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"V\n\x16ValidateFormulaRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12,\n\tvariables\x18\x02 \x03(\x0b\x32\x19.promo.v1.FormulaVariable\"\xb2\x01\n\x17ValidateFormulaResponse\x12\x18\n\x10language_version\x18\x01 \x01(\x05\x12\x32\n\naggregates\x18\x02 \x03(\x0b\x32\x1e.promo.v1.AggregateDescription\x12\x17\n\x0fproperties_used\x18\x03 \x03(\t\x12\x16\n\x0evariables_used\x18\x04 \x03(\t\x12\x18\n\x10returns_template\x18\x05 \x01(\x08\"\x94\x02\n\x14\x44ryRunFormulaRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12,\n\tvariables\x18\x02 \x03(\x0b\x32\x19.promo.v1.FormulaVariable\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12+\n\x06period\x18\x04 \x01(\x0b\x32\x1b.promo.v1.TransactionPeriod\x12(\n\x08rounding\x18\x05 \x01(\x0e\x32\x16.promo.v1.RoundingMode\x12\x10\n\x08\x64\x65\x63imals\x18\x06 \x01(\x05\x12\x17\n\x0frounding_factor\x18\x07 \x01(\t\x12\x12\n\ncap_amount\x18\x08 \x01(\t\x12\x13\n\x0bmin_allowed\x18\t \x01(\t\"Q\n\x0f\x41ggregateResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\"\x8d\x03\n\x15\x44ryRunFormulaResponse\x12(\n\x07outcome\x18\x01 \x01(\x0e\x32\x17.promo.v1.DryRunOutcome\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x13\n\x0bskip_reason\x18\x04 \x01(\t\x12\x13\n\x0bskip_detail\x18\x05 \x01(\t\x12\x11\n\traw_value\x18\x06 \x01(\t\x12\x1c\n\x14value_after_rounding\x18\x07 \x01(\t\x12\x17\n\x0fvalue_after_cap\x18\x08 \x01(\t\x12\x0e\n\x06\x62ranch\x18\t \x01(\t\x12-\n\naggregates\x18\n \x03(\x0b\x32\x19.promo.v1.AggregateResult\x12\x30\n\x0cwindow_start\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xplanation\x18\r \x01(\t*N\n\x08TimeUnit\x12\x19\n\x15TIME_UNIT_UNSPECIFIED\x10\x00\x12\x13\n\x0fTIME_UNIT_HOURS\x10\x01\x12\x12\n\x0eTIME_UNIT_DAYS\x10\x02*\xd3\x01\n\x0cRelativeKind\x12\x1d\n\x19RELATIVE_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bRELATIVE_KIND_LAST_FULL_DAY\x10\x01\x12 \n\x1cRELATIVE_KIND_LAST_FULL_WEEK\x10\x02\x12!\n\x1dRELATIVE_KIND_LAST_FULL_MONTH\x10\x03\x12\x1e\n\x1aRELATIVE_KIND_LAST_WEEKEND\x10\x04\x12\x1e\n\x1aRELATIVE_KIND_TODAY_SO_FAR\x10\x05*\x87\x01\n\rDryRunOutcome\x12\x1f\n\x1b\x44RY_RUN_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44RY_RUN_OUTCOME_AMOUNT\x10\x01\x12\x1c\n\x18\x44RY_RUN_OUTCOME_TEMPLATE\x10\x02\x12\x1b\n\x17\x44RY_RUN_OUTCOME_SKIPPED\x10\x03\x32\xba\x01\n\x0e\x46ormulaService\x12V\n\x0fValidateFormula\x12 .promo.v1.ValidateFormulaRequest\x1a!.promo.v1.ValidateFormulaResponse\x12P\n\rDryRunFormula\x12\x1e.promo.v1.DryRunFormulaRequest\x1a\x1f.promo.v1.DryRunFormulaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FORMULAVARIABLE_PERCURRENCYENTRY']._loaded_options = None
   _globals['_FORMULAVARIABLE_PERCURRENCYENTRY']._serialized_options = b'8\001'
-  _globals['_TIMEUNIT']._serialized_start=1778
-  _globals['_TIMEUNIT']._serialized_end=1856
-  _globals['_RELATIVEKIND']._serialized_start=1859
-  _globals['_RELATIVEKIND']._serialized_end=2070
-  _globals['_DRYRUNOUTCOME']._serialized_start=2073
-  _globals['_DRYRUNOUTCOME']._serialized_end=2208
+  _globals['_TIMEUNIT']._serialized_start=1797
+  _globals['_TIMEUNIT']._serialized_end=1875
+  _globals['_RELATIVEKIND']._serialized_start=1878
+  _globals['_RELATIVEKIND']._serialized_end=2089
+  _globals['_DRYRUNOUTCOME']._serialized_start=2092
+  _globals['_DRYRUNOUTCOME']._serialized_end=2227
   _globals['_FORMULAVARIABLE']._serialized_start=98
   _globals['_FORMULAVARIABLE']._serialized_end=262
   _globals['_FORMULAVARIABLE_PERCURRENCYENTRY']._serialized_start=212
   _globals['_FORMULAVARIABLE_PERCURRENCYENTRY']._serialized_end=262
   _globals['_TRANSACTIONPERIOD']._serialized_start=265
-  _globals['_TRANSACTIONPERIOD']._serialized_end=687
+  _globals['_TRANSACTIONPERIOD']._serialized_end=706
   _globals['_TRANSACTIONPERIOD_FIXED']._serialized_start=455
-  _globals['_TRANSACTIONPERIOD_FIXED']._serialized_end=546
-  _globals['_TRANSACTIONPERIOD_TIMEBACK']._serialized_start=548
-  _globals['_TRANSACTIONPERIOD_TIMEBACK']._serialized_end=608
-  _globals['_TRANSACTIONPERIOD_RELATIVE']._serialized_start=610
-  _globals['_TRANSACTIONPERIOD_RELATIVE']._serialized_end=677
-  _globals['_AGGREGATEDESCRIPTION']._serialized_start=689
-  _globals['_AGGREGATEDESCRIPTION']._serialized_end=745
-  _globals['_VALIDATEFORMULAREQUEST']._serialized_start=747
-  _globals['_VALIDATEFORMULAREQUEST']._serialized_end=833
-  _globals['_VALIDATEFORMULARESPONSE']._serialized_start=836
-  _globals['_VALIDATEFORMULARESPONSE']._serialized_end=1014
-  _globals['_DRYRUNFORMULAREQUEST']._serialized_start=1017
-  _globals['_DRYRUNFORMULAREQUEST']._serialized_end=1293
-  _globals['_AGGREGATERESULT']._serialized_start=1295
-  _globals['_AGGREGATERESULT']._serialized_end=1376
-  _globals['_DRYRUNFORMULARESPONSE']._serialized_start=1379
-  _globals['_DRYRUNFORMULARESPONSE']._serialized_end=1776
-  _globals['_FORMULASERVICE']._serialized_start=2211
-  _globals['_FORMULASERVICE']._serialized_end=2397
+  _globals['_TRANSACTIONPERIOD_FIXED']._serialized_end=565
+  _globals['_TRANSACTIONPERIOD_TIMEBACK']._serialized_start=567
+  _globals['_TRANSACTIONPERIOD_TIMEBACK']._serialized_end=627
+  _globals['_TRANSACTIONPERIOD_RELATIVE']._serialized_start=629
+  _globals['_TRANSACTIONPERIOD_RELATIVE']._serialized_end=696
+  _globals['_AGGREGATEDESCRIPTION']._serialized_start=708
+  _globals['_AGGREGATEDESCRIPTION']._serialized_end=764
+  _globals['_VALIDATEFORMULAREQUEST']._serialized_start=766
+  _globals['_VALIDATEFORMULAREQUEST']._serialized_end=852
+  _globals['_VALIDATEFORMULARESPONSE']._serialized_start=855
+  _globals['_VALIDATEFORMULARESPONSE']._serialized_end=1033
+  _globals['_DRYRUNFORMULAREQUEST']._serialized_start=1036
+  _globals['_DRYRUNFORMULAREQUEST']._serialized_end=1312
+  _globals['_AGGREGATERESULT']._serialized_start=1314
+  _globals['_AGGREGATERESULT']._serialized_end=1395
+  _globals['_DRYRUNFORMULARESPONSE']._serialized_start=1398
+  _globals['_DRYRUNFORMULARESPONSE']._serialized_end=1795
+  _globals['_FORMULASERVICE']._serialized_start=2230
+  _globals['_FORMULASERVICE']._serialized_end=2416
 # @@protoc_insertion_point(module_scope)

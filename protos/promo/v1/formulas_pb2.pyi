@@ -152,6 +152,12 @@ class TransactionPeriod(_message.Message):
 
         START_FIELD_NUMBER: _builtins.int
         END_FIELD_NUMBER: _builtins.int
+        TIME_ZONE_FIELD_NUMBER: _builtins.int
+        time_zone: _builtins.str
+        """IANA time zone the dates are meant in, e.g. "Europe/Berlin"; empty means UTC. The
+        31-day limit is measured in this zone's wall-clock time, so 1 October to 1 November in
+        Europe/Berlin is 31 days although the DST change makes it 31 days and 1 hour.
+        """
         @_builtins.property
         def start(self) -> _timestamp_pb2.Timestamp: ...
         @_builtins.property
@@ -161,10 +167,11 @@ class TransactionPeriod(_message.Message):
             *,
             start: _timestamp_pb2.Timestamp | None = ...,
             end: _timestamp_pb2.Timestamp | None = ...,
+            time_zone: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "time_zone", b"time_zone"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
