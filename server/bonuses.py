@@ -37,6 +37,8 @@ from core.bonuses.rules import (
     Qualification,
     Rule,
     Schedule,
+    api_request_key,
+    check_api_request_id,
     check_update_mask,
     compile_filter,
     validate_rule,
@@ -249,10 +251,11 @@ def rule_from_pb(m: pb.BonusRule) -> Rule:
             min_amount=parse_decimal(m.qualification_min_amount,
                                      field="qualification_min_amount", allow_empty=True),
             filters=compile_filter(m.qualification_kind, m.qualification_filter,
-                                   field="qualification_filter"))
-    elif m.qualification_min_amount or m.qualification_filter:
-        raise InvalidArgument("qualification_kind is required with a qualification amount or "
-                              "filter", reason="MISSING_FIELD",
+                                   field="qualification_filter"),
+            currency=m.qualification_currency or None)
+    elif m.qualification_min_amount or m.qualification_filter or m.qualification_currency:
+        raise InvalidArgument("qualification_kind is required with a qualification amount, "
+                              "currency or filter", reason="MISSING_FIELD",
                               metadata={"field": "qualification_kind"})
     return validate_rule(Rule(
         rule_id=m.rule_id, definition_id=m.definition_id, event_kind=m.event_kind,
@@ -271,6 +274,7 @@ def rule_to_pb(r: triggers_repo.RuleRow) -> pb.BonusRule:
         qualification_kind=q.kind if q else "",
         qualification_min_amount=_money(q.min_amount) if q else "",
         qualification_filter=r.qualification_filter,
+        qualification_currency=(q.currency or "") if q else "",
         max_executions=r.rule.max_executions or 0,
         period_mode=_PERIOD_MODE_PB[r.rule.period_mode],
         period_end=timestamp(r.rule.period_end), create_time=timestamp(r.create_time),
@@ -503,6 +507,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                                       context: aio.ServicerContext
                                       ) -> pb.RequestBonusCalculationResponse:
         definition_id = _required_id(request.definition_id, "definition_id")
+        check_api_request_id(request.request_id)  # never a trigger's request key
         customers = _check_ids(list(request.customer_ids), "customer_ids",
                                MAX_CUSTOMERS_PER_REQUEST)
         period = None
@@ -527,7 +532,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                     "it takes no period_start / period_end", reason="INVALID_PERIOD",
                     metadata={"field": "period_start"})
             accepted = await repo.add_requests(
-                conn, row, [repo.NewRequest(c, f"{request.request_id}/{c}", period)
+                conn, row, [repo.NewRequest(c, api_request_key(request.request_id, c), period)
                             for c in customers], now=now, default_window=default_window)
             if accepted.outbox_job_id is not None:
                 jobs.append((accepted.outbox_job_id, accepted.due_at))

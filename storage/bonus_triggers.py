@@ -40,6 +40,8 @@ from core.bonuses.rules import (
     apply_event,
     compile_filter,
     next_run,
+    rule_request_key,
+    schedule_request_key,
 )
 from core.bonuses.schedule_periods import check_schedule_period
 from core.customers import typed_attributes
@@ -76,7 +78,8 @@ def _rule(row: asyncpg.Record) -> RuleRow:
         qualification = Qualification(
             kind=row["qualification_kind"], min_amount=row["qualification_min"],
             filters=compile_filter(row["qualification_kind"], row["qualification_filter"],
-                                   field="qualification.filter"))
+                                   field="qualification.filter"),
+            currency=row["qualification_currency"])
     rule = Rule(rule_id=row["rule_id"], definition_id=row["definition_id"],
                 event_kind=row["event_kind"], every=row["every_n"],
                 filters=compile_filter(row["event_kind"], row["event_filter"], field="filter"),
@@ -100,12 +103,13 @@ async def insert_rule(conn: asyncpg.Connection, rule: Rule, *, event_filter: str
         """INSERT INTO bonus_rules (rule_id, definition_pk, event_kind, event_filter, every_n,
                                     qualification_kind, qualification_min, qualification_filter,
                                     max_executions, period_mode, period_end, active,
-                                    create_time)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                                    create_time, qualification_currency)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
            ON CONFLICT (rule_id) DO NOTHING RETURNING id""",
         rule.rule_id, definition.pk, rule.event_kind, event_filter, rule.every,
         q.kind if q else None, q.min_amount if q else None, qualification_filter,
-        rule.max_executions, rule.period_mode.value, rule.period_end, rule.active, now)
+        rule.max_executions, rule.period_mode.value, rule.period_end, rule.active, now,
+        q.currency if q else None)
     if pk is None:
         raise AlreadyExists(f"bonus rule {rule.rule_id!r} already exists",
                             reason="BONUS_RULE_EXISTS", metadata={"rule_id": rule.rule_id})
@@ -136,11 +140,12 @@ async def update_rule(conn: asyncpg.Connection, pk: int, rule: Rule, *, event_fi
         """UPDATE bonus_rules
               SET definition_pk = $2, event_kind = $3, event_filter = $4, every_n = $5,
                   qualification_kind = $6, qualification_min = $7, qualification_filter = $8,
-                  max_executions = $9, period_mode = $10, period_end = $11, active = $12
+                  max_executions = $9, period_mode = $10, period_end = $11, active = $12,
+                  qualification_currency = $13
             WHERE id = $1""",
         pk, definition.pk, rule.event_kind, event_filter, rule.every, q.kind if q else None,
         q.min_amount if q else None, qualification_filter, rule.max_executions,
-        rule.period_mode.value, rule.period_end, rule.active)
+        rule.period_mode.value, rule.period_end, rule.active, q.currency if q else None)
     if reset_counts:
         await conn.execute(
             """UPDATE bonus_rule_states
@@ -201,8 +206,23 @@ async def on_events_recorded(conn: asyncpg.Connection, kinds: Iterable[str],
         return []
     jobs: list[tuple[int, datetime]] = []
     definitions: dict[str, DefinitionRow] = {}
+
+    async def definition_of(rule: Rule) -> DefinitionRow:
+        if rule.definition_id not in definitions:
+            definitions[rule.definition_id] = await get_definition(conn, rule.definition_id)
+        return definitions[rule.definition_id]
+
+    # A minimum amount without a currency of its own is in each customer's currency.
+    currencies: dict[str, str | None] = {}
+    if any(r.rule.qualification is not None and r.rule.qualification.currency is None
+           and r.rule.qualification.min_amount is not None for r in rule_rows):
+        currencies = {c: k.currency for c, k in (await known_customers(
+            conn, by_customer, properties=False)).items()}
     for rule_row in rule_rows:
         rule = rule_row.rule
+        # A DEFINITION-mode rule stops counting at the end of its definition's fixed dates.
+        period = ((await definition_of(rule)).definition.period
+                  if rule.period_mode is PeriodMode.DEFINITION else None)
         customers = sorted(by_customer)
         await conn.execute(
             """INSERT INTO bonus_rule_states (rule_pk, customer_id)
@@ -216,10 +236,12 @@ async def on_events_recorded(conn: asyncpg.Connection, kinds: Iterable[str],
         for customer_id in customers:
             state = states[customer_id]
             for event in by_customer[customer_id]:
-                state, firing = apply_event(rule, state, event)
+                state, firing = apply_event(rule, state, event,
+                                            customer_currency=currencies.get(customer_id),
+                                            definition_period=period)
                 if firing is not None:
                     requests.append(NewRequest(
-                        customer_id, f"rule:{rule.rule_id}:{firing.number}/{customer_id}",
+                        customer_id, rule_request_key(rule.rule_id, firing.number, customer_id),
                         firing.period))
             await conn.execute(
                 """UPDATE bonus_rule_states
@@ -229,9 +251,7 @@ async def on_events_recorded(conn: asyncpg.Connection, kinds: Iterable[str],
                 rule_row.pk, customer_id, state.accumulated, state.first_event_at,
                 state.last_event_at, state.qualified_at, state.executions, state.fired)
         if requests:
-            if rule.definition_id not in definitions:
-                definitions[rule.definition_id] = await get_definition(conn, rule.definition_id)
-            accepted = await add_requests(conn, definitions[rule.definition_id], requests,
+            accepted = await add_requests(conn, await definition_of(rule), requests,
                                           now=now, default_window=default_window,
                                           source=f"rule:{rule.rule_id}")
             if accepted.outbox_job_id is not None:
@@ -421,7 +441,6 @@ async def _run_schedule(conn: asyncpg.Connection, row: asyncpg.Record, due: Sche
     """Make one run's requests, as of its scheduled time (None: nobody to request for)."""
     run_at = due.next_run_at
     definition = await get_definition(conn, due.schedule.definition_id)
-    key = f"schedule:{due.schedule.schedule_id}:{run_at.isoformat()}"
     targets = list(due.schedule.customer_ids)
     period: tuple[datetime, datetime] | None = None
     if row["campaign_pk"] is not None:
@@ -436,6 +455,7 @@ async def _run_schedule(conn: asyncpg.Connection, row: asyncpg.Record, due: Sche
     if not targets:
         return None
     return await add_requests(
-        conn, definition, [NewRequest(c, f"{key}/{c}", period) for c in targets],
+        conn, definition, [NewRequest(c, schedule_request_key(due.schedule.schedule_id, run_at, c),
+                                      period) for c in targets],
         now=run_at, default_window=default_window,
         source=f"schedule:{due.schedule.schedule_id}")

@@ -597,6 +597,8 @@ def rule_create(
         help="An event of this kind must come first.")] = "",
     qualification_min_amount: Annotated[str, typer.Option(
         help="...with at least this amount.")] = "",
+    qualification_currency: Annotated[str, typer.Option(
+        help="...in this currency (ISO 4217; default: the customer's own).")] = "",
     qualification_filter: Annotated[str, typer.Option(help="...matching this.")] = "",
     max_executions: Annotated[int, typer.Option(
         min=0, help="With a qualification: fire at most N times per qualification.")] = 0,
@@ -620,6 +622,7 @@ def rule_create(
             rule_id=rule_id, definition_id=definition, event_kind=event_kind, filter=filter_,
             every=every, qualification_kind=qualification_kind,
             qualification_min_amount=qualification_min_amount,
+            qualification_currency=qualification_currency,
             qualification_filter=qualification_filter, max_executions=max_executions,
             period_mode=enum_value(pb.RulePeriodMode, "RULE_PERIOD_MODE_",  # type: ignore[arg-type]
                                    period_mode, "--period-mode"))
@@ -655,7 +658,8 @@ def rule_list(ctx: typer.Context, page_size: PageSizeOpt = 50, page_token: PageT
               ([r.rule_id, r.definition_id,
                 r.event_kind + (f" where {r.filter}" if r.filter else ""), r.every,
                 " ".join(p for p in (r.qualification_kind, r.qualification_min_amount and
-                                     f">= {r.qualification_min_amount}") if p),
+                                     f">= {r.qualification_min_amount}",
+                                     r.qualification_currency) if p),
                 enum_name(pb.RulePeriodMode, "RULE_PERIOD_MODE_", r.period_mode).lower(),
                 r.active] for r in items), token)
 
@@ -700,6 +704,8 @@ def rule_update(
         help='An event of this kind must come first ("" for none).')] = None,
     qualification_min_amount: Annotated[str | None, typer.Option(
         help="...with at least this amount.")] = None,
+    qualification_currency: Annotated[str | None, typer.Option(
+        help='...in this currency (ISO 4217; "" for the customer\'s own).')] = None,
     qualification_filter: Annotated[str | None, typer.Option(help="...matching this.")] = None,
     max_executions: Annotated[int | None, typer.Option(
         min=0, help="Fire at most N times per qualification (0: no limit).")] = None,
@@ -717,6 +723,7 @@ def rule_update(
         "definition_id": definition, "event_kind": event_kind, "filter": filter_,
         "every": every, "qualification_kind": qualification_kind,
         "qualification_min_amount": qualification_min_amount,
+        "qualification_currency": qualification_currency,
         "qualification_filter": qualification_filter, "max_executions": max_executions,
         "period_mode": None if period_mode is None else enum_value(
             pb.RulePeriodMode, "RULE_PERIOD_MODE_", period_mode, "--period-mode")}

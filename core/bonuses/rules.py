@@ -6,7 +6,12 @@ events of ``event_kind`` matching ``filters`` fire one calculation request for t
 An optional qualification (e.g. a deposit of at least 100 EUR) must come first; with
 ``max_executions`` the rule fires at most that many times per qualification, after which a new
 qualifying event is needed ("three times, then a new deposit"). Events that arrive while the
-customer is not qualified are not counted.
+customer is not qualified are not counted. The minimum amount is money, so it has a currency:
+the qualification's ``currency`` when set (only events in it qualify: no exchange rates), or
+else the customer's own currency, the way the definitions' per-currency variables resolve: 100
+JPY never meets "at least 100 EUR". Only when neither the rule nor the customer names a currency
+is the amount compared as it is (nothing says which currency is meant; set the rule's currency
+to rule that out).
 
 The transaction period of a rule's request (the seed's table for automation rules):
 
@@ -19,6 +24,17 @@ The transaction period of a rule's request (the seed's table for automation rule
 
 A window longer than 31 days is not refused here (the events have already happened): the batch
 skips such a request with INVALID_PERIOD, the vendor's third failure case.
+
+A rule whose window has a fixed end (the two fixed end modes, or ``DEFINITION`` with a
+definition of fixed dates) stops at that end: an event at or after it neither counts nor
+qualifies (``counting_end``). Otherwise a firing after the end would ask for a window that ends
+before it starts (or, with fixed dates, pay the same window's events again).
+
+Request keys (unique per definition, so a retried call adds nothing): an API request's is
+``<request_id>/<customer>``, a rule firing's ``rule:<rule_id>:<n>/<customer>``, a schedule
+run's ``schedule:<schedule_id>:<run time>/<customer>``. API request ids starting with one of
+the trigger prefixes are refused (``check_api_request_id``), so the three can never meet;
+stored keys keep their format.
 
 Schedule (seed 004: "every Monday, 10% of all deposits made during the weekend"): on a weekday
 (or every day) at a local time in a fixed zone, one request per listed customer, or per customer
@@ -43,9 +59,10 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from core.customers import currency_problem
 from core.errors import InvalidArgument
 from core.formula import EventRecord, Filter, compile_formula, filter_matches
-from core.periods import load_time_zone
+from core.periods import FixedPeriod, Period, load_time_zone
 
 RULE_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 KIND = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
@@ -70,7 +87,7 @@ def _bad(field: str, message: str, reason: str = "INVALID_BONUS_RULE") -> Invali
 # Update masks (BonusRule / BonusSchedule field names): all but ids and output-only fields.
 RULE_UPDATABLE = ("definition_id", "event_kind", "filter", "every", "qualification_kind",
                   "qualification_min_amount", "qualification_filter", "max_executions",
-                  "period_mode", "period_end", "active")
+                  "period_mode", "period_end", "active", "qualification_currency")
 RULE_COUNTING_FIELDS = frozenset({"event_kind", "filter", "every"})
 SCHEDULE_UPDATABLE = ("definition_id", "customer_ids", "campaign_id", "since_campaign_entrance",
                       "weekday", "local_time", "time_zone", "active")
@@ -92,11 +109,47 @@ def check_update_mask(paths: Sequence[str], updatable: Sequence[str]) -> list[st
     return list(dict.fromkeys(paths))
 
 
+# --- request keys ----------------------------------------------------------------------------
+
+RULE_KEY_PREFIX = "rule:"
+SCHEDULE_KEY_PREFIX = "schedule:"
+RESERVED_REQUEST_ID_PREFIXES = (RULE_KEY_PREFIX, SCHEDULE_KEY_PREFIX)
+
+
+def rule_request_key(rule_id: str, firing: int, customer_id: str) -> str:
+    return f"{RULE_KEY_PREFIX}{rule_id}:{firing}/{customer_id}"
+
+
+def schedule_request_key(schedule_id: str, run_at: datetime, customer_id: str) -> str:
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:{run_at.isoformat()}/{customer_id}"
+
+
+def api_request_key(request_id: str, customer_id: str) -> str:
+    """An API request's key; ``request_id`` passed ``check_api_request_id``."""
+    return f"{request_id}/{customer_id}"
+
+
+def check_api_request_id(request_id: str) -> str:
+    """Refuse a RequestBonusCalculation request_id that starts like a trigger's request key:
+    "rule:x:1" would take rule x's first firing's key for every customer it names, and the
+    firing would then add nothing. A key ``<request_id>/...`` starts with a reserved prefix
+    only if the request id does (the '/' comes after it), so this check is enough."""
+    if request_id.startswith(RESERVED_REQUEST_ID_PREFIXES):
+        prefixes = ", ".join(repr(p) for p in RESERVED_REQUEST_ID_PREFIXES)
+        raise InvalidArgument(
+            f"request_id {request_id[:100]!r} starts with a prefix reserved for the requests "
+            f"of automation rules and schedules ({prefixes}); use another request_id",
+            reason="INVALID_REQUEST_ID", metadata={"field": "request_id"})
+    return request_id
+
+
 @dataclass(frozen=True)
 class Qualification:
     kind: str
     min_amount: Decimal | None = None
     filters: tuple[Filter, ...] = ()
+    # ISO 4217: only events in it qualify. None: a min amount is in the customer's currency.
+    currency: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +180,9 @@ def validate_rule(rule: Rule) -> Rule:
             raise _bad("qualification.kind", f"{q.kind!r} is not an event kind", "INVALID_KIND")
         if q.min_amount is not None and q.min_amount < 0:
             raise _bad("qualification.min_amount", "must not be negative")
+        if q.currency is not None and (problem := currency_problem(q.currency,
+                                                                   required=True)):
+            raise _bad("qualification.currency", problem.removeprefix("currency "))
     if rule.max_executions is not None:
         if q is None:
             raise _bad("max_executions", "limits executions per qualification: set a "
@@ -171,9 +227,28 @@ def _matches(filters: Sequence[Filter], event: EventRecord) -> bool:
     return all(filter_matches(f, event) for f in filters)
 
 
-def qualifies(q: Qualification, event: EventRecord) -> bool:
-    return (event.kind == q.kind and (q.min_amount is None or event.amount >= q.min_amount)
+def qualifies(q: Qualification, event: EventRecord, customer_currency: str | None = None
+              ) -> bool:
+    """Whether ``event`` qualifies. Only an event in the qualification's currency does, or
+    else, with a minimum amount, one in the customer's currency (neither known: any)."""
+    if event.kind != q.kind:
+        return False
+    currency = q.currency or (customer_currency if q.min_amount is not None else None)
+    if currency is not None and event.currency != currency:
+        return False
+    return ((q.min_amount is None or event.amount >= q.min_amount)
             and _matches(q.filters, event))
+
+
+def counting_end(rule: Rule, definition_period: Period | None) -> datetime | None:
+    """The instant from which the rule's events no longer count nor qualify: its fixed end
+    date, or in DEFINITION mode the end of the definition's fixed dates (every firing would
+    compute that same window); None when the window moves with the firing."""
+    if rule.period_mode in (PeriodMode.FIRST_TO_FIXED_END, PeriodMode.QUALIFICATION_TO_FIXED_END):
+        return rule.period_end
+    if rule.period_mode is PeriodMode.DEFINITION and isinstance(definition_period, FixedPeriod):
+        return definition_period.end
+    return None
 
 
 def _period(rule: Rule, state: RuleState, last: datetime) -> tuple[datetime, datetime] | None:
@@ -189,12 +264,17 @@ def _period(rule: Rule, state: RuleState, last: datetime) -> tuple[datetime, dat
     return start, rule.period_end
 
 
-def apply_event(rule: Rule, state: RuleState,
-                event: EventRecord) -> tuple[RuleState, Firing | None]:
+def apply_event(rule: Rule, state: RuleState, event: EventRecord, *,
+                customer_currency: str | None = None,
+                definition_period: Period | None = None) -> tuple[RuleState, Firing | None]:
     """The state after ``event`` (events of one customer in time order), and the firing it
-    caused, if any."""
+    caused, if any. ``customer_currency``: the customer's, for a minimum amount without a
+    currency of its own; ``definition_period``: the rule's definition's (see counting_end)."""
+    end = counting_end(rule, definition_period)
+    if end is not None and event.occurred_at >= end:
+        return state, None
     q = rule.qualification
-    if q is not None and qualifies(q, event):
+    if q is not None and qualifies(q, event, customer_currency):
         # A new qualification: the execution limit starts again, the accumulation too.
         state = replace(state, qualified_at=event.occurred_at, executions=0, accumulated=0,
                         first_event_at=None, last_event_at=None)

@@ -171,7 +171,8 @@ async def test_bad_rule_edits_are_refused_and_change_nothing(api: Api) -> None:
         assert error.details() == (
             f"update_mask: {path!r} cannot be updated; updatable fields: definition_id, "
             "event_kind, filter, every, qualification_kind, qualification_min_amount, "
-            "qualification_filter, max_executions, period_mode, period_end, active")
+            "qualification_filter, max_executions, period_mode, period_end, active, "
+            "qualification_currency")
         info = error_info_of(error)
         assert info is not None and info.metadata["path"] == path
     error = await refused("limit", "max_executions", max_executions=3)

@@ -1130,6 +1130,7 @@ class BonusRule(_message.Message):
     PERIOD_END_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_CURRENCY_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     """1-64 of a-z 0-9 _ . - (immutable)."""
     definition_id: _builtins.str
@@ -1150,6 +1151,11 @@ class BonusRule(_message.Message):
     period_mode: Global___RulePeriodMode.ValueType
     active: _builtins.bool
     """Output only on create (a new rule is active); changed with UpdateBonusRule."""
+    qualification_currency: _builtins.str
+    """Optional ISO 4217 code: only qualification events in this currency qualify, and
+    qualification_min_amount is in it ("a deposit of at least 100 EUR"). Empty: the minimum
+    amount is in each customer's own currency (compared as it is for a customer without one).
+    """
     @_builtins.property
     def period_end(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1172,10 +1178,11 @@ class BonusRule(_message.Message):
         period_end: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         active: _builtins.bool = ...,
+        qualification_currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period_end", b"period_end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "definition_id", b"definition_id", "event_kind", b"event_kind", "every", b"every", "filter", b"filter", "max_executions", b"max_executions", "period_end", b"period_end", "period_mode", b"period_mode", "qualification_filter", b"qualification_filter", "qualification_kind", b"qualification_kind", "qualification_min_amount", b"qualification_min_amount", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "definition_id", b"definition_id", "event_kind", b"event_kind", "every", b"every", "filter", b"filter", "max_executions", b"max_executions", "period_end", b"period_end", "period_mode", b"period_mode", "qualification_currency", b"qualification_currency", "qualification_filter", b"qualification_filter", "qualification_kind", b"qualification_kind", "qualification_min_amount", b"qualification_min_amount", "rule_id", b"rule_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
