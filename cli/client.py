@@ -14,13 +14,16 @@ Where the connection comes from (flags of each sub-app, else the environment):
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
+import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 
 import grpc
 import typer
@@ -32,7 +35,10 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADMIN_KEY_FILE = "admin-api-key"  # the file `promo up` writes (cli/main.py)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
 M = TypeVar("M", bound=Message)
+R = TypeVar("R")
 
 
 @dataclass
@@ -141,17 +147,43 @@ def describe_error(exc: grpc.RpcError) -> str:
     return f"{name}: {text}" + (f" ({reason})" if reason else "")
 
 
-def call(ctx: typer.Context, stub_class: Callable[[grpc.Channel], Any], method: str,
+def send(ctx: typer.Context, stub_class: Callable[[grpc.Channel], Any], method: str,
          request: Message) -> Any:
-    """Call ``stub_class(channel).method(request)``; a failure exits 1 with one clean line."""
+    """Call ``stub_class(channel).method(request)``; a failure raises the ``grpc.RpcError``
+    (for a caller that must say more than the server could, see :func:`batch_failure`)."""
     conn = ctx.find_object(Connection)
     if conn is None:  # a command invoked without its group's callback (not via the CLI)
         conn = Connection(api_key=local_admin_key())
     stub = stub_class(conn.channel())
+    return getattr(stub, method)(request, metadata=conn.metadata(), timeout=conn.timeout)
+
+
+def call(ctx: typer.Context, stub_class: Callable[[grpc.Channel], Any], method: str,
+         request: Message) -> Any:
+    """Call ``stub_class(channel).method(request)``; a failure exits 1 with one clean line."""
     try:
-        return getattr(stub, method)(request, metadata=conn.metadata(), timeout=conn.timeout)
+        return send(ctx, stub_class, method, request)
     except grpc.RpcError as exc:
         fail(describe_error(exc))
+
+
+def batch_failure(exc: grpc.RpcError, *, field: str, names: Sequence[str],
+                  written: str | None) -> str:
+    """The line for a failed call of an upload sent in several calls.
+
+    The server numbers items within the call (``events[3]``) and says "nothing was written",
+    true of that call only. ``names[i]`` is how the operator finds the call's item ``i`` in
+    the file (``events[10003]``, a file line); ``written`` (None for the first call) says what
+    earlier calls wrote and replaces the server's claim."""
+
+    def rename(match: re.Match[str]) -> str:
+        index = int(match[1])
+        return names[index] if index < len(names) else match[0]
+
+    text = re.sub(rf"\b{re.escape(field)}\[(\d+)\]", rename, describe_error(exc))
+    if written is None:
+        return text
+    return text.replace(", nothing was written:", ":") + f"; {written}"
 
 
 def pages(ctx: typer.Context, stub_class: Callable[[grpc.Channel], Any], method: str,
@@ -169,6 +201,36 @@ def pages(ctx: typer.Context, stub_class: Callable[[grpc.Channel], Any], method:
 def request_id(given: str | None) -> str:
     """The request id of a mutating call: the operator's (to retry safely), else a fresh one."""
     return given or f"cli-{uuid.uuid4().hex}"
+
+
+def derived_request_id(prefix: str, content: bytes, **options: object) -> str:
+    """The request id of an upload from a file: a digest of the file's bytes and of every
+    option that changes the requests (the promotion, a default, a flag). The same command on
+    the same file is the same request (a re-run after a failure continues where it stopped);
+    another promotion or option is another request, not REQUEST_ID_REUSED."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    digest.update(b"\0")
+    digest.update(content)
+    return f"{prefix}-{digest.hexdigest()[:32]}"
+
+
+def int32(value: int, option: str) -> int:
+    """``value`` for an int32 field of a request, or exit 1 naming ``option`` (protobuf would
+    raise ValueError while the message is built)."""
+    if not INT32_MIN <= value <= INT32_MAX:
+        fail(f"{option}: {value} is out of range (at most {INT32_MAX})")
+    return value
+
+
+def read_csv(path: Path, read: Callable[[TextIO], Iterable[R]]) -> list[R]:
+    """Every row of a CSV file, read by ``read`` (``csv.reader`` or ``csv.DictReader``); exit 1
+    when it cannot be read. utf-8-sig: spreadsheets save "CSV UTF-8" with a byte order mark,
+    which would otherwise become part of the first header or value."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return list(read(handle))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        fail(f"cannot read {path}: {exc}")
 
 
 def to_dict(message: Message) -> dict[str, Any]:
@@ -212,7 +274,7 @@ def enum_name(enum: Any, prefix: str, value: int) -> str:
 
 def load_json_file(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is not JSON
     except (OSError, ValueError) as exc:
         fail(f"cannot read {path}: {exc}")
 

@@ -377,9 +377,15 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
 
         async def work(conn: asyncpg.Connection) -> bytes:
             await repo.ensure_customers(conn, [customer_id], field="customer_id")
-            promotion = await repo.get_promotion(conn, promotion_id,
-                                                 field="personalized_promotion_id")
+            # An unknown promotion is reported before a missing list.
+            await repo.get_promotion(conn, promotion_id, field="personalized_promotion_id")
             current = await repo.customer_list(conn, customer_id, promotion_id, for_update=True)
+            # Read again FOR SHARE once the list row is ours (waiting for it may take a while):
+            # the maximum checked is the one committed now, and UpdatePersonalizedPromotion
+            # (FOR UPDATE) waits for this selection before it counts the customers' choices.
+            # The list row first, then the promotion: the order delete_promotion locks in too.
+            promotion = await repo.get_promotion(conn, promotion_id, for_share=True,
+                                                 field="personalized_promotion_id")
             updated = domain.select(promotion, current, request.product_ids)
             if updated != current:
                 await repo.save_lists(conn, [updated])

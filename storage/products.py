@@ -54,8 +54,11 @@ async def insert_promotion(conn: asyncpg.Connection,
 
 
 async def get_promotion(conn: asyncpg.Connection, backend_id: str, *, for_update: bool = False,
+                        for_share: bool = False,
                         field: str = "backend_id") -> PersonalizedPromotion:
-    lock = " FOR UPDATE" if for_update else ""
+    """The promotion; ``for_update`` locks it to change it, ``for_share`` keeps it from changing
+    until the transaction ends (a selection checked against its maximum)."""
+    lock = " FOR UPDATE" if for_update else " FOR SHARE" if for_share else ""
     row = await conn.fetchrow(
         f"SELECT {_PROMOTION_COLUMNS} FROM personalized_promotions WHERE backend_id = $1{lock}",
         backend_id)
@@ -101,7 +104,13 @@ async def largest_choice(conn: asyncpg.Connection, backend_id: str) -> int:
 
 
 async def delete_promotion(conn: asyncpg.Connection, backend_id: str) -> int:
-    """Delete the promotion and its lists; returns how many lists went with it."""
+    """Delete the promotion and its lists; returns how many lists went with it.
+
+    The lists are locked before the promotion, the order SelectProducts takes them in, so a
+    selection in flight makes the delete wait instead of deadlocking with it."""
+    await conn.execute(
+        """SELECT 1 FROM customer_product_lists WHERE promotion_id = $1
+            ORDER BY customer_id FOR UPDATE""", backend_id)
     await get_promotion(conn, backend_id, for_update=True)
     users = await conn.fetch(
         """SELECT DISTINCT discount_id FROM product_set_discount_sets

@@ -349,7 +349,7 @@ def update(
 def _read_ids(file: Path) -> list[str]:
     """Customer ids, one a line (the first column of a CSV; a `customer_id` header is skipped)."""
     try:
-        lines = file.read_text().splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's BOM
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {file}: {exc}")
     ids = [line.split(",")[0].strip() for line in lines]

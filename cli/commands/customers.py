@@ -4,23 +4,27 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 
 from cli.client import (
+    batch_failure,
     call,
     connection_callback,
+    derived_request_id,
     fail,
     load_json_file,
     pages,
     parse_message,
     parse_pairs,
     print_json,
+    read_csv,
     request_id,
+    send,
     to_dict,
 )
 from cli.options import AllOpt, JsonOpt, PageSizeOpt, PageTokenOpt, RequestIdOpt
@@ -125,11 +129,7 @@ def _read_events(path: Path) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             fail(f"{path}: expected a JSON list of events")
         return data
-    try:
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, csv.Error, UnicodeDecodeError) as exc:
-        fail(f"cannot read {path}: {exc}")
+    rows = read_csv(path, csv.DictReader)
     events = []
     for row in rows:
         event: dict[str, Any] = {k: v for k, v in row.items() if k in EVENT_COLUMNS and v}
@@ -150,22 +150,38 @@ def record_events(
     create_missing: Annotated[bool, typer.Option(
         "--create-missing", help="Create customers the server does not know.")] = False,
     request: Annotated[str | None, typer.Option(
-        "--request-id", help="Idempotency key (default: derived from the file's content, so "
-                             "sending the same file again changes nothing).")] = None,
+        "--request-id", help="Idempotency key (default: derived from the file's content and "
+                             "--create-missing, so sending the same file again changes "
+                             "nothing).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Record events in batches of 10,000 (duplicates by external_id are counted, not added)."""
+    """Record events in batches of 10,000 (duplicates by external_id are counted, not added).
+
+    When a batch is refused, the error names the file's positions (events[10000] is the
+    10,001st event) and how many events earlier batches recorded; running the same command
+    again continues (recorded events count as duplicates)."""
     raw = _read_events(file)
     if not raw:
         fail(f"{file} has no events")
     events = [parse_message(item, pb.Event(), f"{file} event {i + 1}")
               for i, item in enumerate(raw)]
-    base = request or "events-" + hashlib.sha256(file.read_bytes()).hexdigest()[:32]
+    base = request or derived_request_id("events", file.read_bytes(),
+                                         create_missing=create_missing)
     totals = {"inserted_count": 0, "duplicate_count": 0, "created_customer_count": 0}
     for number, start in enumerate(range(0, len(events), BATCH)):
-        response = call(ctx, STUB, "RecordEvents", pb.RecordEventsRequest(
-            request_id=request_id(f"{base}-{number}"), events=events[start:start + BATCH],
-            create_missing_customers=create_missing))
+        try:
+            response = send(ctx, STUB, "RecordEvents", pb.RecordEventsRequest(
+                request_id=f"{base}-{number}", events=events[start:start + BATCH],
+                create_missing_customers=create_missing))
+        except grpc.RpcError as exc:
+            fail(batch_failure(
+                exc, field="events", names=[f"events[{start + i}]" for i in range(BATCH)],
+                written=None if number == 0 else (
+                    f"events[0] to events[{start - 1}] went in {number} earlier call(s) and "
+                    f"were recorded ({totals['inserted_count']:,} new, "
+                    f"{totals['duplicate_count']:,} duplicates), events from events[{start}] on "
+                    "were not; run the same command again to continue (recorded events count "
+                    "as duplicates)")))
         totals["inserted_count"] += response.inserted_count
         totals["duplicate_count"] += response.duplicate_count
         totals["created_customer_count"] += response.created_customer_count

@@ -5,26 +5,31 @@ file), a customer's view and selection, product-set discounts, and basket evalua
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 from google.protobuf.field_mask_pb2 import FieldMask
 from rich.text import Text
 
 from cli.client import (
+    batch_failure,
     call,
     connection_callback,
+    derived_request_id,
     enum_name,
     fail,
+    int32,
     load_json_file,
     pages,
     parse_message,
     print_json,
+    read_csv,
     request_id,
+    send,
     to_dict,
 )
 from cli.options import AllOpt, JsonOpt, PageSizeOpt, PageTokenOpt, RequestIdOpt
@@ -113,7 +118,8 @@ def create(
             fail("give BACKEND_ID and --name, or --file with the promotion as JSON")
         promotion = pb.PersonalizedPromotion(
             backend_id=backend_id, name=name or "", description=description or "",
-            max_distinct_products=max_distinct or 0, lock_after_first_apply=bool(lock))
+            max_distinct_products=int32(max_distinct or 0, "--max-distinct"),
+            lock_after_first_apply=bool(lock))
     response = call(ctx, STUB, "CreatePersonalizedPromotion",
                     pb.CreatePersonalizedPromotionRequest(
                         request_id=request_id(request), personalized_promotion=promotion))
@@ -173,7 +179,9 @@ def update(
 ) -> None:
     """Change the given fields of a personalized promotion."""
     promotion = pb.PersonalizedPromotion(backend_id=backend_id)
-    values = {"name": name, "description": description, "max_distinct_products": max_distinct,
+    values = {"name": name, "description": description,
+              "max_distinct_products": None if max_distinct is None
+              else int32(max_distinct, "--max-distinct"),
               "lock_after_first_apply": lock}
     paths = [path for path in FIELDS if values[path] is not None]
     if not paths:
@@ -204,7 +212,7 @@ def delete(ctx: typer.Context, backend_id: str, request: RequestIdOpt = None,
 # --- product lists ------------------------------------------------------------------------------
 
 
-Assignment = tuple[str, tuple[str, ...], str]  # customer, products, default product
+Assignment = tuple[str, tuple[str, ...], str, str]  # customer, products, default, where (an error)
 
 
 def _read_assignments(path: Path, default: str) -> list[Assignment]:
@@ -222,22 +230,18 @@ def _read_assignments(path: Path, default: str) -> list[Assignment]:
                     or not all(isinstance(p, str) for p in products):
                 fail(f"{path} item {number}: give customer_id and a list of product_ids")
             rows.append((item["customer_id"], tuple(products),
-                         str(item.get("default_product_id") or default)))
+                         str(item.get("default_product_id") or default),
+                         f"{path.name} item {number}"))
         return rows
-    try:
-        with path.open(newline="") as handle:
-            lines = list(csv.reader(handle))
-    except (OSError, csv.Error, UnicodeDecodeError) as exc:
-        fail(f"cannot read {path}: {exc}")
     rows = []
-    for number, cells in enumerate(lines, start=1):
+    for number, cells in enumerate(read_csv(path, csv.reader), start=1):
         cells = [c.strip() for c in cells]
         if not any(cells) or (number == 1 and cells[0] == "customer_id"):
             continue
         products = tuple(c for c in cells[1:] if c)
         if not cells[0] or not products:
             fail(f"{path} line {number}: give customer_id,product_id[,product_id...]")
-        rows.append((cells[0], products, default))
+        rows.append((cells[0], products, default, f"{path.name} line {number}"))
     return rows
 
 
@@ -257,32 +261,50 @@ def assign(
              "{customer_id, product_ids, default_product_id}.")] = None,
     request: Annotated[str | None, typer.Option(
         "--request-id", help="Idempotency key (default: a fresh one, or for --file one derived "
-                             "from the file's content).")] = None,
+                             "from the file's content, the promotion and --default).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Give customers product lists (replacing the ones they had in the promotion)."""
+    """Give customers product lists (replacing the ones they had in the promotion).
+
+    Lists go in calls of up to 10,000 customers sharing the same list. When a call is refused,
+    the error names the file line of a customer it cites and what earlier calls assigned;
+    running the same command again continues."""
     if file is not None:
         if customer or product:
             fail("give either --file or --customer/--product, not both")
         rows = _read_assignments(file, default)
         if not rows:
             fail(f"{file} has no product lists")
-        base = request or "lists-" + hashlib.sha256(file.read_bytes()).hexdigest()[:32]
+        base = request or derived_request_id("lists", file.read_bytes(), promotion=promotion,
+                                             default=default)
     else:
         if not customer or not product:
             fail("give --customer and --product (repeat them), or --file")
-        rows = [(c, tuple(product), default) for c in customer]
+        rows = [(c, tuple(product), default, f"--customer {number}")
+                for number, c in enumerate(customer, start=1)]
         base = request_id(request)
-    groups: dict[tuple[tuple[str, ...], str], list[str]] = {}
-    for customer_id, products, default_product in rows:
-        groups.setdefault((products, default_product), []).append(customer_id)
+    groups: dict[tuple[tuple[str, ...], str], list[tuple[str, str]]] = {}
+    for customer_id, products, default_product, where in rows:
+        groups.setdefault((products, default_product), []).append((customer_id, where))
     created = replaced = calls = 0
-    for (products, default_product), ids in groups.items():
-        for start in range(0, len(ids), BATCH):
-            response = call(ctx, STUB, "AssignProductLists", pb.AssignProductListsRequest(
-                request_id=base if calls == 0 and file is None else f"{base}-{calls}",
-                personalized_promotion_id=promotion, customer_ids=ids[start:start + BATCH],
-                product_ids=products, default_product_id=default_product))
+    for (products, default_product), members in groups.items():
+        for start in range(0, len(members), BATCH):
+            batch = members[start:start + BATCH]
+            try:
+                response = send(ctx, STUB, "AssignProductLists", pb.AssignProductListsRequest(
+                    request_id=base if calls == 0 and file is None else f"{base}-{calls}",
+                    personalized_promotion_id=promotion,
+                    customer_ids=[customer_id for customer_id, _ in batch],
+                    product_ids=products, default_product_id=default_product))
+            except grpc.RpcError as exc:
+                fail(batch_failure(
+                    exc, field="customer_ids",
+                    names=[f"customer_ids[{i}] ({where})" for i, (_, where) in enumerate(batch)],
+                    written=None if calls == 0 else (
+                        f"{calls} earlier call(s) assigned lists ({created} created, "
+                        f"{replaced} replaced); the lists of this call and later ones were not "
+                        "assigned; run the same command again to continue (a list assigned "
+                        "again stays as it is)")))
             created += response.created_count
             replaced += response.replaced_count
             calls += 1
@@ -295,11 +317,7 @@ def assign(
 
 
 def _read_customer_ids(path: Path) -> list[str]:
-    try:
-        with path.open(newline="") as handle:
-            lines = list(csv.reader(handle))
-    except (OSError, csv.Error, UnicodeDecodeError) as exc:
-        fail(f"cannot read {path}: {exc}")
+    lines = read_csv(path, csv.reader)
     ids = [cells[0].strip() for cells in lines if cells and cells[0].strip()]
     return ids[1:] if ids and ids[0] == "customer_id" else ids
 
@@ -313,19 +331,39 @@ def remove(
     file: Annotated[Path | None, typer.Option(
         "--file", "-f", exists=True, dir_okay=False,
         help="Customer ids, one a line (the first column of a CSV).")] = None,
-    request: RequestIdOpt = None,
+    request: Annotated[str | None, typer.Option(
+        "--request-id", help="Idempotency key (default: a fresh one, or for --file one derived "
+                             "from the file's content, the promotion and the CUSTOMER_IDS).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Take customers out of a personalized promotion (their list and selection go)."""
+    """Take customers out of a personalized promotion (their list and selection go).
+
+    Customers go in calls of up to 10,000; when a call is refused, the error names positions in
+    the whole list (CUSTOMER_IDS, then the file's) and what earlier calls removed."""
     ids = list(customers or []) + (_read_customer_ids(file) if file is not None else [])
     if not ids:
         fail("give CUSTOMER_IDS or --file")
-    base = request_id(request)
+    if file is not None:
+        base = request or derived_request_id("remove", file.read_bytes(), promotion=promotion,
+                                             customers=list(customers or []))
+    else:
+        base = request_id(request)
     removed = 0
     for number, start in enumerate(range(0, len(ids), BATCH)):
-        response = call(ctx, STUB, "RemoveProductLists", pb.RemoveProductListsRequest(
-            request_id=base if number == 0 else f"{base}-{number}",
-            personalized_promotion_id=promotion, customer_ids=ids[start:start + BATCH]))
+        try:
+            response = send(ctx, STUB, "RemoveProductLists", pb.RemoveProductListsRequest(
+                request_id=base if number == 0 else f"{base}-{number}",
+                personalized_promotion_id=promotion, customer_ids=ids[start:start + BATCH]))
+        except grpc.RpcError as exc:
+            fail(batch_failure(
+                exc, field="customer_ids",
+                names=[f"customer_ids[{start + i}]" for i in range(BATCH)],
+                written=None if number == 0 else (
+                    f"customer_ids[0] to customer_ids[{start - 1}] went in {number} earlier "
+                    f"call(s), which removed {removed} product list(s); the rest were not "
+                    "removed; run the same command again to continue (removing again changes "
+                    "nothing)")))
         removed += response.removed_count
     if as_json:
         typer.echo(json.dumps({"removed_count": removed}, indent=2))
@@ -534,7 +572,8 @@ def _lines(file: Path | None, lines: list[str] | None) -> list[pb.BasketLine]:
         if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
             fail(f"--line takes PRODUCT:QUANTITY:UNIT_PRICE (e.g. espresso:2:7.99), got "
                  f"{text!r}")
-        parsed.append(pb.BasketLine(product_id=parts[0], quantity=int(parts[1]),
+        parsed.append(pb.BasketLine(product_id=parts[0],
+                                    quantity=int32(int(parts[1]), f"--line {text}: quantity"),
                                     unit_price=parts[2]))
     return parsed
 

@@ -5,7 +5,10 @@ Rules (documented in docs/products.md):
   the units a discount uses (to qualify or to be discounted) are not available to later ones.
 - Within a discount, the sets that do not get the discount are matched first; they take units of
   products outside the discounted sets where they can, then in line order, so that a qualifying
-  purchase does not use up the product that was to be discounted.
+  purchase does not use up the product that was to be discounted. When taking units that way
+  leaves a set short although the basket could serve every set's required units at once
+  (sets sharing products), the unmarked sets take an exact assignment instead
+  (core/products/matching.py) and the discounted sets proceed as before.
 - A discounted set needs ``required_quantity`` of its remaining units and then discounts up to
   ``discounted_quantity`` of them, the cheapest first (ties: the earlier line).
 - A personalized set's products are the customer's selection in its promotion (their choice, or
@@ -25,6 +28,7 @@ from core.errors import InvalidArgument
 from core.money import format_decimal, parse_decimal, plain
 from core.products.allocation import CENT, spread_percentage
 from core.products.discounts import DiscountType, ProductSet, ProductSetDiscount, has_cents_only
+from core.products.matching import assign_units
 from core.products.promotions import validate_product_id
 
 MAX_LINES = 1000
@@ -165,15 +169,17 @@ def _amounts(discount: ProductSetDiscount, lines: Sequence[BasketLine],
             for i in indexes}
 
 
-def _evaluate_one(discount: ProductSetDiscount, selections: Mapping[str, Sequence[str]],
-                  lines: Sequence[BasketLine], left: list[int],
-                  basket_total: Decimal) -> tuple[list[DiscountLine], str]:
-    """The discount's lines and explanation; consumes units from ``left``; raises _NotApplied."""
-    minimum = discount.min_basket_total
-    if minimum is not None and basket_total < minimum:
-        raise _NotApplied(f"the basket total {money(basket_total)} is below the minimum "
-                          f"{money(minimum)}")
-    resolved: list[tuple[ProductSet, tuple[str, ...]]] = []
+Resolved = list[tuple[ProductSet, tuple[str, ...]]]  # each set with its products for the customer
+
+
+class _Short(_NotApplied):
+    """A set found fewer units than it requires (perhaps because an earlier set took them)."""
+
+
+def _resolve(discount: ProductSetDiscount,
+             selections: Mapping[str, Sequence[str]]) -> Resolved:
+    """Each set with its products: a personalized set's are the customer's selection."""
+    resolved: Resolved = []
     for product_set in discount.product_sets:
         promotion_id = product_set.personalized_promotion_id
         if promotion_id is None:
@@ -184,6 +190,34 @@ def _evaluate_one(discount: ProductSetDiscount, selections: Mapping[str, Sequenc
             raise _NotApplied(f"the customer has no product list in personalized promotion "
                               f"{promotion_id!r}")
         resolved.append((product_set, tuple(selected)))
+    return resolved
+
+
+def _unmarked_plan(resolved: Resolved, lines: Sequence[BasketLine],
+                   left: Sequence[int]) -> list[dict[int, int]] | None:
+    """Units per line for each unmarked set (in order) such that every set, marked ones too,
+    has its required units; None when the basket cannot serve all sets at once."""
+    discounted_products = {p for s, products in resolved if s.gets_discount for p in products}
+    ordered = ([(s, p) for s, p in resolved if not s.gets_discount]
+               + [(s, p) for s, p in resolved if s.gets_discount])
+    candidates = []
+    for product_set, products in ordered:
+        found = [i for i, line in enumerate(lines) if line.product_id in products and left[i]]
+        if not product_set.gets_discount:  # the preference of taking units in order
+            found.sort(key=lambda i: (lines[i].product_id in discounted_products, i))
+        candidates.append(found)
+    plan = assign_units([s.required_quantity for s, _ in ordered], candidates, left)
+    unmarked = sum(1 for s, _ in resolved if not s.gets_discount)
+    return None if plan is None else plan[:unmarked]
+
+
+def _match(discount: ProductSetDiscount, resolved: Resolved, lines: Sequence[BasketLine],
+           left: list[int], plan: Sequence[dict[int, int]] | None
+           ) -> tuple[dict[int, int], list[str]]:
+    """Units granted the discount per line, and the notes; consumes units from ``left``.
+
+    The unmarked sets take their units from ``plan`` when given, else in order (see the
+    module notes); the marked sets then take theirs from what is left."""
     discounted_products = {p for s, products in resolved if s.gets_discount for p in products}
     notes: list[str] = []
 
@@ -193,17 +227,20 @@ def _evaluate_one(discount: ProductSetDiscount, selections: Mapping[str, Sequenc
     def require(product_set: ProductSet, products: tuple[str, ...], found: list[int]) -> None:
         available = sum(left[i] for i in found)
         if available < product_set.required_quantity:
-            raise _NotApplied(f"{_set_label(product_set, products)} needs "
-                              f"{_products(product_set.required_quantity)} in the basket, "
-                              f"found {available}")
+            raise _Short(f"{_set_label(product_set, products)} needs "
+                         f"{_products(product_set.required_quantity)} in the basket, "
+                         f"found {available}")
 
-    for product_set, products in resolved:
-        if product_set.gets_discount:
-            continue
-        found = candidates(products)
-        require(product_set, products, found)
-        found.sort(key=lambda i: (lines[i].product_id in discounted_products, i))
-        _take(found, product_set.required_quantity, left)
+    unmarked = [(s, p) for s, p in resolved if not s.gets_discount]
+    for number, (product_set, products) in enumerate(unmarked):
+        if plan is not None:
+            for index, units in plan[number].items():
+                left[index] -= units
+        else:
+            found = candidates(products)
+            require(product_set, products, found)
+            found.sort(key=lambda i: (lines[i].product_id in discounted_products, i))
+            _take(found, product_set.required_quantity, left)
         notes.append(f"{_set_label(product_set, products)} has the "
                      f"{_products(product_set.required_quantity)} required")
 
@@ -220,6 +257,27 @@ def _evaluate_one(discount: ProductSetDiscount, selections: Mapping[str, Sequenc
         _take(found, max(product_set.required_quantity - count, 0), left)
         notes.append(f"{_describe(discount)} {_products(count)} of "
                      f"{_set_label(product_set, products)}")
+    return granted, notes
+
+
+def _evaluate_one(discount: ProductSetDiscount, selections: Mapping[str, Sequence[str]],
+                  lines: Sequence[BasketLine], left: list[int],
+                  basket_total: Decimal) -> tuple[list[DiscountLine], str]:
+    """The discount's lines and explanation; consumes units from ``left``; raises _NotApplied."""
+    minimum = discount.min_basket_total
+    if minimum is not None and basket_total < minimum:
+        raise _NotApplied(f"the basket total {money(basket_total)} is below the minimum "
+                          f"{money(minimum)}")
+    resolved = _resolve(discount, selections)
+    before = list(left)
+    try:
+        granted, notes = _match(discount, resolved, lines, left, None)
+    except _Short:
+        plan = _unmarked_plan(resolved, lines, before)
+        if plan is None:
+            raise  # no assignment serves every set: the shortage found in order stands
+        left[:] = before
+        granted, notes = _match(discount, resolved, lines, left, plan)
 
     amounts = _amounts(discount, lines, granted)
     discount_lines = [
@@ -227,6 +285,9 @@ def _evaluate_one(discount: ProductSetDiscount, selections: Mapping[str, Sequenc
                      product_id=lines[i].product_id, quantity=granted[i], amount=amounts[i])
         for i in sorted(granted) if amounts[i] > 0]
     if not discount_lines:
+        if discount.discount_type is DiscountType.PERCENTAGE_OFF:
+            raise _NotApplied(f"{_describe(discount)} the discounted products rounds to less "
+                              f"than a cent")
         raise _NotApplied("the discounted products already cost no more than the discounted "
                           "price")
     return discount_lines, "; ".join(notes)

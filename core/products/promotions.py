@@ -10,7 +10,9 @@ Decisions:
   applied to the customer's basket, their selection is frozen (the default too, if they had chosen
   nothing) and can no longer change.
 - Selecting the products that are already selected is a no-op, even when locked: a retry of a
-  selection that went through must not fail.
+  selection that went through must not fail. A locked choice is compared as a set (a client
+  may keep the products in a set and resend them in another order); an unlocked one takes the
+  new order.
 - Replacing a customer's list keeps the chosen products still on the new list; if none are left,
   the default applies again. A recorded first apply survives the replacement.
 """
@@ -213,6 +215,8 @@ def select(promotion: PersonalizedPromotion, product_list: ProductList,
     if new_choice == product_list.chosen_product_ids:
         return product_list
     if is_locked(promotion, product_list):
+        if set(chosen) == set(product_list.chosen_product_ids or ()):
+            return product_list  # the locked choice again, in another order: a retry
         assert product_list.first_apply_time is not None
         raise FailedPrecondition(
             f"the product selection in personalized promotion {promotion.backend_id!r} is "
