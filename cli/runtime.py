@@ -20,7 +20,7 @@ from server.app import Dependencies, RunningServer, start_server
 from server.metrics import MetricsEndpoint
 from server.promotion_metrics import register_promotions_collector
 from storage.db import create_pool
-from storage.migrate import migrate
+from storage.migrate import migrate_dsn
 from workers.main import build_worker
 from workers.metrics import register_outbox_collector
 
@@ -73,9 +73,8 @@ async def run_server(settings: Settings, *,
         # `promo up` (server and worker in one process) serves metrics by default.
         endpoint = start_metrics(settings, settings.metrics_port,
                                  default_port=DEFAULT_UP_METRICS_PORT if with_worker else None)
-        if settings.migrate_on_start:
-            async with pool.acquire() as conn:
-                await migrate(conn)
+        if settings.migrate_on_start:  # its own connection: see migrate_dsn
+            await migrate_dsn(settings.database_url)
         if settings.redis_url:  # queue outbox jobs at once; without it they wait for the sweeper
             try:
                 redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))

@@ -20,6 +20,7 @@ log = logging.getLogger("promo.migrate")
 
 # Any fixed 64-bit number; it only has to be the same in every process of this service.
 MIGRATION_LOCK_ID = 0x70726F6D6F5F6D67  # "promo_mg"
+APPLICATION_NAME = "promo-migrate"  # of migrate_dsn's connection, in pg_stat_activity
 FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -85,7 +86,15 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
 
 
 async def migrate_dsn(dsn: str) -> list[int]:
-    conn = await asyncpg.connect(dsn)
+    """Migrate on a connection of its own, without a command timeout: what `promo migrate`
+    and every process started with PROMO_MIGRATE_ON_START use.
+
+    Why not a pool connection: the pool's PROMO_DB_COMMAND_TIMEOUT_SECONDS (30 s) would also
+    bound the wait for the advisory lock and each migration, so a process starting while
+    another applies a slow migration (or a migration taking over 30 s) would fail to start.
+    Its application_name shows a process waiting for the lock in pg_stat_activity."""
+    conn = await asyncpg.connect(dsn, command_timeout=None,
+                                 server_settings={"application_name": APPLICATION_NAME})
     try:
         return await migrate(conn)
     finally:

@@ -58,7 +58,8 @@ async def lease_due_jobs(
     conn: asyncpg.Connection, *, now: datetime, lookahead: timedelta, lease: timedelta,
     limit: int = 1000,
 ) -> list[OutboxJob]:
-    """Claim pending jobs due before now + lookahead whose lease is free or expired.
+    """Claim pending jobs due before now + lookahead whose lease is free or expired and that
+    have attempts left (a job out of attempts is for ``bury_interrupted_jobs``).
 
     The lease runs from the due time, so a job queued for later is not claimed again before it
     had its chance to run.
@@ -70,6 +71,7 @@ async def lease_due_jobs(
                   SELECT id FROM outbox_jobs
                    WHERE status = 'pending' AND due_at <= $1::timestamptz + $2::interval
                      AND (locked_until IS NULL OR locked_until < $1::timestamptz)
+                     AND attempts < max_attempts
                    ORDER BY due_at
                    LIMIT $4
                    FOR UPDATE SKIP LOCKED)
@@ -80,14 +82,76 @@ async def lease_due_jobs(
 
 async def start_attempt(conn: asyncpg.Connection, job_id: int, *, now: datetime,
                         lease: timedelta) -> OutboxJob | None:
-    """Mark one attempt of a pending, due job as running; None if it is done or not due yet."""
+    """Mark one attempt of a pending, due job as running; None if it is done, not due yet or
+    out of attempts.
+
+    The attempt is counted before the handler runs, so an attempt that never records its end
+    (the worker was killed, or arq's job timeout cancelled it) still counts: a job that
+    crashes its worker every time stops after max_attempts (see ``bury_interrupted_jobs``).
+    """
     row = await conn.fetchrow(
         """UPDATE outbox_jobs
               SET attempts = attempts + 1, locked_until = $2::timestamptz + $3::interval
             WHERE id = $1 AND status = 'pending' AND due_at <= $2
+              AND attempts < max_attempts
         RETURNING *""",
         job_id, now, lease)
     return _job(row) if row is not None else None
+
+
+async def release_leases(conn: asyncpg.Connection, jobs: list[OutboxJob]) -> int:
+    """Free the leases the sweeper took on ``jobs`` but could not queue, so the next tick
+    claims them again instead of waiting out the lease with nothing in Redis.
+
+    A row whose attempts changed since the lease was taken (a worker started it through a
+    copy queued earlier) keeps its lease: that attempt is in flight. Returns the rows freed.
+    """
+    if not jobs:
+        return 0
+    freed: int = await conn.fetchval(
+        """WITH freed AS (
+               UPDATE outbox_jobs AS j SET locked_until = NULL
+                 FROM unnest($1::bigint[], $2::integer[]) AS r(id, attempts)
+                WHERE j.id = r.id AND j.attempts = r.attempts AND j.status = 'pending'
+            RETURNING j.id)
+           SELECT count(*) FROM freed""",
+        [job.id for job in jobs], [job.attempts for job in jobs])
+    return freed
+
+
+@dataclass(frozen=True)
+class BuriedJob:
+    id: int
+    kind: str
+    attempts: int
+    last_error: str
+
+
+async def bury_interrupted_jobs(conn: asyncpg.Connection, *, now: datetime,
+                                limit: int = 1000) -> list[BuriedJob]:
+    """Mark dead the pending jobs whose every attempt was interrupted: out of attempts, with
+    the last attempt's lease run out and no result recorded (its worker was killed, or arq's
+    job timeout cancelled it). Without this such a job would be queued again after every lease,
+    forever; ``fail_attempt`` only sees attempts that end.
+
+    Such a row's due time is at most its last attempt's start, so the pending-due index finds it.
+    """
+    rows = await conn.fetch(
+        """UPDATE outbox_jobs AS j
+              SET status = 'dead', locked_until = NULL, finished_at = $1::timestamptz,
+                  last_error = 'interrupted ' || j.attempts || ' times'
+            WHERE j.id IN (
+                  SELECT id FROM outbox_jobs
+                   WHERE status = 'pending' AND due_at <= $1::timestamptz
+                     AND attempts >= max_attempts
+                     AND (locked_until IS NULL OR locked_until < $1::timestamptz)
+                   ORDER BY due_at
+                   LIMIT $2
+                   FOR UPDATE SKIP LOCKED)
+        RETURNING j.id, j.kind, j.attempts, j.last_error""",
+        now, limit)
+    return [BuriedJob(id=row["id"], kind=row["kind"], attempts=row["attempts"],
+                      last_error=row["last_error"]) for row in rows]
 
 
 async def finish_job(conn: asyncpg.Connection, job_id: int, *, now: datetime) -> None:

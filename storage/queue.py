@@ -9,7 +9,7 @@ so a retry is a new arq job and arq's result cache never swallows it.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 
 from arq.connections import ArqRedis
 
@@ -25,10 +25,17 @@ def outbox_job_id(queue_name: str, job_id: int, attempts: int) -> str:
 
 async def queue_outbox_job(redis: ArqRedis, *, job_id: int, attempts: int, due_at: datetime,
                            queue_name: str) -> bool:
-    """Queue the row for a worker; False if arq already has that job id (nothing to do)."""
+    """Queue the row for a worker; False if arq already has that job id (nothing to do).
+
+    A row already due is queued without ``_defer_until``: arq keeps a job's key for
+    (defer_until - now) + 24 h, so a row more than a day overdue (workers down over a weekend)
+    would get a negative expiry, which Redis refuses. arq compares with the real time, so
+    this does too (not the service's clock).
+    """
+    defer_until = due_at if due_at > datetime.now(UTC) else None
     job = await redis.enqueue_job(
         OUTBOX_JOB_FUNCTION, job_id, _job_id=outbox_job_id(queue_name, job_id, attempts),
-        _defer_until=due_at, _queue_name=queue_name)
+        _defer_until=defer_until, _queue_name=queue_name)
     return job is not None
 
 

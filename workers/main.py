@@ -20,7 +20,7 @@ from arq.worker import Worker, func
 from config.settings import Settings
 from core.clock import Clock, SystemClock
 from storage.db import create_pool
-from storage.migrate import migrate
+from storage.migrate import migrate_dsn
 from storage.queue import OUTBOX_JOB_FUNCTION
 from workers import bonuses as _bonuses  # noqa: F401  registers bonus.batch + purge
 from workers import campaigns as _campaigns  # noqa: F401  registers campaign.notify/execute
@@ -88,9 +88,8 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
         ctx["pool"] = await create_pool(database_url, min_size=settings.db_pool_min_size,
                                         max_size=settings.db_pool_max_size,
                                         command_timeout=settings.db_command_timeout_seconds)
-        if settings.migrate_on_start:
-            async with ctx["pool"].acquire() as conn:
-                await migrate(conn)
+        if settings.migrate_on_start:  # its own connection: see migrate_dsn
+            await migrate_dsn(database_url)
         await webhooks.setup(ctx)
         if run_sweeper:
             ctx["sweeper"] = asyncio.create_task(
@@ -118,6 +117,10 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
         on_shutdown=on_shutdown,
         max_jobs=settings.worker_max_jobs,
         max_tries=settings.job_max_tries,
+        # arq cancels a job after job_timeout (300 s by default). The outbox lease is how long
+        # an attempt may be in flight, so the timeout follows it: a longer lease lets long jobs
+        # finish, and an attempt is cancelled before its lease runs out and it is queued again.
+        job_timeout=settings.job_lease_seconds,
         burst=burst,
         handle_signals=handle_signals,
         keep_result=60,

@@ -12,6 +12,8 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from config.settings import Settings
 from core.clock import Clock
 from storage import outbox
@@ -45,7 +47,7 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
     async with pool.acquire() as conn:
         job = await outbox.start_attempt(conn, job_id, now=clock.now(), lease=job_lease(settings))
     if job is None:
-        return "not due or already done"
+        return "not due or already done"  # or out of attempts
     fn = HANDLERS.get(job.kind)
     started = time.perf_counter()
     try:
@@ -87,23 +89,82 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
 
 
 async def sweep_once(ctx: dict[str, Any]) -> int:
-    """Queue every due outbox row whose lease is free, then run the registered sweep hooks.
-    Returns how many rows were queued."""
+    """One sweeper tick: mark dead the jobs interrupted on every attempt, queue every due
+    outbox row whose lease is free, then run the registered sweep hooks.
+
+    Returns how many rows were handed to arq (arq keeps one job per id, so a row it already
+    holds is not queued twice). The hooks run even when queueing failed: they only need
+    PostgreSQL and queue best effort. A queueing error is raised after them, for the loop to log.
+    """
+    error: Exception | None = None
+    queued = 0
+    try:
+        queued = await _queue_due_jobs(ctx)
+    except Exception as exc:  # the hooks first; then the tick fails with this error
+        error = exc
+    await _run_sweep_hooks(ctx)
+    if error is not None:
+        raise error
+    return queued
+
+
+async def _queue_due_jobs(ctx: dict[str, Any]) -> int:
     pool = ctx["pool"]
     clock: Clock = ctx["clock"]
     settings: Settings = ctx["settings"]
     lookahead = timedelta(seconds=2 * settings.sweeper_interval_seconds)
     async with pool.acquire() as conn:
+        buried = await outbox.bury_interrupted_jobs(conn, now=clock.now())
         jobs = await outbox.lease_due_jobs(conn, now=clock.now(), lookahead=lookahead,
                                            lease=job_lease(settings))
-    for job in jobs:
-        await queue_outbox_job(ctx["redis"], job_id=job.id, attempts=job.attempts,
-                               due_at=job.due_at, queue_name=settings.queue_name)
-    if jobs:
-        log.info("sweeper queued outbox jobs", extra={"count": len(jobs)})
+    for dead in buried:
+        log.error("outbox job failed permanently", extra={
+            "outbox_job_id": dead.id, "kind": dead.kind, "attempt": dead.attempts,
+            "error": dead.last_error})
+    queued, unqueued, error = await _queue_jobs(ctx["redis"], jobs, settings.queue_name)
+    if queued:
+        log.info("sweeper queued outbox jobs", extra={"count": queued})
+    if unqueued:
+        async with pool.acquire() as conn:
+            await outbox.release_leases(conn, unqueued)
+        log.warning("sweeper could not queue outbox jobs; the next tick tries again", extra={
+            "count": len(unqueued), "outbox_job_ids": [job.id for job in unqueued[:20]],
+            "error": repr(error)})
+    if error is not None:
+        raise error
+    return queued
+
+
+async def _queue_jobs(redis: Any, jobs: list[outbox.OutboxJob], queue_name: str,
+                      ) -> tuple[int, list[outbox.OutboxJob], Exception | None]:
+    """Queue ``jobs`` one by one: (how many were queued, the ones that were not, the first
+    error). Redis refusing one row (a ResponseError) is about that row: the rest still go.
+    Any other error (Redis unreachable, a timeout) stops the tick's queueing at once: trying
+    every other row would only wait out the same failure once per row."""
+    queued = 0
+    unqueued: list[outbox.OutboxJob] = []
+    first_error: Exception | None = None
+    for index, job in enumerate(jobs):
+        try:
+            await queue_outbox_job(redis, job_id=job.id, attempts=job.attempts,
+                                   due_at=job.due_at, queue_name=queue_name)
+        except ResponseError as exc:
+            unqueued.append(job)
+            first_error = first_error or exc
+            continue
+        except Exception as exc:
+            unqueued.extend(jobs[index:])
+            first_error = first_error or exc
+            break
+        queued += 1
+    return queued, unqueued, first_error
+
+
+async def _run_sweep_hooks(ctx: dict[str, Any]) -> None:
+    """Each hook on its own: one failing hook is logged and does not keep the others from
+    running."""
     for hook in list(SWEEP_HOOKS):
         try:
             await hook(ctx)
         except Exception:
             log.exception("sweep hook failed", extra={"hook": getattr(hook, "__name__", "?")})
-    return len(jobs)
