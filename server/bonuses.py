@@ -7,6 +7,7 @@ worker's sweeper covers Redis being down.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, time
 from typing import Any
@@ -240,6 +241,19 @@ def _check_ids(ids: list[str], field: str, limit: int) -> list[str]:
         raise InvalidArgument(f"{field} names an id more than once", reason="DUPLICATE_ID",
                               metadata={"field": field})
     return ids
+
+
+def _canonical_bonus_ids(ids: list[str]) -> list[str]:
+    """Bonus ids in the one form uuid.UUID writes (lower case, hyphens), so the duplicate check
+    sees one result named twice in different case or spelling; a non-UUID is INVALID_ID."""
+    canonical = []
+    for bonus_id in ids:
+        try:
+            canonical.append(str(uuid.UUID(bonus_id)))
+        except ValueError as exc:
+            raise InvalidArgument(f"bonus_ids: {bonus_id!r} is not a bonus id (a UUID)",
+                                  reason="INVALID_ID", metadata={"field": "bonus_ids"}) from exc
+    return canonical
 
 
 def rule_from_pb(m: pb.BonusRule) -> Rule:
@@ -590,7 +604,8 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
 
     async def _decide(self, request: Any, target: BonusStatus, scope: str,
                       reason: str = "") -> list[pb.BonusResult]:
-        ids = _check_ids(list(request.bonus_ids), "bonus_ids", MAX_DECISIONS)
+        ids = _check_ids(_canonical_bonus_ids(list(request.bonus_ids)), "bonus_ids",
+                         MAX_DECISIONS)
         now = self._deps.clock.now()
         who = current_principal.get().name
         jobs: list[int] = []

@@ -372,9 +372,11 @@ async def aggregate_for_windows(
 
 
 async def event_records(conn: asyncpg.Connection, customer_ids: Sequence[str], start: datetime,
-                        end: datetime) -> list[tuple[str, EventRecord]]:
-    """The customers' events in [start, end) as the formula core's reference records (typed
-    attributes), oldest first: for explaining a result event by event, and for tests."""
+                        end: datetime, *, typed: bool = True) -> list[tuple[str, EventRecord]]:
+    """The customers' events in [start, end) as the formula core's reference records, oldest
+    first: for explaining a result event by event, and for tests. ``typed``: attributes as
+    formulas read them (numeric text becomes a Decimal); False: as recorded (text), for
+    showing them, where "007" must not become 7."""
     _check_aware(start, end)
     rows = await conn.fetch(
         """SELECT customer_id, id, kind, amount, currency, occurred_at,
@@ -384,11 +386,14 @@ async def event_records(conn: asyncpg.Connection, customer_ids: Sequence[str], s
             WHERE customer_id = ANY($1::text[]) AND occurred_at >= $2 AND occurred_at < $3
             ORDER BY customer_id, occurred_at, id""",
         list(customer_ids), start, end)
-    return [(row["customer_id"],
-             EventRecord(event_id=row["id"], kind=row["kind"], amount=row["amount"],
-                         currency=row["currency"], occurred_at=row["occurred_at"],
-                         attributes=typed_attributes(_text_values(row["attributes"]))))
-            for row in rows]
+    records = []
+    for row in rows:
+        text = _text_values(row["attributes"])
+        records.append((row["customer_id"], EventRecord(
+            event_id=row["id"], kind=row["kind"], amount=row["amount"],
+            currency=row["currency"], occurred_at=row["occurred_at"],
+            attributes=typed_attributes(text) if typed else text)))
+    return records
 
 
 def _text_values(attributes: Any) -> dict[str, str]:

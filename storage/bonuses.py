@@ -44,6 +44,7 @@ from core.bonuses.results import (
     RECALCULABLE,
     BonusStatus,
     Decision,
+    amount_places,
     check_decision,
     decide,
     event_payload,
@@ -807,7 +808,7 @@ def _event(d: BonusDefinition, *, bonus_id: str, customer_id: str, status: Bonus
         skip_reason=skip_reason, skip_detail=skip_detail, period_start=period_start,
         period_end=period_end, requires_approval=requires_approval,
         issued_at=now if status is BonusStatus.ISSUED else None,
-        message_template=messages[status])
+        message_template=messages[status], places=amount_places(d.options))
     return _EVENT_TYPES[status], f"bonus:{bonus_id}:{dedup}", payload
 
 
@@ -930,7 +931,8 @@ def _prepare_results(row: DefinitionRow, compiled: CompiledFormula, chunk: Seque
     # What _event does for each event, with the per-definition parts looked up once.
     skipped, calculated, issued = (_EVENT_TYPES[s] for s in (
         BonusStatus.SKIPPED, BonusStatus.CALCULATED, BonusStatus.ISSUED))
-    fixed = dict(definition_id=d.definition_id, result_type=d.result_type.value)
+    fixed = dict(definition_id=d.definition_id, result_type=d.result_type.value,
+                 places=amount_places(d.options))
     events = []
     for bonus_id, c in zip(ids, chunk, strict=True):
         decision = c.decision
@@ -1131,11 +1133,13 @@ async def list_results(conn: asyncpg.Connection, f: ResultFilter, *, before_pk: 
 
 async def result_events(conn: asyncpg.Connection, result: ResultRow, *,
                         limit: int = 500) -> list[EventRecord]:
-    """The customer's events in the result's period, of the kinds its formula reads."""
+    """The customer's events in the result's period, of the kinds its formula reads, with
+    their attributes as recorded (text: a game id "007" stays "007")."""
     if result.period_start is None or result.period_end is None or not result.aggregate_kinds:
         return []
     records = await aggregates_repo.event_records(conn, [result.customer_id],
-                                                  result.period_start, result.period_end)
+                                                  result.period_start, result.period_end,
+                                                  typed=False)
     kinds = set(result.aggregate_kinds)
     return [record for _, record in records if record.kind in kinds][:limit]
 

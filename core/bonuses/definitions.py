@@ -33,6 +33,10 @@ from core.periods import Period, period_from_dict, period_to_dict
 from core.rounding import RoundingMode
 
 DEFINITION_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
+# Results and the ledger store amounts as numeric(20,6): a definition rounding to more places
+# would have PostgreSQL round its amounts again (half up) when they are written, so the issued
+# amount would differ from the one calculated and announced.
+MAX_BONUS_DECIMALS = 6
 MAX_DISPLAY_NAME = 200
 MAX_VARIABLES = 50
 
@@ -249,6 +253,11 @@ def validate_definition(d: BonusDefinition) -> tuple[BonusDefinition, CompiledFo
                    "INVALID_PERIOD")
     if d.min_allowed is not None and d.cap_amount is not None and d.min_allowed > d.cap_amount:
         raise _bad("min_allowed", f"({d.min_allowed}) is above cap_amount ({d.cap_amount})")
+    if d.decimals > MAX_BONUS_DECIMALS:
+        raise InvalidArgument(
+            f"decimals must be between 0 and {MAX_BONUS_DECIMALS} for a bonus definition "
+            f"(amounts are stored with {MAX_BONUS_DECIMALS} decimal places), got {d.decimals}",
+            reason="INVALID_ROUNDING", metadata={"field": "decimals", "value": str(d.decimals)})
     try:
         _ = d.options  # validates rounding, decimals, cap and minimum
     except InvalidArgument as exc:

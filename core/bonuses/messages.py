@@ -2,9 +2,12 @@
 {{event.bonus_amount}}"): checked when saved, rendered by plain substitution, never evaluated.
 
 A placeholder is ``{{event.NAME}}`` (spaces inside the braces allowed) where NAME is one of
-:data:`PLACEHOLDERS`. An unknown name is refused when the template is saved, so a typo never
-reaches a customer as literal braces. Rendering replaces each placeholder with the event's value
-as text (missing values become the empty string); nothing else in the text is interpreted.
+:data:`PLACEHOLDERS`. When the template is saved, an unknown name is refused, and so is what is
+left of a broken placeholder once the valid ones are taken out (``{{``, ``}}`` or ``{event.``:
+``{{event.x}``, ``{event.x}}``, ``{{event.x``), so a typo never reaches a customer as literal
+braces. Single braces elsewhere are plain text. Rendering replaces each placeholder, in one pass,
+with the event's value as text (missing values become the empty string); nothing else in the
+text is interpreted, and a value that looks like a placeholder is not substituted again.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ PLACEHOLDERS = ("bonus_amount", "bonus_template", "customer_id", "formula_id", "
                 "result_type", "currency", "reason", "status")
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _NAME = re.compile(r"event\.([a-z_]+)\Z")
+# What remains of a broken placeholder after the complete ones are removed.
+_LEFTOVER = re.compile(r"\{\{|\}\}|\{\s*event\.")
 
 
 def validate_template(text: str, *, field: str) -> str:
-    """The template unchanged, or InvalidArgument naming the first bad placeholder."""
+    """The template unchanged, or InvalidArgument naming the first bad placeholder and its
+    position (1-based character)."""
     if len(text) > MAX_TEMPLATE_LENGTH:
         raise InvalidArgument(f"{field} is longer than {MAX_TEMPLATE_LENGTH} characters",
                               reason="INVALID_MESSAGE_TEMPLATE", metadata={"field": field})
@@ -34,6 +40,14 @@ def validate_template(text: str, *, field: str) -> str:
                 f"{field}: unknown placeholder {match.group(0)!r} at character "
                 f"{match.start() + 1}; use one of {known}",
                 reason="INVALID_MESSAGE_TEMPLATE", metadata={"field": field})
+    # Blank out the valid placeholders (same length, so positions stay) and look for the rest.
+    rest = _PLACEHOLDER.sub(lambda m: "\0" * len(m.group(0)), text)
+    leftover = _LEFTOVER.search(rest)
+    if leftover is not None:
+        raise InvalidArgument(
+            f"{field}: broken placeholder {leftover.group(0)!r} at character "
+            f"{leftover.start() + 1}; write a placeholder as {{{{event.NAME}}}}",
+            reason="INVALID_MESSAGE_TEMPLATE", metadata={"field": field})
     return text
 
 

@@ -78,6 +78,9 @@ class SkipReason(enum.Enum):
     MISSING_PROPERTY = "MISSING_PROPERTY"
     MISSING_CURRENCY_VALUE = "MISSING_CURRENCY_VALUE"
     TYPE_ERROR = "TYPE_ERROR"
+    AMOUNT_TOO_LARGE = "AMOUNT_TOO_LARGE"
+    """Set by dynamic bonuses, not the evaluator: the finished amount has more integer digits
+    than results and the ledger store (core.bonuses.results.MAX_STORED_AMOUNT)."""
 
 
 class Outcome(enum.Enum):

@@ -311,8 +311,9 @@ async def test_fifty_percent_of_each_deposit_is_issued_automatically(
     kinds = [r["event_type"] for r in emitted]
     assert kinds.count(110) == 1 and kinds.count(111) == 3 and kinds.count(112) == 3
     issued = [json.loads(r["body"])["data"] for r in emitted if r["event_type"] == 112]
+    # Messages write the amount with the definition's 2 decimals; the API above says "50".
     assert sorted(d["message"] for d in issued) == [
-        "Your bonus of 12.25 EUR", "Your bonus of 50 EUR", "Your bonus of 50 EUR"]
+        "Your bonus of 12.25 EUR", "Your bonus of 50.00 EUR", "Your bonus of 50.00 EUR"]
     assert await run_due_batches(pool, settings, clock) == 0  # the job is done
 
 

@@ -198,6 +198,7 @@ class BonusDefinition(_message.Message):
     cap_amount: _builtins.str
     rounding: _promotions_pb2.RoundingMode.ValueType
     decimals: _builtins.int
+    """0-6: results and the ledger store 6 decimal places (more is INVALID_ROUNDING)."""
     rounding_factor: _builtins.str
     data_mode: Global___BonusDataMode.ValueType
     approval_mode: Global___ApprovalMode.ValueType
@@ -618,6 +619,9 @@ class BonusResult(_message.Message):
     amount: _builtins.str
     template: _builtins.str
     skip_reason: _builtins.str
+    """SKIPPED only: e.g. NO_MATCHING_TRANSACTIONS, BELOW_MINIMUM, AMOUNT_TOO_LARGE (the amount
+    has more than 14 integer digits); the full list is in docs/bonuses.md.
+    """
     skip_detail: _builtins.str
     raw_value: _builtins.str
     currency: _builtins.str
