@@ -491,6 +491,7 @@ picked AS MATERIALIZED (
     SELECT id FROM outbox_jobs
      WHERE status = 'pending' AND kind = $5 AND due_at <= $2::timestamptz
        AND (locked_until IS NULL OR locked_until < $2::timestamptz)
+       AND attempts < max_attempts  -- out of attempts: the sweeper buries it (storage/outbox)
        AND id IS DISTINCT FROM $1
      ORDER BY due_at, id
      LIMIT $4
