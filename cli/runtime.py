@@ -95,10 +95,12 @@ async def run_server(settings: Settings, *,
         if worker_task is not None:
             watched.add(worker_task)  # type: ignore[arg-type]
         done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        if worker_task in done and worker_task is not None:
-            worker_task.result()  # a crashed worker stops everything, loudly
         log.info("stopping", extra={"grace_s": settings.shutdown_grace_seconds})
+        # Health goes NOT_SERVING and calls in flight finish before anything closes, also when
+        # the stop comes from a crashed worker, whose error is then raised (loudly).
         await running.stop(settings.shutdown_grace_seconds)
+        if worker_task is not None and worker_task in done:
+            worker_task.result()
     finally:
         if worker is not None:
             with contextlib.suppress(asyncio.CancelledError):

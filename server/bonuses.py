@@ -592,8 +592,9 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
 
     async def GetBonusResult(self, request: pb.GetBonusResultRequest,
                              context: aio.ServicerContext) -> pb.GetBonusResultResponse:
+        bonus_id = _required_id(request.bonus_id, "bonus_id")
         async with self._pool.acquire() as conn:
-            result = await repo.get_result(conn, request.bonus_id)
+            result = await repo.get_result(conn, bonus_id)
             events = await repo.result_events(conn, result)
         return pb.GetBonusResultResponse(result=result_to_pb(result), events=[
             pb.BonusEvent(event_id=e.event_id or 0, kind=e.kind,

@@ -180,7 +180,7 @@ MinOpt = Annotated[str | None, typer.Option("--min", help="Smallest amount issue
 CapOpt = Annotated[str | None, typer.Option("--cap", help="Largest amount issued.")]
 RoundingOpt = Annotated[str | None, typer.Option(
     help="none, round, round_up, round_down or mround.")]
-DecimalsOpt = Annotated[int | None, typer.Option(min=0)]
+DecimalsOpt = Annotated[int | None, typer.Option(min=0, max=6)]  # amounts keep 6 places
 FactorOpt = Annotated[str | None, typer.Option(help="Factor of mround.")]
 PropertiesOnlyOpt = Annotated[bool | None, typer.Option(
     "--properties-only/--transactions", help="Read customer properties only (no period).")]

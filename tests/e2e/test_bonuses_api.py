@@ -488,6 +488,10 @@ async def test_queue_filters_and_pages(api: Api, pool: asyncpg.Pool, settings: S
         await stub(api).GetBonusResult(pb.GetBonusResultRequest(bonus_id="nope"),
                                        metadata=api.key())
     assert rpc_error_reason(caught.value) == "INVALID_ID"
+    with pytest.raises(grpc.RpcError) as caught:
+        await stub(api).GetBonusResult(pb.GetBonusResultRequest(), metadata=api.key())
+    assert (caught.value.code(), rpc_error_reason(caught.value)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "MISSING_FIELD")
 
 
 # --- the Issued event at a real listener ---------------------------------------------------------

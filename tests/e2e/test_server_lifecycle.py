@@ -6,6 +6,7 @@ import asyncio
 
 import asyncpg
 import grpc
+import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -13,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from config.settings import Settings
 from promo.v1 import reward_types_pb2 as pb
 from promo.v1 import reward_types_pb2_grpc as pb_grpc
-from server.app import Dependencies, start_server
+from server.app import Dependencies, RunningServer, start_server
 from tests.conftest import Api
 
 
@@ -68,3 +69,34 @@ async def test_graceful_stop_finishes_in_flight_calls(settings: Settings,
     assert created.reward_type.name == "slow"
     await stopping
     await channel.close()
+
+
+async def test_a_crashed_worker_stops_promo_up_gracefully_then_raises(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`promo up` runs server and worker in one process: when the worker dies, the server is
+    stopped the graceful way (health NOT_SERVING, calls in flight finish) before the worker's
+    error ends the process, rather than closing the pool under running calls."""
+    import cli.runtime as runtime
+
+    class CrashingWorker:
+        async def async_run(self) -> None:
+            await asyncio.sleep(0)
+            raise RuntimeError("the worker fell over")
+
+        async def close(self) -> None:
+            return None
+
+    stops: list[float] = []
+    original_stop = RunningServer.stop
+
+    async def recorded_stop(self: RunningServer, grace: float) -> None:
+        stops.append(grace)
+        await original_stop(self, grace)
+
+    monkeypatch.setattr(runtime, "build_worker", lambda *a, **k: CrashingWorker())
+    monkeypatch.setattr(RunningServer, "stop", recorded_stop)
+    ready: list[RunningServer] = []
+    quiet = settings.model_copy(update={"metrics_port": 0, "redis_url": None})
+    with pytest.raises(RuntimeError, match="the worker fell over"):
+        await runtime.run_server(quiet, on_ready=ready.append, with_worker=True)
+    assert len(ready) == 1 and stops == [quiet.shutdown_grace_seconds]
