@@ -31,9 +31,10 @@ qualifies (``counting_end``). Otherwise a firing after the end would ask for a w
 before it starts (or, with fixed dates, pay the same window's events again).
 
 Request keys (unique per definition, so a retried call adds nothing): an API request's is
-``<request_id>/<customer>``, a rule firing's ``rule:<rule_id>:<n>/<customer>``, a schedule
-run's ``schedule:<schedule_id>:<run time>/<customer>``. API request ids starting with one of
-the trigger prefixes are refused (``check_api_request_id``), so the three can never meet;
+``<request_id>/<customer>`` (the request id's '/' and '%' escaped), a rule firing's
+``rule:<rule_id>:<n>/<customer>``, a schedule run's
+``schedule:<schedule_id>:<run time>/<customer>``. API request ids starting with one of the
+trigger prefixes are refused (``check_api_request_id``), so the three can never meet;
 stored keys keep their format.
 
 Schedule (seed 004: "every Monday, 10% of all deposits made during the weekend"): on a weekday
@@ -125,8 +126,14 @@ def schedule_request_key(schedule_id: str, run_at: datetime, customer_id: str) -
 
 
 def api_request_key(request_id: str, customer_id: str) -> str:
-    """An API request's key; ``request_id`` passed ``check_api_request_id``."""
-    return f"{request_id}/{customer_id}"
+    """An API request's key; ``request_id`` passed ``check_api_request_id``.
+
+    The request id's own '/' and '%' are escaped ('%2F', '%25'), so the key's first '/' always
+    ends the request id: customer ids may contain '/', and unescaped, request "a" for customer
+    "b/c" and request "a/b" for customer "c" would share "a/b/c" (the second silently dropped).
+    Ids without those two characters (all keys stored before) keep their key."""
+    escaped = request_id.replace("%", "%25").replace("/", "%2F")
+    return f"{escaped}/{customer_id}"
 
 
 def check_api_request_id(request_id: str) -> str:

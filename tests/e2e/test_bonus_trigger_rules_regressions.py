@@ -90,6 +90,23 @@ async def test_an_api_request_id_cannot_take_a_rules_request_key(
                     "rules:x:1/c1"]
 
 
+async def test_request_ids_and_customer_ids_with_slashes_never_share_a_key(
+        api: Api, pool: asyncpg.Pool, settings: Settings, clock: FixedClock) -> None:
+    """Customer ids may contain '/': request "a" for customer "b/c" and request "a/b" for
+    customer "c" are two requests, both computed (the request id's '/' is escaped in the key)."""
+    await create(api, definition("bets-10", "sum(bet.amount) * 10%"))
+    await customers(api, ("b/c", "EUR", "UTC"), ("c", "EUR", "UTC"))
+    assert (await request(api, "bets-10", ["b/c"], "a")).accepted_count == 1
+    assert (await request(api, "bets-10", ["c"], "a/b")).accepted_count == 1
+    assert (await request(api, "bets-10", ["c"], "a%2Fb")).accepted_count == 1  # not "a/b"
+    found = await _calculate(api, pool, settings, clock)
+    assert sorted(r.customer_id for r in found) == ["b/c", "c", "c"]
+    async with pool.acquire() as conn:
+        keys = sorted(r["request_key"] for r in await conn.fetch(
+            "SELECT request_key FROM bonus_requests"))
+    assert keys == ["a%252Fb/c", "a%2Fb/c", "a/b/c"]
+
+
 # --- 2. nothing counts from a rule's fixed end on ---------------------------------------------
 
 
