@@ -353,12 +353,8 @@ async def _ensure_batch_job(conn: asyncpg.Connection, definition_pk: int, start:
                  "window_end": end.isoformat()},
         dedup_key=_batch_dedup_key(definition_pk, start), max_attempts=BATCH_MAX_ATTEMPTS)
     if job_id is None:
-        job_id = await conn.fetchval(
-            """UPDATE outbox_jobs
-                  SET status = 'pending', due_at = greatest($2::timestamptz, $3::timestamptz),
-                      attempts = 0, locked_until = NULL, last_error = NULL, finished_at = NULL
-                WHERE dedup_key = $1 AND status = 'done' RETURNING id""",
-            _batch_dedup_key(definition_pk, start), end, now)
+        job_id = await outbox.rearm_done_job(conn, _batch_dedup_key(definition_pk, start),
+                                             due_at=max(end, now))
     return job_id
 
 

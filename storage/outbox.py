@@ -54,6 +54,19 @@ async def add_job(
         kind, json.dumps(payload), due_at, dedup_key, max_attempts)
 
 
+async def rearm_done_job(conn: asyncpg.Connection, dedup_key: str, *,
+                         due_at: datetime) -> int | None:
+    """Make the finished ('done') job of ``dedup_key`` pending again, due at ``due_at``, with
+    fresh attempts; returns its id, or None when there is no such finished job (none, still
+    pending, or dead: a dead job is an operator's to look at). For work that can arrive after
+    its job ran, e.g. a request joining a bonus window whose batch already computed."""
+    return await conn.fetchval(
+        """UPDATE outbox_jobs
+              SET status = 'pending', due_at = $2, attempts = 0, locked_until = NULL,
+                  last_error = NULL, finished_at = NULL
+            WHERE dedup_key = $1 AND status = 'done' RETURNING id""", dedup_key, due_at)
+
+
 async def lease_due_jobs(
     conn: asyncpg.Connection, *, now: datetime, lookahead: timedelta, lease: timedelta,
     limit: int = 1000,

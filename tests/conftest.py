@@ -22,12 +22,15 @@ import asyncpg
 import grpc
 import pytest
 import redis as redis_sync
+from arq.connections import ArqRedis, RedisSettings
+from arq.connections import create_pool as create_arq_pool
 from grpc import aio
 
 from config.settings import ApiKeyConfig, Settings
 from core.clock import FixedClock
 from storage.db import create_pool
 from storage.migrate import migrate
+from tests.webhook_listener import WebhookListener
 
 ADMIN_KEY = "test-admin-key-0123456789"
 RUNTIME_KEY = "test-runtime-key-0123456789"
@@ -213,3 +216,24 @@ def rpc_error_reason(exc: grpc.RpcError) -> str | None:
 
     info = error_info_of(exc)
     return info.reason if info is not None else None
+
+
+@pytest.fixture
+async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
+    """An arq pool on the test Redis, for tests that queue jobs themselves."""
+    assert settings.redis_url
+    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+async def listener(clock: FixedClock) -> AsyncIterator[WebhookListener]:
+    """A real signed-webhook receiver on loopback whose signature check uses the pinned clock."""
+    server = await WebhookListener(now=lambda: int(clock.now().timestamp())).start()
+    try:
+        yield server
+    finally:
+        await server.stop()

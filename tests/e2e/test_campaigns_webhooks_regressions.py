@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -62,15 +61,6 @@ def _failure(exc: grpc.RpcError) -> tuple[str, str | None, str | None]:
     info = error_info_of(exc)
     return (exc.code().name, info.reason if info else None,
             info.metadata.get("field") if info else None)
-
-
-@pytest.fixture
-async def listener(clock: FixedClock) -> AsyncIterator[WebhookListener]:
-    server = await WebhookListener(now=lambda: int(clock.now().timestamp())).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def _campaign_setup(api: Api, clock: FixedClock, customers: list[str]) -> None:

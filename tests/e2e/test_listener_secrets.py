@@ -148,15 +148,6 @@ async def promo(*args: str, env: dict[str, str | None]) -> Result:
     return await asyncio.to_thread(invoke)
 
 
-@pytest.fixture
-async def listener(clock: FixedClock) -> AsyncIterator[WebhookListener]:
-    server = await WebhookListener(now=lambda: int(clock.now().timestamp())).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def test_registered_secrets_are_sealed_and_deliveries_verify_with_the_plain_one(
         settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
         listener: WebhookListener) -> None:

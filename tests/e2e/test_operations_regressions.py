@@ -14,14 +14,13 @@ waits on PostgreSQL's own view of the waiting process instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from arq import create_pool as create_arq_pool
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
 from config.settings import Settings
@@ -58,16 +57,6 @@ def _handlers() -> Iterator[None]:
     yield
     registry.HANDLERS.pop("review.killed", None)
     registry.HANDLERS.pop("review.ok", None)
-
-
-@pytest.fixture
-async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
-    assert settings.redis_url
-    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 class _RedisDown:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
@@ -23,8 +23,7 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from arq import create_pool as create_arq_pool
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from pydantic import SecretStr
 
 from config.settings import Settings
@@ -119,16 +118,6 @@ def mail(settings: Settings, smtp_port: int) -> Settings:
     return settings.model_copy(update={
         "smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_from": FROM,
         "smtp_starttls": False, "smtp_timeout_seconds": 2.0})
-
-
-@pytest.fixture
-async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
-    assert settings.redis_url
-    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 async def add_email_listener(pool: asyncpg.Pool, recipients: list[str] | None = None, *,

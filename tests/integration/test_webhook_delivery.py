@@ -52,16 +52,6 @@ def fast(settings: Settings) -> Settings:
     return settings.model_copy(update={"webhook_timeout_seconds": 0.5})
 
 
-@pytest.fixture
-async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
-    assert settings.redis_url
-    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
-
-
 async def add_listener(pool: asyncpg.Pool, url: str, *, secret: str = SECRET,
                        event_type: EventType = EventType.SCHEDULED_CAMPAIGN,
                        active: bool = True) -> int:
