@@ -238,6 +238,11 @@ class ResolvedWindow:
     time_zone: str | None = None
 
     @property
+    def is_empty(self) -> bool:
+        """Nothing can fall in it (start = end)."""
+        return self.end <= self.start
+
+    @property
     def length(self) -> timedelta:
         """Absolute length of the window."""
         return self.end - self.start
@@ -268,19 +273,34 @@ def _relative_bounds(kind: RelativeKind, today: date) -> tuple[date, date | None
     return previous, first_of_month
 
 
+def empty_period_error(period: RelativePeriod, zone_name: str | None,
+                       now: datetime) -> InvalidArgument:
+    """The error for a relative period that has not started yet at ``now`` in ``zone_name``
+    (the only way a period resolves empty: "today so far" at local midnight)."""
+    return InvalidArgument(
+        f"the {period.kind.value} period in {zone_name} is empty at {now.isoformat()}",
+        reason="INVALID_PERIOD",
+        metadata={"field": "kind"},
+    )
+
+
 def resolve_period(
     period: Period,
     *,
     now: datetime,
     customer_time_zone: str | None = None,
     default_time_zone: str = "UTC",
+    allow_empty: bool = False,
 ) -> ResolvedWindow:
     """Turn a period into the concrete UTC window to read, as of ``now``.
 
     ``now`` must be aware (a naive clock is ambiguous across zones). ``customer_time_zone`` only
     matters for relative periods without a fixed zone; when it is None or empty,
     ``default_time_zone`` is used. Raises InvalidArgument with reason INVALID_PERIOD,
-    INVALID_TIME_ZONE or PERIOD_TOO_LONG.
+    INVALID_TIME_ZONE or PERIOD_TOO_LONG. "Today so far" read at local midnight is empty: with
+    ``allow_empty`` that gives an empty window (``is_empty``, start = end) instead of the
+    error, for callers resolving many customers' windows at once (one customer's midnight must
+    not fail the others'); :func:`empty_period_error` is then the error it would have been.
     """
     now = _require_aware(now, "now")
     now_utc = now.astimezone(UTC)
@@ -310,11 +330,9 @@ def resolve_period(
     start = _local_midnight(first_day, zone)
     end = now_utc if last_day is None else _local_midnight(last_day, zone)
     if end <= start:
-        raise InvalidArgument(
-            f"the {period.kind.value} period in {zone_name} is empty at {now.isoformat()}",
-            reason="INVALID_PERIOD",
-            metadata={"field": "kind"},
-        )
+        if allow_empty:
+            return ResolvedWindow(start, start, zone_name)
+        raise empty_period_error(period, zone_name, now)
     calendar_days = ((last_day or today) - first_day).days
     if calendar_days > MAX_PERIOD_DAYS:  # pragma: no cover - no relative kind is that long
         raise _too_long(f"{calendar_days} days")

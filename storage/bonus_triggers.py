@@ -16,9 +16,11 @@ row's keys), which KEY SHARE does not wait for; so a recording holding the advis
 waits for an edit, and the edit only waits for it to commit. (FOR UPDATE would conflict with
 KEY SHARE and close the cycle.)
 
-A scheduled run that cannot be made (the definition's period is empty at the run time, a
-customer is gone) is logged and skipped: the schedule moves on to its next run, so one bad
-schedule neither blocks the others nor retries forever.
+A scheduled run that cannot be made (the definition's period is empty at the run time for
+every customer, a customer is gone) is logged and skipped: the schedule moves on to its next
+run, so one bad schedule neither blocks the others nor retries forever. Customers whose period
+alone is empty (a period in each customer's zone) are left out of the run, logged; the others
+are computed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from core.formula.memory import EventRecord
 from storage.bonuses import (
     Accepted,
     DefinitionRow,
+    EmptyPeriods,
     NewRequest,
     add_requests,
     get_definition,
@@ -251,9 +254,12 @@ async def on_events_recorded(conn: asyncpg.Connection, kinds: Iterable[str],
                 rule_row.pk, customer_id, state.accumulated, state.first_event_at,
                 state.last_event_at, state.qualified_at, state.executions, state.fired)
         if requests:
+            # An empty period (a firing at the customer's midnight under "today so far")
+            # becomes that request's SKIPPED result: recording the events must not fail.
             accepted = await add_requests(conn, await definition_of(rule), requests,
                                           now=now, default_window=default_window,
-                                          source=f"rule:{rule.rule_id}")
+                                          source=f"rule:{rule.rule_id}",
+                                          empty_periods=EmptyPeriods.SKIP)
             if accepted.outbox_job_id is not None:
                 jobs.append((accepted.outbox_job_id, accepted.due_at))
     return jobs
@@ -454,8 +460,20 @@ async def _run_schedule(conn: asyncpg.Connection, row: asyncpg.Record, due: Sche
                 period = (entered, run_at)
     if not targets:
         return None
-    return await add_requests(
+    accepted = await add_requests(
         conn, definition, [NewRequest(c, schedule_request_key(due.schedule.schedule_id, run_at, c),
                                       period) for c in targets],
         now=run_at, default_window=default_window,
-        source=f"schedule:{due.schedule.schedule_id}")
+        source=f"schedule:{due.schedule.schedule_id}", empty_periods=EmptyPeriods.OMIT)
+    if accepted.omitted:
+        # A period in each customer's zone: those at their midnight have nothing to read yet
+        # (no request, as for a run skipped as a whole); the others are computed.
+        shown = ", ".join(repr(c) for c in accepted.omitted[:10])
+        more = f" and {len(accepted.omitted) - 10} more" if len(accepted.omitted) > 10 else ""
+        log.warning("bonus schedule run left out %d customer(s) whose period is empty at the "
+                    "run time: %s%s", len(accepted.omitted), shown, more, extra={
+                        "schedule_id": due.schedule.schedule_id,
+                        "definition_id": due.schedule.definition_id,
+                        "run_time": run_at.isoformat(), "reason": "INVALID_PERIOD",
+                        "count": len(accepted.omitted)})
+    return accepted

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import os
 import time
@@ -64,7 +65,13 @@ from core.formula import (
 )
 from core.formula.memory import EventRecord
 from core.money import plain
-from core.periods import MAX_PERIOD, describe_length, resolve_period
+from core.periods import (
+    MAX_PERIOD,
+    RelativePeriod,
+    describe_length,
+    empty_period_error,
+    resolve_period,
+)
 from core.rounding import RoundingMode
 from storage import aggregates as aggregates_repo
 from storage import outbox
@@ -210,6 +217,17 @@ class Accepted:
     due_at: datetime
     accepted: int
     outbox_job_id: int | None
+    # Customers left out because their period was empty (EmptyPeriods.OMIT), in request order.
+    omitted: tuple[str, ...] = ()
+
+
+class EmptyPeriods(enum.Enum):
+    """What add_requests does with a customer whose period resolves empty ("today so far" at
+    midnight in the customer's zone)."""
+
+    REFUSE = "refuse"  # the whole call is INVALID_ARGUMENT INVALID_PERIOD (an API call)
+    SKIP = "skip"  # stored with the empty window; its result is SKIPPED INVALID_PERIOD (a rule)
+    OMIT = "omit"  # no request for that customer (a schedule run; all empty: REFUSE)
 
 
 @dataclass(frozen=True)
@@ -246,11 +264,13 @@ class NewRequest:
 
 async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
                        requests: Sequence[NewRequest], *, now: datetime, default_window: int,
-                       source: str = "api") -> Accepted:
+                       source: str = "api",
+                       empty_periods: EmptyPeriods = EmptyPeriods.REFUSE) -> Accepted:
     """Store requests in the current batching window and make sure its batch job exists.
 
     Run inside the caller's transaction; queue ``outbox_job_id`` after commit. Unknown
-    customers are NOT_FOUND and nothing is stored."""
+    customers are NOT_FOUND and nothing is stored. A customer whose period of the definition is
+    empty at ``now`` is handled as ``empty_periods`` says."""
     d = row.definition
     seconds = d.batch_window_seconds or default_window
     start = window_start(now, seconds)
@@ -265,19 +285,34 @@ async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
     starts: list[datetime | None] = []
     ends: list[datetime | None] = []
     revisions: list[int | None] = []
+    kept: list[NewRequest] = []
+    omitted: list[str] = []
     for request in requests:
         if d.data_mode is DataMode.PROPERTIES_ONLY:
             window: tuple[datetime | None, datetime | None] = (None, None)
         elif request.period is not None:
             window = request.period
         else:
-            window = _definition_window(d, now=now,
-                                        time_zone=customers[request.customer_id].time_zone)
+            zone = customers[request.customer_id].time_zone
+            window = _definition_window(
+                d, now=now, time_zone=zone,
+                allow_empty=empty_periods is not EmptyPeriods.REFUSE)
+            if empty_periods is EmptyPeriods.OMIT and window[0] == window[1]:
+                omitted.append(request.customer_id)
+                continue
+        kept.append(request)
         starts.append(window[0])
         ends.append(window[1])
         # A request without a window of its own follows its definition's period: see
         # migration 0019 and _current_windows.
         revisions.append(d.revision if request.period is None else None)
+    if not kept and omitted:
+        # Nobody's period has started: the same error as a refused call (the run is skipped).
+        assert isinstance(d.period, RelativePeriod)
+        resolved = resolve_period(d.period, now=now, allow_empty=True,
+                                  customer_time_zone=customers[omitted[0]].time_zone)
+        raise empty_period_error(d.period, resolved.time_zone, now)
+    requests = kept
     accepted = await conn.fetchval(
         """WITH added AS (
                INSERT INTO bonus_requests (definition_pk, request_key, customer_id, window_start,
@@ -302,16 +337,19 @@ async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
             row.pk, start, end)
         job_id = await _ensure_batch_job(conn, row.pk, start, end, now=now)
     return Accepted(window_start=start, due_at=end, accepted=int(accepted),
-                    outbox_job_id=job_id)
+                    outbox_job_id=job_id, omitted=tuple(omitted))
 
 
-def _definition_window(d: BonusDefinition, *, now: datetime,
-                       time_zone: str | None) -> tuple[datetime | None, datetime | None]:
+def _definition_window(d: BonusDefinition, *, now: datetime, time_zone: str | None,
+                       allow_empty: bool = False) -> tuple[datetime | None, datetime | None]:
     """The transaction window the definition's own period gives at ``now`` in the customer's
-    zone ((None, None) for a properties-only definition, which reads no transactions)."""
+    zone ((None, None) for a properties-only definition, which reads no transactions). An
+    empty period is INVALID_ARGUMENT, or with ``allow_empty`` the empty window (start = end),
+    which the batch turns into a SKIPPED INVALID_PERIOD result."""
     if d.data_mode is DataMode.PROPERTIES_ONLY or d.period is None:
         return None, None
-    resolved = resolve_period(d.period, now=now, customer_time_zone=time_zone)
+    resolved = resolve_period(d.period, now=now, customer_time_zone=time_zone,
+                              allow_empty=allow_empty)
     return resolved.start, resolved.end
 
 
@@ -330,8 +368,11 @@ async def _current_windows(conn: asyncpg.Connection, d: BonusDefinition,
     for r in rows:
         start, end = r["period_start"], r["period_end"]
         if r["period_revision"] is not None and r["period_revision"] != d.revision:
+            # allow_empty: a period edited to "today so far" is empty for a request made at
+            # the customer's midnight; that request is skipped, the batch goes on.
             start, end = _definition_window(d, now=r["request_time"],
-                                            time_zone=zones.get(r["customer_id"]))
+                                            time_zone=zones.get(r["customer_id"]),
+                                            allow_empty=True)
         pending.append(_Pending(r["id"], r["customer_id"], start, end))
     return pending
 
@@ -432,7 +473,15 @@ def _computed(p: _Pending, customer: _Customer | None,
               approval: ApprovalMode, options: ResultOptions) -> Computed:
     """One request's evaluation and decision."""
     currency = customer.currency if customer else None
-    if (p.period_start is not None and p.period_end is not None
+    if p.period_start is not None and p.period_end is not None and (
+            p.period_end <= p.period_start):
+        # The definition's period had not started at the request ("today so far" at the
+        # customer's midnight): there is nothing to read, and zero is not what it means.
+        evaluation = Evaluation(
+            outcome=Outcome.SKIPPED, skip_reason=SkipReason.INVALID_PERIOD,
+            skip_detail=f"the transaction period is empty: it starts and ends at "
+                        f"{p.period_start.isoformat()}")
+    elif (p.period_start is not None and p.period_end is not None
             and p.period_end - p.period_start > MAX_PERIOD):
         # A trigger's window (e.g. qualification to last bet) grew past the vendor's limit.
         evaluation = Evaluation(

@@ -4,7 +4,8 @@ A "today so far" period runs from local midnight until the run. A schedule that 
 the period's own zone therefore reads an empty period on every run: refuse it when saved rather
 than skip each run. Only that certain case is refused; where it depends on the customers (a
 period in each customer's zone) or on the date (another zone, whose offset differs part of the
-year), the worker skips the empty runs and logs them.
+year), the worker leaves out the customers whose period is empty at a run (logged) and skips
+a run only when it is empty for all of them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from core.periods import (
     RelativePeriod,
     ResolvedWindow,
     TimeBackPeriod,
+    empty_period_error,
     period_from_dict,
     period_to_dict,
     resolve_period,
@@ -166,6 +167,29 @@ def test_today_so_far() -> None:
 def test_today_so_far_at_local_midnight_is_an_empty_period() -> None:
     period = RelativePeriod(RelativeKind.TODAY_SO_FAR, "UTC")
     assert reason_of(lambda: resolve_period(period, now=utc(2026, 3, 11))) == "INVALID_PERIOD"
+
+
+def test_an_empty_period_allowed_is_an_empty_window_and_its_error_is_the_same() -> None:
+    """Callers resolving many customers' windows take the empty one instead of the error
+    (storage.bonuses.add_requests); empty_period_error is what resolve_period raises."""
+    period = RelativePeriod(RelativeKind.TODAY_SO_FAR, None)
+    midnight_berlin = utc(2026, 3, 10, 23)
+    window = resolve_period(period, now=midnight_berlin, customer_time_zone="Europe/Berlin",
+                            allow_empty=True)
+    assert window == ResolvedWindow(midnight_berlin, midnight_berlin, "Europe/Berlin")
+    assert window.is_empty
+    with pytest.raises(InvalidArgument) as raised:
+        resolve_period(period, now=midnight_berlin, customer_time_zone="Europe/Berlin")
+    expected = empty_period_error(period, "Europe/Berlin", midnight_berlin)
+    assert (raised.value.message, raised.value.reason) == (expected.message, expected.reason)
+    assert raised.value.message == (
+        "the today_so_far period in Europe/Berlin is empty at 2026-03-10T23:00:00+00:00")
+    # Not empty an instant later, nor for another zone at the same moment.
+    later = resolve_period(period, now=midnight_berlin + timedelta(microseconds=1),
+                           customer_time_zone="Europe/Berlin", allow_empty=True)
+    assert not later.is_empty and later.length == timedelta(microseconds=1)
+    assert not resolve_period(period, now=midnight_berlin, customer_time_zone="UTC",
+                              allow_empty=True).is_empty
 
 
 # --- DST -----------------------------------------------------------------------------------
