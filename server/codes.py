@@ -19,6 +19,7 @@ from core.codes import MAX_UPLOAD_BYTES, CodeType, parse_code_file, too_large
 from core.errors import FailedPrecondition, InvalidArgument
 from promo.v1 import codes_pb2 as pb
 from promo.v1 import codes_pb2_grpc as pb_grpc
+from server.auth import current_principal
 from server.convert import timestamp
 from server.deps import Dependencies
 from server.promotion_convert import inventory_to_pb
@@ -111,7 +112,8 @@ class CodePoolServicer(pb_grpc.CodePoolServiceServicer):
                 upload_id=str(upload_id), codes_added=len(codes.codes),
                 inventory=inventory_to_pb(inventory)).SerializeToString()
 
-        raw = await run_once(self._deps.pool, scope="UploadCodes", request_id=request_id,
+        raw = await run_once(self._deps.pool, scope="UploadCodes",
+                             caller=current_principal.get().name, request_id=request_id,
                              request_hash=digest, work=work)
         for job_id in queued:
             await queue_after_commit(self._deps.redis, job_id=job_id, due_at=now,

@@ -9,6 +9,7 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
+from server.auth import current_principal
 from storage.idempotency import fingerprint, run_once
 
 
@@ -31,6 +32,8 @@ def request_fingerprint(request: Message) -> bytes:
 
 async def run_request_once(pool: asyncpg.Pool, scope: str, request: Message,
                            work: Callable[[asyncpg.Connection], Awaitable[bytes]]) -> bytes:
-    """Run a mutating request's ``work`` once per request_id (see storage.idempotency)."""
-    return await run_once(pool, scope=scope, request_id=request.request_id,  # type: ignore[attr-defined]
+    """Run a mutating request's ``work`` once per request_id; its answer is replayed only to
+    the API key name that made it (see storage.idempotency)."""
+    return await run_once(pool, scope=scope, caller=current_principal.get().name,
+                          request_id=request.request_id,  # type: ignore[attr-defined]
                           request_hash=request_fingerprint(request), work=work)

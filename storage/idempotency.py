@@ -4,6 +4,13 @@ The first call with a request id does the work and stores its serialized answer 
 transaction as the change; a retry finds the row and returns that answer, charging nothing.
 Concurrent duplicates queue on the primary key: the second insert waits for the first
 transaction and then sees its row (or, if the first rolled back, does the work itself).
+
+A request id is one request for every caller (ids are global: give each service its own
+prefix), but its stored answer is replayed only to the caller that made it (the API key's
+configured name; a key rotated under the same name keeps its retries). Another caller reusing
+the id is REQUEST_ID_REUSED even with the same input: the answer can hold what only the first
+caller may see, such as a generated listener secret. Rows stored before migration 0022 have
+caller '' and answer a retry from any caller, so an upgrade never fails an in-flight retry.
 """
 
 from __future__ import annotations
@@ -34,22 +41,31 @@ async def run_once(
     pool: asyncpg.Pool,
     *,
     scope: str,
+    caller: str,
     request_id: str,
     request_hash: bytes,
     work: Callable[[asyncpg.Connection], Awaitable[bytes]],
 ) -> bytes:
-    """Do ``work`` in a transaction unless ``request_id`` already ran; return the stored answer."""
+    """Do ``work`` in a transaction unless ``request_id`` already ran in ``scope`` (the RPC);
+    return the stored answer to the ``caller`` that made it."""
     validate_request_id(request_id)
+    if not caller:
+        raise ValueError("run_once needs the caller's name ('' marks rows from before 0022)")
     async with pool.acquire() as conn, conn.transaction():
         claimed = await conn.fetchval(
-            """INSERT INTO idempotency_keys (scope, request_id, request_hash)
-               VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true""",
-            scope, request_id, request_hash)
+            """INSERT INTO idempotency_keys (scope, request_id, request_hash, caller)
+               VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true""",
+            scope, request_id, request_hash, caller)
         if not claimed:
             row = await conn.fetchrow(
-                "SELECT request_hash, response FROM idempotency_keys "
+                "SELECT request_hash, response, caller FROM idempotency_keys "
                 "WHERE scope = $1 AND request_id = $2", scope, request_id)
             assert row is not None
+            if row["caller"] not in ("", caller):
+                raise InvalidArgument(
+                    f"request_id {request_id!r} was already used by another caller; request "
+                    "ids are shared by all callers: use a new request_id (e.g. with a prefix "
+                    "of your own)", reason="REQUEST_ID_REUSED", metadata={"field": "request_id"})
             if bytes(row["request_hash"]) != request_hash:
                 raise InvalidArgument(
                     f"request_id {request_id!r} was already used for a different request; "
