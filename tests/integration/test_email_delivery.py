@@ -320,7 +320,9 @@ async def test_a_worker_without_smtp_settings_keeps_the_alert_pending(
     await emit_threshold(pool, arq_redis, settings)
 
     async def tried() -> bool:
-        return bool((await deliveries(pool))[0]["attempts"] >= 1)
+        # The attempt is counted when it starts, its error recorded when it ends: wait for both.
+        [row] = await deliveries(pool)
+        return bool(row["attempts"] >= 1 and row["last_error"] is not None)
 
     async with running_worker(settings):
         await wait_until(tried, what="an attempt")
