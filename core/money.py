@@ -50,7 +50,9 @@ def parse_decimal(text: str, *, field: str, allow_negative: bool = False,
     _, digits, exponent = value.as_tuple()
     assert isinstance(exponent, int)
     scale = max(0, -exponent)
-    if scale > MAX_SCALE or len(digits) - scale > MAX_DIGITS - MAX_SCALE:
+    # Digits before the point, exponent included: "1e20" has 21 (it is 100000000000000000000).
+    integer_digits = 0 if value.is_zero() else len(digits) + exponent
+    if scale > MAX_SCALE or integer_digits > MAX_DIGITS - MAX_SCALE:
         raise InvalidArgument(
             f"{field} allows at most {MAX_DIGITS - MAX_SCALE} integer digits and {MAX_SCALE} "
             f"decimal places, got {text!r}",

@@ -4,11 +4,13 @@ Why opaque: clients must not build tokens, so the server may change the ordering
 token remembers the last key of the page and a fingerprint of the filters, so a token used with
 different filters is rejected instead of silently skipping rows.
 
-A token is base64 JSON without a signature, so a client can still decode and edit one. Decoding
-therefore checks the key's shape against what the list expects (its ``key`` kinds: text of at
-most MAX_TEXT_KEY characters that PostgreSQL can store, a 64-bit integer, or an ISO 8601
-instant with a UTC offset): an edited token is INVALID_ARGUMENT INVALID_PAGE_TOKEN, never a
-crash in the query.
+A token is base64 JSON with a checksum over its content and the list it belongs to (``scope``,
+the List RPC: server/page_tokens.py), so a token that was altered, truncated or sent to another
+List is INVALID_ARGUMENT INVALID_PAGE_TOKEN instead of silently starting elsewhere. The checksum
+is no signature (a client reading this code could forge one, which only picks where its own
+listing starts), so decoding also checks the key's shape against what the list expects (its
+``key`` kinds: text of at most MAX_TEXT_KEY characters that PostgreSQL can store, a 64-bit
+integer, or an ISO 8601 instant with a UTC offset): never a crash in the query.
 """
 
 from __future__ import annotations
@@ -57,14 +59,29 @@ class PageCursor:
     filters: str
 
 
-def encode_page_token(after: list[Any], filters: dict[str, Any]) -> str:
-    payload = json.dumps({"a": after, "f": filters_fingerprint(filters)}, default=str)
+def _checksum(after: Any, fingerprint: Any, scope: str) -> str:
+    raw = json.dumps([scope, after, fingerprint], default=str, sort_keys=True).encode()
+    return hashlib.sha256(b"promo-page-token\x00" + raw).hexdigest()[:16]
+
+
+def encode_page_token(after: list[Any], filters: dict[str, Any], *, scope: str = "") -> str:
+    fingerprint = filters_fingerprint(filters)
+    after = json.loads(json.dumps(after, default=str))  # as decoding will see it
+    payload = json.dumps({"a": after, "f": fingerprint,
+                          "c": _checksum(after, fingerprint, scope)})
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
 def _not_ours() -> InvalidArgument:
     return InvalidArgument("page_token is not a token this server issued",
                            reason="INVALID_PAGE_TOKEN")
+
+
+def _not_this_list() -> InvalidArgument:
+    return InvalidArgument(
+        "page_token was altered or was issued by another List call; use the next_page_token "
+        "of this call's previous page as it was, or start again without a page_token",
+        reason="INVALID_PAGE_TOKEN")
 
 
 def _key_part(value: Any, kind: KeyKind) -> Any:
@@ -84,10 +101,11 @@ def _key_part(value: Any, kind: KeyKind) -> Any:
     return value
 
 
-def decode_page_token(token: str, filters: dict[str, Any], *,
-                      key: Sequence[KeyKind]) -> PageCursor | None:
+def decode_page_token(token: str, filters: dict[str, Any], *, key: Sequence[KeyKind],
+                      scope: str = "") -> PageCursor | None:
     """None for the first page; InvalidArgument INVALID_PAGE_TOKEN for a malformed token, one
-    whose key does not have the shape ``key`` describes, or one issued for other filters."""
+    altered or issued for another ``scope`` (its checksum does not match), one whose key does
+    not have the shape ``key`` describes, or one issued for other filters."""
     if not token:
         return None
     try:
@@ -95,12 +113,18 @@ def decode_page_token(token: str, filters: dict[str, Any], *,
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         after = data["a"]
         fingerprint = data["f"]
+        checksum = data["c"]
         if not isinstance(after, list) or not isinstance(fingerprint, str):
             raise ValueError("bad shape")
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        raise _not_ours() from exc
+    if checksum != _checksum(after, fingerprint, scope):
+        raise _not_this_list()
+    try:
         if len(after) != len(key):
             raise ValueError("wrong key length")
         parts = [_key_part(value, kind) for value, kind in zip(after, key, strict=True)]
-    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise _not_ours() from exc
     if fingerprint != filters_fingerprint(filters):
         raise InvalidArgument(

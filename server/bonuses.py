@@ -48,7 +48,7 @@ from core.bonuses.rules import (
 from core.errors import InvalidArgument
 from core.formula import FORMULA_LANGUAGE_VERSION
 from core.money import format_decimal, parse_decimal, plain
-from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.pagination import effective_page_size
 from core.periods import FixedPeriod, Period, RelativePeriod, TimeBackPeriod
 from core.rounding import RoundingMode
 from promo.v1 import bonuses_pb2 as pb
@@ -58,6 +58,7 @@ from server.auth import current_principal
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from server.formulas import RELATIVE_FROM_PB, period_from_pb
+from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import ROUNDING_FROM_PB, ROUNDING_TO_PB
 from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo

@@ -16,14 +16,16 @@ from grpc import aio
 from core import campaigns as domain
 from core.campaigns import CampaignSpec, CampaignStatus
 from core.cap_state import windows
-from core.errors import InvalidArgument
+from core.catalogue.promotions import PromotionStatus
+from core.errors import FailedPrecondition, InvalidArgument
 from core.forecast import forecast
 from core.money import format_decimal, plain
-from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.pagination import effective_page_size
 from promo.v1 import campaigns_pb2 as pb
 from promo.v1 import campaigns_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import PERIOD_TO_PB
 from storage import campaigns as repo
 from storage import outbox
@@ -84,8 +86,19 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             # the answer) replays the stored answer instead of being refused.
             now = self._deps.clock.now()
             domain.check_execution_in_future(spec.execute_at, now)
-            promotion_ids = [(await promotions_repo.get(conn, code)).id
-                             for code in spec.promotion_codes]
+            promotion_ids = []
+            for code in spec.promotion_codes:
+                stored = await promotions_repo.get(conn, code)
+                # Seeds 000/002: only an active promotion is available to campaigns (a draft
+                # or a deactivated one would be scheduled, then grant nothing).
+                if stored.promotion.status is not PromotionStatus.ACTIVE:
+                    raise FailedPrecondition(
+                        f"promotion {code!r} is {stored.promotion.status.value}: only an ACTIVE "
+                        "promotion can be used in a campaign (activate it first)",
+                        reason="PROMOTION_NOT_ACTIVE",
+                        metadata={"field": "campaign.promotion_codes", "promotion_code": code,
+                                  "status": stored.promotion.status.value})
+                promotion_ids.append(stored.id)
             row = await repo.insert(conn, spec, promotion_ids)
             if customer_ids:
                 await repo.add_targets(conn, row.id, customer_ids)

@@ -15,11 +15,12 @@ from grpc import aio
 from core import customers as domain
 from core.errors import InvalidArgument
 from core.money import format_decimal
-from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.pagination import effective_page_size
 from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_tokens import decode_page_token, encode_page_token
 from storage import bonus_triggers as triggers_repo
 from storage import customers as customers_repo
 from storage import events as events_repo

@@ -11,16 +11,26 @@
 | ResourceExhausted    | RESOURCE_EXHAUSTED  |
 | Aborted              | ABORTED             |
 | anything else        | INTERNAL (logged with its traceback, never shown to the caller) |
+
+Two safety nets apply to every RPC. A NUL character (U+0000) that reaches PostgreSQL (which no
+text can hold) is the caller's bad input, not a crash: the request is searched for it and the
+call is INVALID_ARGUMENT INVALID_TEXT naming the field. And a status is kept small: messages and
+ErrorInfo metadata that echo a caller's value (a 10,000-character id) are cut, so the trailers
+stay under gRPC's default 16 KiB limit and the client sees the ErrorInfo, not
+RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import grpc
+from asyncpg.exceptions import CharacterNotInRepertoireError
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from core import errors
+from core.text import NUL
 
 ERROR_DOMAIN = "promo.engine"
 
@@ -43,11 +53,27 @@ def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# The message travels twice (grpc-message, percent-encoded, and inside
+# grpc-status-details-bin, base64): 2,000 characters stay far below 16 KiB even when every one
+# is encoded as 3 bytes.
+MAX_MESSAGE_CHARS = 2000
+MAX_METADATA_VALUE_CHARS = 200
+
+
+_SHORTENED = "... (shortened)"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - len(_SHORTENED)] + _SHORTENED
+
+
 def to_status(code: grpc.StatusCode, message: str, reason: str,
               metadata: dict[str, str] | None = None) -> grpc.Status:
-    """A grpc.Status whose details carry ErrorInfo(reason, domain, metadata)."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
-                                       metadata=metadata or {})
+    """A grpc.Status whose details carry ErrorInfo(reason, domain, metadata), cut to size."""
+    message = _cut(message, MAX_MESSAGE_CHARS)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={
+        _cut(k, MAX_METADATA_VALUE_CHARS): _cut(v, MAX_METADATA_VALUE_CHARS)
+        for k, v in (metadata or {}).items()})
     detail = any_pb2.Any()
     detail.Pack(info)
     proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message,
@@ -70,3 +96,49 @@ def error_info_of(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
             detail.Unpack(info)
             return info
     return None
+
+
+def nul_field(message: Message, prefix: str = "") -> str | None:
+    """The path of the first string in ``message`` (nested messages, repeated fields and maps
+    included) that holds a NUL character, e.g. ``listener.url`` or ``customer_ids[3]``."""
+    for descriptor, value in message.ListFields():
+        name = f"{prefix}{descriptor.name}"
+        found: str | None
+        if isinstance(value, (str, Message)):
+            found = _nul_in(value, name)
+        elif isinstance(value, (bytes, bool, int, float)):
+            found = None
+        elif hasattr(value, "items"):  # a map field
+            found = None
+            for key, item in value.items():
+                path = f"{name}[{key!r}]"
+                found = path if isinstance(key, str) and NUL in key else _nul_in(item, path)
+                if found is not None:
+                    break
+        else:  # a repeated field
+            found = next((path for index, item in enumerate(value)
+                          if (path := _nul_in(item, f"{name}[{index}]")) is not None), None)
+        if found is not None:
+            return found
+    return None
+
+
+def _nul_in(value: object, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if NUL in value else None
+    if isinstance(value, Message):
+        return nul_field(value, f"{path}.")
+    return None
+
+
+def stored_text_error(exc: BaseException, request: object) -> errors.InvalidArgument | None:
+    """The caller's error behind a database refusal of a NUL character, or None when ``exc``
+    is something else (or the NUL is not in the request)."""
+    if not isinstance(exc, CharacterNotInRepertoireError) or not isinstance(request, Message):
+        return None
+    path = nul_field(request)
+    if path is None:
+        return None
+    return errors.InvalidArgument(
+        f"{path} must not contain the NUL character (U+0000): it cannot be stored",
+        reason="INVALID_TEXT", metadata={"field": path})

@@ -18,7 +18,7 @@ from grpc import aio
 
 from core.errors import DomainError
 from server.auth import ANONYMOUS, Authenticator, Principal, current_principal
-from server.errors import domain_status, to_status
+from server.errors import domain_status, stored_text_error, to_status
 from server.logs import call_context
 
 log = logging.getLogger("promo.rpc")
@@ -74,10 +74,13 @@ class ServiceInterceptor(aio.ServerInterceptor):
         return principal, ctx
 
     async def _fail(self, exc: BaseException, method: str, request_id: str,
-                    context: aio.ServicerContext, started: float) -> None:
+                    context: aio.ServicerContext, started: float,
+                    request: object = None) -> None:
         """Log the failure and end the call with its status. The status's trailers
         (grpc-status-details-bin, the google.rpc details) replace the call's trailers, so the
-        x-request-id is added to them: a failed call is the one an operator looks up."""
+        x-request-id is added to them: a failed call is the one an operator looks up. A NUL
+        character the database refused is the request's bad input (server.errors)."""
+        exc = stored_text_error(exc, request) or exc
         if isinstance(exc, DomainError):
             status = domain_status(exc)
             log.info("rpc failed", extra={"code": status.code.name, "reason": exc.reason,
@@ -119,7 +122,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             except aio.AbortError:
                 raise
             except Exception as exc:
-                await icpt._fail(exc, method, request_id, context, started)
+                await icpt._fail(exc, method, request_id, context, started, request)
                 raise AssertionError("unreachable") from exc
             icpt._done(method, context, started)
             return response
@@ -142,7 +145,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             except aio.AbortError:
                 raise
             except Exception as exc:
-                await icpt._fail(exc, method, request_id, context, started)
+                await icpt._fail(exc, method, request_id, context, started, request)
             icpt._done(method, context, started)
 
         return grpc.unary_stream_rpc_method_handler(

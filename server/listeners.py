@@ -5,7 +5,9 @@ Secrets are write-only: a generated one is returned once (in the Register/Update
 so also to a retry with the same request_id, which replays that response); no read returns one.
 They are stored sealed with the server's secret box (core/secret_box.py) when a key is
 configured, in clear otherwise; only the worker opens them, to sign. The stored answer that a
-retry replays is sealed too (its generated_secret), so the secret is in clear in no table.
+retry replays is sealed too (its generated_secret), so the secret is in clear in no table, and
+a caller-chosen secret enters the request's fingerprint only through scrypt
+(server/secret_fingerprint.py), so that table does not allow testing guesses of it cheaply.
 E-mail listeners have recipients instead of a URL and no secret; registering one needs the
 server's SMTP settings (PROMO_SMTP_HOST), else FAILED_PRECONDITION.
 """
@@ -29,12 +31,14 @@ from core.events import (
     validate_listener_url,
     validate_secret,
 )
-from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.pagination import effective_page_size
 from core.secret_box import SecretBoxError
 from promo.v1 import listeners_pb2 as pb
 from promo.v1 import listeners_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_tokens import decode_page_token, encode_page_token
+from server.secret_fingerprint import listener_request_fingerprints
 from storage import webhooks as repo
 from storage.listener_secrets import LISTENER_SECRET_PURPOSE
 from storage.queue import queue_after_commit
@@ -131,6 +135,20 @@ def attempt_to_pb(row: repo.AttemptRow) -> pb.DeliveryAttempt:
         error=row.error or "", latency_ms=row.latency_ms or 0.0)
 
 
+def _check_channel(current: repo.ListenerRow, paths: set[str]) -> None:
+    """FAILED_PRECONDITION WRONG_CHANNEL when ``paths`` (an update_mask) names a field of the
+    other channel than ``current``'s."""
+    foreign = sorted(paths & CHANNEL_FIELDS[Channel.WEBHOOK if current.channel
+                                            is Channel.EMAIL else Channel.EMAIL])
+    if foreign:
+        kind = "an e-mail" if current.channel is Channel.EMAIL else "a webhook"
+        raise FailedPrecondition(
+            f"listener {current.id} is {kind} listener: it has no "
+            f"{', '.join(foreign)} (update_mask)",
+            reason="WRONG_CHANNEL",
+            metadata={"field": "update_mask", "channel": current.channel.value})
+
+
 class ListenerServicer(pb_grpc.ListenerServiceServicer):
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
@@ -208,7 +226,9 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                     "" if secret or channel is Channel.EMAIL else chosen),
             ).SerializeToString()
 
-        raw = await run_request_once(self._deps.pool, "RegisterListener", request, work)
+        hashes = await listener_request_fingerprints("RegisterListener", request)
+        raw = await run_request_once(self._deps.pool, "RegisterListener", request, work,
+                                     request_hash=hashes.current, legacy_hash=hashes.legacy)
         response = pb.RegisterListenerResponse.FromString(raw)
         response.generated_secret = self._opened_answer(response.generated_secret)
         return response
@@ -252,28 +272,29 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                 f"update_mask names fields that cannot be updated: {', '.join(unknown)}; "
                 f"updatable fields are {', '.join(sorted(UPDATABLE_FIELDS))}{hint}",
                 reason="INVALID_UPDATE_MASK", metadata={"field": "update_mask"})
-        url = (validate_listener_url(given.url, field="listener.url") if "url" in paths
-               else None)
-        description = (validate_description(given.description, field="listener.description")
-                       if "description" in paths else None)
+        try:
+            url = (validate_listener_url(given.url, field="listener.url") if "url" in paths
+                   else None)
+            description = (validate_description(given.description,
+                                                field="listener.description")
+                           if "description" in paths else None)
+            secret = (validate_secret(given.secret, field="listener.secret")
+                      if "secret" in paths and given.secret else None)
+            recipients = (validate_email_recipients(list(given.email_recipients),
+                                                    field="listener.email_recipients")
+                          if "email_recipients" in paths else None)
+        except InvalidArgument:
+            # A field of the other channel (a url for an e-mail listener) is WRONG_CHANNEL
+            # whatever its value: say that rather than what is wrong with the value. The
+            # channel never changes, so reading it outside the update is safe.
+            async with self._deps.pool.acquire() as conn:
+                _check_channel(await repo.get_listener(conn, listener_id), paths)
+            raise
         active = given.active if "active" in paths else None
-        secret = (validate_secret(given.secret, field="listener.secret")
-                  if "secret" in paths and given.secret else None)
-        recipients = (validate_email_recipients(list(given.email_recipients),
-                                                field="listener.email_recipients")
-                      if "email_recipients" in paths else None)
 
         async def work(conn: asyncpg.Connection) -> bytes:
             current = await repo.get_listener(conn, listener_id, for_update=True)
-            foreign = sorted(paths & CHANNEL_FIELDS[Channel.WEBHOOK if current.channel
-                                                    is Channel.EMAIL else Channel.EMAIL])
-            if foreign:
-                kind = "an e-mail" if current.channel is Channel.EMAIL else "a webhook"
-                raise FailedPrecondition(
-                    f"listener {listener_id} is {kind} listener: it has no "
-                    f"{', '.join(foreign)} (update_mask)",
-                    reason="WRONG_CHANNEL",
-                    metadata={"field": "update_mask", "channel": current.channel.value})
+            _check_channel(current, paths)
             generated = generate_secret() if "secret" in paths and secret is None else None
             new_secret = secret or generated
             row = await repo.update_listener(
@@ -285,7 +306,9 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                 listener=listener_to_pb(row),
                 generated_secret=self._sealed_answer(generated or "")).SerializeToString()
 
-        raw = await run_request_once(self._deps.pool, "UpdateListener", request, work)
+        hashes = await listener_request_fingerprints("UpdateListener", request)
+        raw = await run_request_once(self._deps.pool, "UpdateListener", request, work,
+                                     request_hash=hashes.current, legacy_hash=hashes.legacy)
         response = pb.UpdateListenerResponse.FromString(raw)
         response.generated_secret = self._opened_answer(response.generated_secret)
         return response

@@ -16,7 +16,7 @@ from grpc import aio
 from core.clock import Clock
 from core.errors import FailedPrecondition, InvalidArgument
 from core.money import format_decimal, parse_decimal
-from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.pagination import effective_page_size
 from core.products import basket
 from core.products import discounts as discount_domain
 from core.products import promotions as domain
@@ -24,6 +24,7 @@ from promo.v1 import products_pb2 as pb
 from promo.v1 import products_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_tokens import decode_page_token, encode_page_token
 from storage import products as repo
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProductPromotionService"].full_name

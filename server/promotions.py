@@ -19,13 +19,14 @@ from core.clock import Clock
 from core.codes import CodeType
 from core.errors import InvalidArgument
 from core.money import format_decimal
-from core.pagination import decode_page_token, effective_page_size, encode_page_token
+from core.pagination import effective_page_size
 from core.reward_formulas import compile_rewards, stored_forms
 from promo.v1 import promotions_pb2 as pb
 from promo.v1 import promotions_pb2_grpc as pb_grpc
 from server.code_alerts import AlertDispatcher
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import (
     KIND_FROM_PB,
     PERIOD_TO_PB,

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from core.errors import InvalidArgument
+from core.text import nul_problem
 
 MAX_REQUEST_ID_LENGTH = 200
 
@@ -30,6 +31,9 @@ def validate_request_id(request_id: str) -> str:
         raise InvalidArgument(
             f"request_id is required (1-{MAX_REQUEST_ID_LENGTH} characters); reuse the same id "
             "when retrying a call", reason="INVALID_REQUEST_ID", metadata={"field": "request_id"})
+    if (problem := nul_problem(request_id, "request_id")) is not None:
+        raise InvalidArgument(problem, reason="INVALID_REQUEST_ID",
+                              metadata={"field": "request_id"})
     return request_id
 
 
@@ -45,9 +49,11 @@ async def run_once(
     request_id: str,
     request_hash: bytes,
     work: Callable[[asyncpg.Connection], Awaitable[bytes]],
+    legacy_hash: bytes | None = None,
 ) -> bytes:
     """Do ``work`` in a transaction unless ``request_id`` already ran in ``scope`` (the RPC);
-    return the stored answer to the ``caller`` that made it."""
+    return the stored answer to the ``caller`` that made it. ``legacy_hash``: another
+    fingerprint of the same request that a row stored by an earlier version may hold."""
     validate_request_id(request_id)
     if not caller:
         raise ValueError("run_once needs the caller's name ('' marks rows from before 0022)")
@@ -66,7 +72,7 @@ async def run_once(
                     f"request_id {request_id!r} was already used by another caller; request "
                     "ids are shared by all callers: use a new request_id (e.g. with a prefix "
                     "of your own)", reason="REQUEST_ID_REUSED", metadata={"field": "request_id"})
-            if bytes(row["request_hash"]) != request_hash:
+            if bytes(row["request_hash"]) not in (request_hash, legacy_hash):
                 raise InvalidArgument(
                     f"request_id {request_id!r} was already used for a different request; "
                     "use a new request_id for a new request",

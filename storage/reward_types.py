@@ -63,6 +63,14 @@ async def update(conn: asyncpg.Connection, reward_type: RewardType) -> RewardTyp
     if row is None:
         raise NotFound(f"no reward type named {reward_type.name!r}",
                        reason="REWARD_TYPE_NOT_FOUND", metadata={"name": reward_type.name})
+    # Every server caches a promotion with its reward types (server/promotion_cache.py) and a
+    # grant is refused as STALE only when the promotion's version moved: bump the versions of
+    # the promotions paying this type, so a lowered maximum applies to the very next grant on
+    # every server, not after the cache's TTL.
+    await conn.execute(
+        """UPDATE promotions SET version = version + 1
+            WHERE rewards @> jsonb_build_array(jsonb_build_object('reward_type', $1::text))""",
+        reward_type.name)
     return _from_row(row)
 
 

@@ -82,7 +82,10 @@ def test_page_token_with_other_filters_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [("10.50", Decimal("10.50")), (" 7 ", Decimal(7)),
-                                                ("0.000001", Decimal("0.000001"))])
+                                                ("0.000001", Decimal("0.000001")),
+                                                ("1e13", Decimal(10) ** 13),
+                                                ("123.45e2", Decimal(12345)),
+                                                ("0e30", Decimal(0))])
 def test_parse_decimal_accepts(text: str, expected: Decimal) -> None:
     assert parse_decimal(text, field="v") == expected
 
@@ -90,7 +93,11 @@ def test_parse_decimal_accepts(text: str, expected: Decimal) -> None:
 @pytest.mark.parametrize(("text", "fragment"), [
     ("abc", "must be a decimal"), ("NaN", "finite"), ("Infinity", "finite"),
     ("-1", "must not be negative"), ("0.0000001", "6 decimal places"),
-    ("123456789012345", "integer digits"), ("", "is required")])
+    ("123456789012345", "integer digits"), ("", "is required"),
+    # An exponent counts: "1e20" is 21 integer digits (it reached numeric(20,6) and failed
+    # there, INTERNAL); "1.2345678901234e14" is 15.
+    ("1e20", "integer digits"), ("1E15", "integer digits"),
+    ("1.2345678901234e14", "integer digits")])
 def test_parse_decimal_rejects(text: str, fragment: str) -> None:
     with pytest.raises(InvalidArgument, match=fragment):
         parse_decimal(text, field="v")
@@ -173,3 +180,27 @@ def test_authenticator_roles() -> None:
         auth.authenticate(None)
     assert Authenticator.presented_key([("authorization", "Bearer abc")]) == "abc"
     assert Authenticator.is_public("/grpc.health.v1.Health/Check")
+
+
+def test_an_altered_token_or_one_of_another_list_is_an_invalid_page_token() -> None:
+    """The checksum covers the position, the filters and the List (``scope``): a client that
+    moves the position, or sends ListRewardTypes' token to ListCustomers, is told so."""
+    import base64
+    import json
+
+    token = encode_page_token(["b"], {}, scope="/promo.v1.RewardTypeService/ListRewardTypes")
+    assert decode_page_token(token, {}, key=(str,),
+                             scope="/promo.v1.RewardTypeService/ListRewardTypes") is not None
+    payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    payload["a"] = ["z"]
+    altered = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    for bad, scope in ((altered, "/promo.v1.RewardTypeService/ListRewardTypes"),
+                       (token, "/promo.v1.CustomerService/ListCustomers")):
+        with pytest.raises(InvalidArgument) as err:
+            decode_page_token(bad, {}, key=(str,), scope=scope)
+        assert err.value.reason == "INVALID_PAGE_TOKEN"
+        assert err.value.message.startswith("page_token was altered or was issued by another")
+    del payload["c"]  # a token of the previous format (no checksum) is not one of ours
+    old = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    with pytest.raises(InvalidArgument, match="not a token this server issued"):
+        decode_page_token(old, {}, key=(str,))

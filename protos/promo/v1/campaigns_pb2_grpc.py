@@ -72,7 +72,8 @@ class CampaignServiceServicer:
     """
 
     def CreateCampaign(self, request, context):
-        """Schedules a campaign. Idempotent on request_id.
+        """Schedules a campaign. Idempotent on request_id. Every promotion must be ACTIVE (a draft
+        or deactivated one is FAILED_PRECONDITION PROMOTION_NOT_ACTIVE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

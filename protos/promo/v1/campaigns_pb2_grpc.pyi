@@ -34,7 +34,9 @@ class CampaignServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CampaignServiceAsyncStub: ...
     CreateCampaign: _grpc.UnaryUnaryMultiCallable[_campaigns_pb2.CreateCampaignRequest, _campaigns_pb2.CreateCampaignResponse]
-    """Schedules a campaign. Idempotent on request_id."""
+    """Schedules a campaign. Idempotent on request_id. Every promotion must be ACTIVE (a draft
+    or deactivated one is FAILED_PRECONDITION PROMOTION_NOT_ACTIVE).
+    """
     AddCampaignTargets: _grpc.UnaryUnaryMultiCallable[_campaigns_pb2.AddCampaignTargetsRequest, _campaigns_pb2.AddCampaignTargetsResponse]
     """Adds customers to the target group, in chunks (call it as often as needed while SCHEDULED)."""
     GetCampaign: _grpc.UnaryUnaryMultiCallable[_campaigns_pb2.GetCampaignRequest, _campaigns_pb2.GetCampaignResponse]
@@ -52,7 +54,9 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateCampaign: _aio.UnaryUnaryMultiCallable[_campaigns_pb2.CreateCampaignRequest, _campaigns_pb2.CreateCampaignResponse]  # type: ignore[assignment]
-    """Schedules a campaign. Idempotent on request_id."""
+    """Schedules a campaign. Idempotent on request_id. Every promotion must be ACTIVE (a draft
+    or deactivated one is FAILED_PRECONDITION PROMOTION_NOT_ACTIVE).
+    """
     AddCampaignTargets: _aio.UnaryUnaryMultiCallable[_campaigns_pb2.AddCampaignTargetsRequest, _campaigns_pb2.AddCampaignTargetsResponse]  # type: ignore[assignment]
     """Adds customers to the target group, in chunks (call it as often as needed while SCHEDULED)."""
     GetCampaign: _aio.UnaryUnaryMultiCallable[_campaigns_pb2.GetCampaignRequest, _campaigns_pb2.GetCampaignResponse]  # type: ignore[assignment]
@@ -73,7 +77,9 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _campaigns_pb2.CreateCampaignRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_campaigns_pb2.CreateCampaignResponse, _abc.Awaitable[_campaigns_pb2.CreateCampaignResponse]]:
-        """Schedules a campaign. Idempotent on request_id."""
+        """Schedules a campaign. Idempotent on request_id. Every promotion must be ACTIVE (a draft
+        or deactivated one is FAILED_PRECONDITION PROMOTION_NOT_ACTIVE).
+        """
 
     @_abc_1.abstractmethod
     def AddCampaignTargets(

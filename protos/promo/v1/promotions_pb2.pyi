@@ -484,7 +484,9 @@ class Promotion(_message.Message):
     customers: _builtins.int
     """Output only: unique customers with a live grant."""
     version: _builtins.int
-    """Output only: increases with every change."""
+    """Output only: increases with every change, also of a reward type it pays (whose new
+    bounds apply from the next grant).
+    """
     code_type: Global___CodeType.ValueType
     """PROMOTION_CODE (default) or PERSONALIZED."""
     fallback_code: _builtins.str

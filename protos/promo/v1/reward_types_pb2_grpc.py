@@ -88,6 +88,8 @@ class RewardTypeServiceServicer:
 
     def UpdateRewardType(self, request, context):
         """Updates the fields named in update_mask. The name never changes. Idempotent on request_id.
+        Promotions paying this type use the new bounds from their next grant (their version
+        increases).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,7 +43,10 @@ class RewardTypeServiceStub:
     ListRewardTypes: _grpc.UnaryUnaryMultiCallable[_reward_types_pb2.ListRewardTypesRequest, _reward_types_pb2.ListRewardTypesResponse]
     """Lists reward types ordered by name, paginated."""
     UpdateRewardType: _grpc.UnaryUnaryMultiCallable[_reward_types_pb2.UpdateRewardTypeRequest, _reward_types_pb2.UpdateRewardTypeResponse]
-    """Updates the fields named in update_mask. The name never changes. Idempotent on request_id."""
+    """Updates the fields named in update_mask. The name never changes. Idempotent on request_id.
+    Promotions paying this type use the new bounds from their next grant (their version
+    increases).
+    """
 
 @_typing.type_check_only
 class RewardTypeServiceAsyncStub(RewardTypeServiceStub):
@@ -60,7 +63,10 @@ class RewardTypeServiceAsyncStub(RewardTypeServiceStub):
     ListRewardTypes: _aio.UnaryUnaryMultiCallable[_reward_types_pb2.ListRewardTypesRequest, _reward_types_pb2.ListRewardTypesResponse]  # type: ignore[assignment]
     """Lists reward types ordered by name, paginated."""
     UpdateRewardType: _aio.UnaryUnaryMultiCallable[_reward_types_pb2.UpdateRewardTypeRequest, _reward_types_pb2.UpdateRewardTypeResponse]  # type: ignore[assignment]
-    """Updates the fields named in update_mask. The name never changes. Idempotent on request_id."""
+    """Updates the fields named in update_mask. The name never changes. Idempotent on request_id.
+    Promotions paying this type use the new bounds from their next grant (their version
+    increases).
+    """
 
 class RewardTypeServiceServicer(metaclass=_abc_1.ABCMeta):
     """RewardTypeService manages the catalogue of reward types (seed 000, "Creating a Reward Type").
@@ -98,6 +104,9 @@ class RewardTypeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _reward_types_pb2.UpdateRewardTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_reward_types_pb2.UpdateRewardTypeResponse, _abc.Awaitable[_reward_types_pb2.UpdateRewardTypeResponse]]:
-        """Updates the fields named in update_mask. The name never changes. Idempotent on request_id."""
+        """Updates the fields named in update_mask. The name never changes. Idempotent on request_id.
+        Promotions paying this type use the new bounds from their next grant (their version
+        increases).
+        """
 
 def add_RewardTypeServiceServicer_to_server(servicer: RewardTypeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
