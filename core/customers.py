@@ -173,6 +173,19 @@ def currency_problem(code: str, *, required: bool) -> str | None:
     return None
 
 
+MAX_PROPERTY_NAME = 64
+
+
+def _property_name_problem(name: str) -> str | None:
+    """Property names are the labels operators know them by (seed 004's "Logins count ever"):
+    any printable text of 1-64 characters without spaces around it. Formulas read a name that
+    is not an identifier as ``customer["Logins count ever"]``; no SQL is built from them."""
+    if not 1 <= len(name) <= MAX_PROPERTY_NAME or not name.isprintable() or name != name.strip():
+        return (f"property name {name!r} must be 1-{MAX_PROPERTY_NAME} printable characters "
+                "without leading or trailing spaces")
+    return None
+
+
 def _name_problem(name: str, what: str) -> str | None:
     if not NAME_PATTERN.fullmatch(name):
         return (f"{what} name {name!r} must be a letter or '_' followed by up to 63 letters, "
@@ -216,7 +229,7 @@ def _validate_customer(raw: CustomerInput) -> tuple[Customer | None, list[str]]:
     properties: dict[str, PropertyValue] = {}
     for name in sorted(raw.properties):
         value = raw.properties[name]
-        if (p := _name_problem(name, "property")) is not None:
+        if (p := _property_name_problem(name)) is not None:
             problems.append(p)
             continue
         if value is None:

@@ -25,10 +25,10 @@ import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -51,10 +51,11 @@ from core.bonuses.results import (
     event_payload,
 )
 from core.bonuses.windows import window_end, window_start
-from core.customers import PropertyValue
+from core.customers import PropertyValue, typed_attributes
 from core.errors import AlreadyExists, InvalidArgument, NotFound
 from core.events import EventType
 from core.formula import (
+    AggregateSpec,
     AggregateValue,
     CompiledFormula,
     Evaluation,
@@ -63,7 +64,7 @@ from core.formula import (
     ResultOptions,
     SkipReason,
 )
-from core.formula.memory import EventRecord
+from core.formula.memory import EventRecord, filter_matches
 from core.money import plain
 from core.periods import (
     MAX_PERIOD,
@@ -230,8 +231,10 @@ class EmptyPeriods(enum.Enum):
     OMIT = "omit"  # no request for that customer (a schedule run; all empty: REFUSE)
 
 
-@dataclass(frozen=True)
-class _Customer:
+class _Customer(NamedTuple):
+    """A tuple: a batch builds one per customer (100,000 in a large window), and a frozen
+    dataclass costs several times as much to create."""
+
     customer_id: str
     time_zone: str | None
     currency: str | None
@@ -373,7 +376,8 @@ async def _current_windows(conn: asyncpg.Connection, d: BonusDefinition,
             start, end = _definition_window(d, now=r["request_time"],
                                             time_zone=zones.get(r["customer_id"]),
                                             allow_empty=True)
-        pending.append(_Pending(r["id"], r["customer_id"], start, end))
+        pending.append(_Pending(r["id"], r["customer_id"], start, end,
+                                r["period_revision"] is not None))
     return pending
 
 
@@ -429,16 +433,22 @@ async def rearm_stranded_batches(conn: asyncpg.Connection, *,
 # --- computing -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Pending:
+class _Pending(NamedTuple):
+    """One request as the batch computes it (a tuple, as _Customer)."""
+
     pk: int
     customer_id: str
     period_start: datetime | None
     period_end: datetime | None
+    # The window is the definition's own period, resolved (and its length checked the way the
+    # period is measured: calendar days, or wall-clock time in a fixed period's zone) by
+    # core.periods. Otherwise it is a trigger's or the caller's, checked here in UTC.
+    follows_definition: bool
 
 
-@dataclass(frozen=True)
-class Computed:
+class Computed(NamedTuple):
+    """One request's evaluation and decision (a tuple, as _Customer)."""
+
     request_pk: int
     customer_id: str
     evaluation: Evaluation
@@ -482,8 +492,10 @@ def _computed(p: _Pending, customer: _Customer | None,
             skip_detail=f"the transaction period is empty: it starts and ends at "
                         f"{p.period_start.isoformat()}")
     elif (p.period_start is not None and p.period_end is not None
-            and p.period_end - p.period_start > MAX_PERIOD):
-        # A trigger's window (e.g. qualification to last bet) grew past the vendor's limit.
+            and not p.follows_definition and p.period_end - p.period_start > MAX_PERIOD):
+        # A trigger's window (e.g. qualification to last bet) grew past the vendor's limit. Not
+        # the definition's own period: "last full month" in Berlin is 31 days and 1 hour of
+        # UTC in October, and its length was checked in days when it was resolved.
         evaluation = Evaluation(
             outcome=Outcome.SKIPPED, skip_reason=SkipReason.INVALID_PERIOD,
             skip_detail=f"the transaction period is "
@@ -526,16 +538,21 @@ async def _compute(conn: asyncpg.Connection, row: DefinitionRow, compiled: Compi
             chunks = aggregates_repo.iter_aggregates_for_windows(
                 conn, compiled.aggregates, windows)  # type: ignore[arg-type]
         offset = 0
+        no_values: Mapping[str, AggregateValue] = {}
+        find_customer = customers.get
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for values in chunks:
                 batch = pending[offset:offset + len(values)]
                 offset += len(batch)
                 out = []
+                read = 0
                 for p in batch:
-                    aggregates = values.get(p.customer_id, {})
-                    cost.events_read += sum(v.count for v in aggregates.values())
-                    out.append(_computed(p, customers.get(p.customer_id), aggregates, compiled,
+                    aggregates = values.get(p.customer_id, no_values)
+                    for v in aggregates.values():
+                        read += v.count
+                    out.append(_computed(p, find_customer(p.customer_id), aggregates, compiled,
                                          approval, options))
+                cost.events_read += read
                 yield out
         assert offset == len(pending), (offset, len(pending))
         return
@@ -1178,15 +1195,39 @@ async def list_results(conn: asyncpg.Connection, f: ResultFilter, *, before_pk: 
 
 async def result_events(conn: asyncpg.Connection, result: ResultRow, *,
                         limit: int = 500) -> list[EventRecord]:
-    """The customer's events in the result's period, of the kinds its formula reads, with
-    their attributes as recorded (text: a game id "007" stays "007")."""
+    """The events the result was calculated from (seed 004: "the underlying transactions used
+    in the calculation"): the customer's events in the result's period that one of its
+    formula's aggregates reads, its ``where`` filters included (a Roulette bet excluded by
+    ``game_category != "Roulette"`` is not shown), with their attributes as recorded (text: a
+    game id "007" stays "007"). A result of an earlier formula revision (not recalculated since
+    the edit) shows the events of the kinds it read: its filters are no longer known."""
     if result.period_start is None or result.period_end is None or not result.aggregate_kinds:
         return []
     records = await aggregates_repo.event_records(conn, [result.customer_id],
                                                   result.period_start, result.period_end,
                                                   typed=False)
     kinds = set(result.aggregate_kinds)
-    return [record for _, record in records if record.kind in kinds][:limit]
+    shown = [record for _, record in records if record.kind in kinds]
+    current = await conn.fetchrow(
+        "SELECT revision, formula_stored FROM bonus_definitions WHERE definition_id = $1",
+        result.definition_id)
+    if current is None or current["revision"] != result.definition_revision:
+        return shown[:limit]
+    specs = CompiledFormula.from_stored(_json(current["formula_stored"])).aggregates
+    by_kind: dict[str, list[AggregateSpec]] = {}
+    for spec in specs:
+        by_kind.setdefault(spec.kind, []).append(spec)
+    used = []
+    for record in shown:
+        # Filters compare attributes as formulas read them (numeric text is a number).
+        typed = replace(record, attributes=typed_attributes(
+            {k: v for k, v in record.attributes.items() if isinstance(v, str)}))
+        if any(all(filter_matches(f, typed) for f in spec.filters)
+               for spec in by_kind.get(record.kind, ())):
+            used.append(record)
+            if len(used) == limit:
+                break
+    return used
 
 
 @dataclass

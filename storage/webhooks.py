@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -200,9 +200,9 @@ SELECT (SELECT count(*) FROM event) AS events,
 """
 
 
-@dataclass(frozen=True)
-class EventRow:
-    """One event ready to record: its id, type, dedup key (or None) and envelope body."""
+class EventRow(NamedTuple):
+    """One event ready to record: its id, type, dedup key (or None) and envelope body (a
+    tuple: a bonus batch builds over 100,000 of them)."""
 
     event_id: str
     event_type: int

@@ -113,8 +113,11 @@ async def test_upsert_get_and_replace(api: Api, stub: pb_grpc.CustomerServiceStu
          "customers[1]: currency must be three uppercase letters"),
         (pb.Customer(customer_id="x", properties={"p": pb.PropertyValue(decimal_value="1e3x")}),
          "customers[1]: property 'p' must be a decimal number"),
-        (pb.Customer(customer_id="x", properties={"bad name": pb.PropertyValue(bool_value=True)}),
-         "customers[1]: property name 'bad name' must be"),
+        (pb.Customer(customer_id="x", properties={" padded": pb.PropertyValue(bool_value=True)}),
+         "customers[1]: property name ' padded' must be 1-64 printable characters without "
+         "leading or trailing spaces"),
+        (pb.Customer(customer_id="x", properties={"tab\there": pb.PropertyValue(bool_value=True)}),
+         "customers[1]: property name 'tab\\there' must be"),
         (pb.Customer(customer_id="x", properties={"p": pb.PropertyValue()}),
          "customers[1]: property 'p' has no value"),
         (pb.Customer(customer_id="ok"), "customers[1]: customer_id 'ok' repeats customers[0]"),

@@ -186,7 +186,9 @@ class BonusDefinition(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
     definition_id: _builtins.str
-    """Chosen by the operator: 1-64 of a-z 0-9 _ . - (immutable)."""
+    """Chosen by the operator: 1-64 of a-z 0-9 _ . -, starting with a letter or digit
+    (immutable).
+    """
     display_name: _builtins.str
     formula: _builtins.str
     """The formula (docs/formulas.md)."""
@@ -772,7 +774,10 @@ class GetBonusResultResponse(_message.Message):
     def result(self) -> Global___BonusResult: ...
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___BonusEvent]:
-        """The customer's events in the result's period of the kinds the formula reads (at most 500)."""
+        """The events the result was calculated from (at most 500): the customer's events in the
+        result's period that one of the formula's aggregates reads, its where filters included
+        (for a result of an earlier formula revision: the events of the kinds it read).
+        """
 
     def __init__(
         self,
@@ -1136,7 +1141,7 @@ class BonusRule(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     QUALIFICATION_CURRENCY_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
-    """1-64 of a-z 0-9 _ . - (immutable)."""
+    """1-64 of a-z 0-9 _ . -, starting with a letter or digit (immutable)."""
     definition_id: _builtins.str
     event_kind: _builtins.str
     """Count events of this kind..."""

@@ -96,7 +96,9 @@ class Customer(_message.Message):
     """Optional ISO 4217 code: three uppercase letters such as "EUR". Empty means none."""
     @_builtins.property
     def properties(self) -> _containers.MessageMap[_builtins.str, Global___PropertyValue]:
-        """Optional, at most 100. Names: a letter or '_' then up to 63 letters, digits or '_'."""
+        """Optional, at most 100. Names: 1-64 printable characters without leading or trailing
+        spaces ("Logins count ever"; a formula reads such a name as customer["Logins count ever"]).
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
