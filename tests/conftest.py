@@ -9,6 +9,7 @@ its own clone (CREATE DATABASE ... TEMPLATE) and its own arq queue name, dropped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import uuid
@@ -197,8 +198,10 @@ def clock() -> FixedClock:
     return FixedClock(datetime(2026, 11, 22, 10, 0, tzinfo=UTC))
 
 
-@pytest.fixture
-async def api(settings: Settings, pool: asyncpg.Pool, clock: FixedClock) -> AsyncIterator[Api]:
+@contextlib.asynccontextmanager
+async def serving_api(settings: Settings, pool: asyncpg.Pool,
+                      clock: FixedClock) -> AsyncIterator[Api]:
+    """A real server with these settings (e.g. other API keys, an SMTP relay) and a channel."""
     from server.app import Dependencies, start_server
 
     running = await start_server(settings, Dependencies(pool=pool, clock=clock))
@@ -209,6 +212,12 @@ async def api(settings: Settings, pool: asyncpg.Pool, clock: FixedClock) -> Asyn
     finally:
         await channel.close()
         await running.stop(0)
+
+
+@pytest.fixture
+async def api(settings: Settings, pool: asyncpg.Pool, clock: FixedClock) -> AsyncIterator[Api]:
+    async with serving_api(settings, pool, clock) as running:
+        yield running
 
 
 def rpc_error_reason(exc: grpc.RpcError) -> str | None:

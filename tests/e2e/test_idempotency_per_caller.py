@@ -25,7 +25,7 @@ from promo.v1 import customers_pb2 as cpb
 from promo.v1 import customers_pb2_grpc as cpb_grpc
 from promo.v1 import listeners_pb2 as lpb
 from promo.v1 import listeners_pb2_grpc as lpb_grpc
-from tests.conftest import TEST_API_KEYS, rpc_error_reason
+from tests.conftest import TEST_API_KEYS, rpc_error_reason, serving_api
 
 OPS_KEY = "ops-key-0123456789abcdef0123456789"
 OPS_KEY_ROTATED = "ops-key-rotated-0123456789abcdef01"
@@ -43,20 +43,13 @@ async def channel(settings: Settings, pool: asyncpg.Pool,
                   clock: FixedClock) -> AsyncIterator[aio.Channel]:
     """A server whose callers include "ops" (under two keys: before and after a rotation) and
     "second-admin", all admins."""
-    from server.app import Dependencies, start_server
-
     keys = [*TEST_API_KEYS,
             ApiKeyConfig(name="ops", key=OPS_KEY, roles=["admin"]),
             ApiKeyConfig(name="ops", key=OPS_KEY_ROTATED, roles=["admin"]),
             ApiKeyConfig(name="second-admin", key=SECOND_KEY, roles=["admin"])]
-    running = await start_server(settings.model_copy(update={"api_keys": keys}),
-                                 Dependencies(pool=pool, clock=clock))
-    opened = aio.insecure_channel(running.address)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-        await running.stop(0)
+    async with serving_api(settings.model_copy(update={"api_keys": keys}), pool,
+                           clock) as running:
+        yield running.channel
 
 
 def _upsert(request_id: str, customer_id: str) -> cpb.UpsertCustomersRequest:

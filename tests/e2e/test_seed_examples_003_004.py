@@ -365,36 +365,23 @@ async def test_fixed_dates_of_a_31_day_month_in_a_zone_with_a_dst_change(
         ISSUED, "10", "", "")
 
 
-async def test_user_properties_only_logins_count_ever(
-        api: Api, pool: asyncpg.Pool, settings: Settings, clock: FixedClock) -> None:
-    """ "User properties only ... the 'Logins count ever' property can be included to create a
-    formula based on the total number of times a user has logged in"; Gems as a result type."""
-    await create(api, definition(
-        "logins", 'customer["Logins count ever"] * 2', result_type=pb.BONUS_RESULT_TYPE_GEMS,
-        data_mode=pb.BONUS_DATA_MODE_PROPERTIES_ONLY, period=None))
-    await cpb_grpc.CustomerServiceStub(api.channel).UpsertCustomers(cpb.UpsertCustomersRequest(
-        request_id="props", customers=[
-            cpb.Customer(customer_id="a", currency="EUR", time_zone="UTC", properties={
-                "Logins count ever": cpb.PropertyValue(decimal_value="12")}),
-            cpb.Customer(customer_id="b", currency="EUR", time_zone="UTC")]),
-        metadata=api.key())
-    found = await compute(api, pool, settings, clock, "logins", ["a", "b"])
-    assert outcome(found["a"]) == (ISSUED, "24", "")
-    assert outcome(found["b"]) == (SKIPPED, "", "MISSING_PROPERTY")
-    assert not found["a"].HasField("period_start")
-
-
+@pytest.mark.parametrize(("name", "formula"), [
+    ("Logins count ever", 'customer["Logins count ever"] * 2'),
+    ("logins_count_ever", "customer.logins_count_ever * 2")])
 async def test_user_properties_only_gems_from_a_login_count(
-        api: Api, pool: asyncpg.Pool, settings: Settings, clock: FixedClock) -> None:
-    """ "User properties only": no transaction period, the formula reads only user state
-    properties; Gems as the result type."""
+        api: Api, pool: asyncpg.Pool, settings: Settings, clock: FixedClock, name: str,
+        formula: str) -> None:
+    """ "User properties only ... the 'Logins count ever' property can be included to create a
+    formula based on the total number of times a user has logged in": no transaction period,
+    the formula reads only user state properties (the seed's name as written, or an
+    identifier); Gems as the result type."""
     await create(api, definition(
-        "logins", "customer.logins_count_ever * 2", result_type=pb.BONUS_RESULT_TYPE_GEMS,
+        "logins", formula, result_type=pb.BONUS_RESULT_TYPE_GEMS,
         data_mode=pb.BONUS_DATA_MODE_PROPERTIES_ONLY, period=None))
     await cpb_grpc.CustomerServiceStub(api.channel).UpsertCustomers(cpb.UpsertCustomersRequest(
         request_id="props", customers=[
             cpb.Customer(customer_id="a", currency="EUR", time_zone="UTC", properties={
-                "logins_count_ever": cpb.PropertyValue(decimal_value="12")}),
+                name: cpb.PropertyValue(decimal_value="12")}),
             cpb.Customer(customer_id="b", currency="EUR", time_zone="UTC")]),
         metadata=api.key())
     found = await compute(api, pool, settings, clock, "logins", ["a", "b"])

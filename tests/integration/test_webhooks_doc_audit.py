@@ -26,7 +26,7 @@ from core.webhook_signature import sign
 from promo.v1 import listeners_pb2 as pb
 from promo.v1 import listeners_pb2_grpc as pb_grpc
 from storage import webhooks as repo
-from tests.conftest import Api, rpc_error_reason
+from tests.conftest import Api, rpc_error_reason, serving_api
 from tests.e2e.campaign_helpers import create_campaign
 from tests.e2e.promo_helpers import promotion, reward_type
 from tests.webhook_listener import SECRET, WebhookListener
@@ -228,20 +228,26 @@ async def test_retryable_answers_leave_the_delivery_pending_with_a_backoff(
     assert row.next_attempt_at is not None and row.next_attempt_at > clock.now()
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 422, 301, 302, 303, 307, 308])
-async def test_other_answers_fail_at_once_without_retry(
-        settings: Settings, pool: asyncpg.Pool, clock: FixedClock, status: int) -> None:
-    """Doc: any other status (400, 401, 403, 404, 410, 3xx ...) is FAILED at once; redirects
-    are not followed (the Location points at the same listener: a follow would show)."""
-    raw = await RawListener(status).start()
+async def _one_attempt(raw: RawListener, settings: Settings, pool: asyncpg.Pool,
+                       clock: FixedClock) -> None:
+    """Register ``raw`` (started), emit one event and run its delivery job once; stop ``raw``."""
     try:
-        raw.extra = {"Location": f"http://127.0.0.1:{raw.port}/elsewhere"}
         await add_listener(pool, raw.url, now=clock.now())
         emitted = await emit(pool, clock)
         async with worker_ctx(settings, pool, clock) as ctx:
             await run_outbox_job(ctx, emitted.outbox_job_ids[0])
     finally:
         await raw.stop()
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 422, 301, 302, 303, 307, 308])
+async def test_other_answers_fail_at_once_without_retry(
+        settings: Settings, pool: asyncpg.Pool, clock: FixedClock, status: int) -> None:
+    """Doc: any other status (400, 401, 403, 404, 410, 3xx ...) is FAILED at once; redirects
+    are not followed (the Location points at the same listener: a follow would show)."""
+    raw = await RawListener(status).start()
+    raw.extra = {"Location": f"http://127.0.0.1:{raw.port}/elsewhere"}
+    await _one_attempt(raw, settings, pool, clock)
     row = await delivery(pool)
     assert (row.status.value, row.attempts, row.last_status_code) == ("FAILED", 1, status)
     assert row.next_attempt_at is None
@@ -253,14 +259,8 @@ async def test_other_answers_fail_at_once_without_retry(
 async def test_retry_after_is_not_honoured(settings: Settings, pool: asyncpg.Pool,
                                            clock: FixedClock) -> None:
     """Doc: a Retry-After header is not honoured; the backoff applies."""
-    raw = await RawListener(503, {"Retry-After": "3600"}).start()
-    try:
-        await add_listener(pool, raw.url, now=clock.now())
-        emitted = await emit(pool, clock)
-        async with worker_ctx(settings, pool, clock) as ctx:
-            await run_outbox_job(ctx, emitted.outbox_job_ids[0])
-    finally:
-        await raw.stop()
+    await _one_attempt(await RawListener(503, {"Retry-After": "3600"}).start(), settings, pool,
+                       clock)
     row = await delivery(pool)
     assert row.status.value == "PENDING" and row.next_attempt_at is not None
     delay = (row.next_attempt_at - clock.now()).total_seconds()
@@ -676,20 +676,11 @@ async def mail_api(settings: Settings, pool: asyncpg.Pool,
                    clock: FixedClock) -> AsyncIterator[Api]:
     """A real server whose settings name an SMTP relay (e-mail listeners are allowed; nothing
     is sent here)."""
-    from grpc import aio
-
-    from server.app import Dependencies, start_server
-
     mail = settings.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": 2525,
                                        "smtp_from": "alerts@promo.example.com",
                                        "smtp_starttls": False})
-    running = await start_server(mail, Dependencies(pool=pool, clock=clock))
-    channel = aio.insecure_channel(running.address)
-    try:
-        yield Api(channel=channel, address=running.address)
-    finally:
-        await channel.close()
-        await running.stop(0)
+    async with serving_api(mail, pool, clock) as running:
+        yield running
 
 
 async def test_naming_url_on_an_email_listener_is_wrong_channel(mail_api: Api) -> None:
