@@ -53,6 +53,7 @@ def serve() -> None:
     """Run the gRPC server against PROMO_DATABASE_URL."""
     from cli.runtime import run_server
     settings = _settings()
+    _require(settings, "serve", "database_url")
     _warn_if_secrets_in_clear(settings)
     asyncio.run(run_server(settings))
 
@@ -62,8 +63,23 @@ def worker() -> None:
     """Run an arq worker (outbox jobs, sweeper) against PROMO_DATABASE_URL and PROMO_REDIS_URL."""
     from cli.runtime import run_worker
     settings = _settings()
+    _require(settings, "worker", "database_url", "redis_url")
     _warn_if_secrets_in_clear(settings)
     asyncio.run(run_worker(settings))
+
+
+def _require(settings: Settings, command: str, *names: str) -> None:
+    """A setting ``command`` cannot run without is a bad setting: one line each, status 2
+    (as every other bad setting), not a traceback from inside the event loop."""
+    missing = [name for name in names if not getattr(settings, name)]
+    for name in missing:
+        console.print(Text.assemble(
+            ("invalid settings: ", "red"),
+            f"PROMO_{name.upper()}: is not set; `promo {command}` needs it (or use `promo up`, "
+            "which starts embedded PostgreSQL and Redis when none are configured)"),
+            soft_wrap=True, highlight=False)
+    if missing:
+        raise typer.Exit(2)
 
 
 @app.command()

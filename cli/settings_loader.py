@@ -9,8 +9,11 @@ rather than swallowed), and the settings' own messages never name a value.
 
 from __future__ import annotations
 
+import re
+
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.text import Text
 
@@ -30,11 +33,17 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text
 
 
+# pydantic-settings' text for a value that is not JSON where JSON is expected (PROMO_API_KEYS).
+_PARSE_ERROR = re.compile(r'error parsing value for field "(\w+)"')
+
+
 def settings_problems(exc: Exception) -> list[str]:
     """One line per problem, as ``PROMO_SETTING: message`` (no input values, no URLs)."""
+    if isinstance(exc, SettingsError) and (found := _PARSE_ERROR.search(str(exc))):
+        return [f"{_location((found.group(1),))}: is not valid JSON"]
     if not isinstance(exc, ValidationError):
         # Our own errors (SecretKeysSettingError, TlsFileError, a missing PROMO_CONFIG_FILE)
-        # and pydantic-settings' parse errors name the setting, never its value.
+        # name the setting, never its value.
         return [str(exc)]
     lines = []
     for error in exc.errors(include_input=False, include_url=False, include_context=False):

@@ -62,7 +62,8 @@ class ApiKeyConfig(BaseModel):
             self.key = None
         assert self.key_sha256 is not None
         self.key_sha256 = self.key_sha256.lower()
-        if len(self.key_sha256) != 64:
+        if len(self.key_sha256) != 64 or any(c not in "0123456789abcdef" for c in self.key_sha256):
+            # Not hex: a digest no key can ever have, so a key that could never authenticate.
             raise ValueError(f"API key {self.name!r}: key_sha256 must be 64 hex characters")
         return self
 
@@ -188,7 +189,8 @@ class Settings(BaseSettings):
                              "address of alert e-mails, e.g. promo-alerts@example.com)")
         address = value.rpartition("<")[2].removesuffix(">").strip()  # "Name <a@b>" or "a@b"
         if "@" not in address or " " in address or any(ch in value for ch in "\r\n"):
-            raise ValueError(f"PROMO_SMTP_FROM {value[:100]!r} is not an e-mail address")
+            raise ValueError("PROMO_SMTP_FROM is not an e-mail address (expected "
+                             "name@domain or 'Name <name@domain>')")
         if (info.data.get("smtp_username") is None) != (info.data.get("smtp_password") is None):
             raise ValueError("set both PROMO_SMTP_USERNAME and PROMO_SMTP_PASSWORD, or neither")
         return value
