@@ -56,7 +56,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # applies the same test in SQL (NUMERIC_ATTRIBUTE_SQL); keep the two in step.
 NUMERIC_ATTRIBUTE = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")
 NUMERIC_ATTRIBUTE_SQL = r"^-?[0-9]{1,30}(\.[0-9]{1,30})?$"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: every Unicode control (Cc)
 
 PropertyValue = str | Decimal | bool
 

@@ -98,8 +98,9 @@ class CodePoolServicer(pb_grpc.CodePoolServiceServicer):
             stored = await promotions_repo.get(conn, promotion_code)
             _personalized(stored)
             await code_pools.sync_pool(conn, stored.id, stored.promotion, now)
-            upload_id, raised = await code_pools.add_codes(conn, stored.id, codes,
-                                                           size=len(data), now=now)
+            upload_id, raised = await code_pools.add_codes(
+                conn, stored.id, codes, size=len(data), now=now,
+                fallback_code=stored.promotion.fallback_code)
             if raised:
                 queued.extend(await code_pools.dispatch_alerts(conn, now))
             inventory = await code_pools.inventory(conn, stored.id)

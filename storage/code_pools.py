@@ -69,10 +69,19 @@ async def sync_pool(conn: asyncpg.Connection, promotion_id: int, promotion: Prom
 
 
 async def add_codes(conn: asyncpg.Connection, promotion_id: int, codes: CodeFile, *,
-                    size: int, now: datetime) -> tuple[int, int]:
+                    size: int, now: datetime, fallback_code: str = "") -> tuple[int, int]:
     """Add an accepted file's codes after the pool's current total, in one COPY; a code that
-    is already in the pool rejects the whole file (CodeFileRejected with its lines). Call in
-    a transaction. Returns (upload id, alerts raised)."""
+    is already in the pool, or is the promotion's ``fallback_code``, rejects the whole file
+    (CodeFileRejected with its lines). Call in a transaction. Returns (upload id, alerts
+    raised)."""
+    if fallback_code and fallback_code in codes.codes:
+        # A grant is told apart as a fallback by its code (storage.promotions): a personal code
+        # equal to the shared one would be reported as a fallback, and handed out twice.
+        raise CodeFileRejected([
+            LineError(line, f"code {code!r} is the promotion's fallback code (given once the "
+                            "pool is empty); a personal code must differ from it")
+            for code, line in zip(codes.codes, codes.line_numbers(), strict=True)
+            if code == fallback_code])
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _upload_lock_key(promotion_id))
     total = await conn.fetchval("SELECT total FROM code_pools WHERE promotion_id = $1",
                                 promotion_id)

@@ -22,7 +22,7 @@ from core.catalogue.promotions import (
     Tier,
 )
 from core.codes import AlertThreshold, CodeType, Inventory
-from core.errors import AlreadyExists, NotFound
+from core.errors import AlreadyExists, InvalidArgument, NotFound
 
 _COLUMNS = ("id, code, name, description, properties, status, time_zone, customer_cap, rewards, "
             "budget_caps, version, create_time, update_time, formulas, code_type, fallback_code, "
@@ -170,6 +170,15 @@ async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion, *
         [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion),
         None if formulas is None else dict(formulas), *_code_settings(promotion))
     assert row is not None
+    if promotion.fallback_code and await conn.fetchval(
+            "SELECT true FROM promo_codes WHERE promotion_id = $1 AND code = $2",
+            stored_id, promotion.fallback_code):
+        # A grant is told apart as a fallback by its code: the shared code must never also be
+        # a personal one (that customer's grant would read as a fallback, and the code twice).
+        raise InvalidArgument(
+            f"fallback_code {promotion.fallback_code!r} is one of the pool's personal codes; "
+            "choose a code that is not in the pool", reason="INVALID_FALLBACK_CODE",
+            metadata={"field": "promotion.fallback_code"})
     if recount_at is not None:
         await _recount_caps(conn, stored_id, promotion, recount_at)
     return _from_row(row)

@@ -34,7 +34,7 @@ MAX_LIST_PRODUCTS = 1000
 MAX_CUSTOMERS_PER_CALL = 10_000
 UPDATABLE_FIELDS = frozenset(
     {"name", "description", "max_distinct_products", "lock_after_first_apply"})
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: every Unicode control (Cc)
 
 
 @dataclass(frozen=True)
