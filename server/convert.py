@@ -33,7 +33,8 @@ def request_fingerprint(request: Message) -> bytes:
 async def run_request_once(pool: asyncpg.Pool, scope: str, request: Message,
                            work: Callable[[asyncpg.Connection], Awaitable[bytes]], *,
                            request_hash: bytes | None = None,
-                           legacy_hash: bytes | None = None) -> bytes:
+                           legacy_hash: bytes | None = None,
+                           deadlock_attempts: int = 1) -> bytes:
     """Run a mutating request's ``work`` once per request_id; its answer is replayed only to
     the API key name that made it (see storage.idempotency). ``request_hash``: a fingerprint
     of the caller's own (server.secret_fingerprint), ``legacy_hash`` the one rows stored
@@ -41,4 +42,5 @@ async def run_request_once(pool: asyncpg.Pool, scope: str, request: Message,
     return await run_once(pool, scope=scope, caller=current_principal.get().name,
                           request_id=request.request_id,  # type: ignore[attr-defined]
                           request_hash=request_hash or request_fingerprint(request),
-                          legacy_hash=legacy_hash, work=work)
+                          legacy_hash=legacy_hash, work=work,
+                          deadlock_attempts=deadlock_attempts)

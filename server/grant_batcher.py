@@ -32,6 +32,10 @@ from storage.promotions import GrantOutcome, GrantRequest
 
 log = logging.getLogger("promo.rewards")
 
+# A deadlock PostgreSQL broke by aborting one transaction: safe to run that transaction again.
+DEADLOCK = asyncpg.DeadlockDetectedError
+DEADLOCK_ATTEMPTS = 5
+
 # PostgreSQL keeps 64 subtransactions per transaction in shared memory; past that, every
 # snapshot taken elsewhere gets slower. Each grant of a batch is one subtransaction.
 MAX_BATCH_LIMIT = 60
@@ -109,8 +113,8 @@ class GrantBatcher:
             if queue.in_flight == 0 and not queue.waiting:
                 self._queues.pop(promotion_id, None)
 
-    async def _send(self, batch: list[tuple[GrantRequest, asyncio.Future[GrantOutcome]]]
-                    ) -> None:
+    async def _send(self, batch: list[tuple[GrantRequest, asyncio.Future[GrantOutcome]]],
+                    attempt: int = 1) -> None:
         if not batch:
             return
         GRANT_BATCH_SIZE.observe(len(batch))
@@ -126,6 +130,13 @@ class GrantBatcher:
             raise
         except Exception as exc:  # every waiter must get an answer
             if len(batch) == 1:
+                if isinstance(exc, DEADLOCK) and attempt < DEADLOCK_ATTEMPTS:
+                    # PostgreSQL broke a lock cycle (e.g. with a RevokeGrant of the same
+                    # customer) by aborting this grant: nothing of it was written, so it is
+                    # simply sent again (it is idempotent by request id anyway).
+                    log.info("grant retried after a deadlock", extra={"attempt": attempt})
+                    await self._send(batch, attempt + 1)
+                    return
                 _settle(batch[0][1], exc)
                 return
             GRANT_BATCH_FALLBACKS.inc()

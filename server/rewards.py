@@ -40,7 +40,7 @@ from server.activation_context import loggable_context
 from server.code_alerts import AlertDispatcher
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
-from server.grant_batcher import GrantBatcher
+from server.grant_batcher import DEADLOCK_ATTEMPTS, GrantBatcher
 from server.metrics import observe_reward
 from server.promotion_cache import CachedPromotion, PromotionCache
 from server.promotion_convert import KIND_TO_PB, PERIOD_TO_PB
@@ -297,7 +297,11 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         # Once per request id, like every mutating call: a retry gets the first answer (even
         # "revoked" after the grant is gone), the id reused for another grant or reason is
         # REQUEST_ID_REUSED and changes nothing.
-        raw = await run_request_once(self._pool, "RevokeGrant", request, work)
+        # A revoke and a grant of the same customer can deadlock (their SQL functions lock the
+        # customer's rows and the cap counters in different orders): PostgreSQL aborts one,
+        # which is run again rather than answered INTERNAL.
+        raw = await run_request_once(self._pool, "RevokeGrant", request, work,
+                                     deadlock_attempts=DEADLOCK_ATTEMPTS)
         return pb.RevokeGrantResponse.FromString(raw)
 
 

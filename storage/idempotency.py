@@ -16,6 +16,7 @@ caller '' and answer a retry from any caller, so an upgrade never fails an in-fl
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -24,6 +25,8 @@ from core.errors import InvalidArgument
 from core.text import nul_problem
 
 MAX_REQUEST_ID_LENGTH = 200
+
+log = logging.getLogger("promo.idempotency")
 
 
 def validate_request_id(request_id: str) -> str:
@@ -50,13 +53,33 @@ async def run_once(
     request_hash: bytes,
     work: Callable[[asyncpg.Connection], Awaitable[bytes]],
     legacy_hash: bytes | None = None,
+    deadlock_attempts: int = 1,
 ) -> bytes:
     """Do ``work`` in a transaction unless ``request_id`` already ran in ``scope`` (the RPC);
     return the stored answer to the ``caller`` that made it. ``legacy_hash``: another
-    fingerprint of the same request that a row stored by an earlier version may hold."""
+    fingerprint of the same request that a row stored by an earlier version may hold.
+    ``deadlock_attempts``: how many times to run a transaction PostgreSQL aborted to break a
+    deadlock; only for a ``work`` whose effects are all inside the transaction."""
     validate_request_id(request_id)
     if not caller:
         raise ValueError("run_once needs the caller's name ('' marks rows from before 0022)")
+    for attempt in range(1, deadlock_attempts + 1):
+        try:
+            return await _run_once(pool, scope, caller, request_id, request_hash, work,
+                                   legacy_hash)
+        except asyncpg.DeadlockDetectedError:
+            # The transaction was rolled back whole (the request id's row included): a ``work``
+            # without effects outside it can simply run again.
+            if attempt == deadlock_attempts:
+                raise
+            log.info("request retried after a deadlock",
+                     extra={"scope": scope, "attempt": attempt})
+    raise AssertionError("unreachable")
+
+
+async def _run_once(pool: asyncpg.Pool, scope: str, caller: str, request_id: str,
+                    request_hash: bytes, work: Callable[[asyncpg.Connection], Awaitable[bytes]],
+                    legacy_hash: bytes | None) -> bytes:
     async with pool.acquire() as conn, conn.transaction():
         claimed = await conn.fetchval(
             """INSERT INTO idempotency_keys (scope, request_id, request_hash, caller)
