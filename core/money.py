@@ -76,7 +76,11 @@ def plain(value: Decimal) -> Decimal:
     Every digit is kept: the context is as wide as the value (the default 28-digit one would
     round 100/3 computed to 34 digits, and fail on integers of more than 28 digits).
     """
-    exact = Context(prec=max(28, len(value.as_tuple().digits)))
+    _, digits, exponent = value.as_tuple()
+    # As wide as every digit the value has, the zeros of a positive exponent included (1E+40
+    # is 41 digits written plainly).
+    exact = Context(prec=max(28, len(digits) + max(0, exponent if isinstance(exponent, int)
+                                                    else 0)))
     if value == value.to_integral_value():
         return value.quantize(Decimal(1), context=exact)
     return value.normalize(exact)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
 from core.catalogue.promotions import Promotion, PromotionReward, RewardKind
@@ -146,7 +146,9 @@ def evaluate_reward(formula: RewardFormula, *, aggregates: Mapping[str, Aggregat
         if formula.options.rounding is RoundingMode.NONE:
             # Unrounded values keep at most the 6 places that budgets count in, written
             # without trailing zeros (10, not 10.00000000).
-            return plain(evaluation.amount.quantize(MONEY_STEP, rounding=ROUND_HALF_UP))
+            amount = evaluation.amount
+            wide = Context(prec=max(28, amount.adjusted() + 8))  # 10^22 and up need more
+            return plain(amount.quantize(MONEY_STEP, rounding=ROUND_HALF_UP, context=wide))
         return evaluation.amount
     reason = evaluation.skip_reason.name if evaluation.skip_reason else "NO_RESULT"
     detail = f" ({evaluation.skip_detail})" if evaluation.skip_detail else ""

@@ -234,3 +234,33 @@ def result_leaves(program: Program) -> Iterator[Node]:
             stack.append(assignments[node.name])
         else:
             yield node
+
+
+def evaluation_depths(program: Program) -> Iterator[tuple[Assignment | None, int]]:
+    """How deep the evaluator's calls go for each assignment (then for the result, None):
+    nested expressions, counted through the local names they use, since a name is computed
+    where it is first read. Each level costs Python stack frames, so the compiler bounds it
+    (a chain of 800 ``v2 = v1 + 1`` steps is shallow in the text but 1,600 levels deep)."""
+    depth_of: dict[str, int] = {}
+
+    def depth(root: Node) -> int:
+        # Iterative post-order: a statement may itself be nested up to the parser's limit.
+        result: dict[int, int] = {}
+        stack: list[tuple[Node, bool]] = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            kids = list(children(node))
+            if not done:
+                stack.append((node, True))
+                stack.extend((kid, False) for kid in kids)
+                continue
+            below = max((result[id(kid)] for kid in kids), default=0)
+            if isinstance(node, LocalRef):
+                below = max(below, depth_of.get(node.name, 0))
+            result[id(node)] = below + 1
+        return result[id(root)]
+
+    for assignment in program.assignments:
+        depth_of[assignment.name] = depth(assignment.value)
+        yield assignment, depth_of[assignment.name]
+    yield None, depth(program.result)

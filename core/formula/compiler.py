@@ -23,7 +23,7 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 from lark import Token, Tree
@@ -51,6 +51,10 @@ from core.formula.parser import Position, formula_error, parse_formula
 
 MAX_AGGREGATES = 64
 MAX_NUMBER_LENGTH = 30
+# Deepest evaluation a formula may need, counting through its local names (ast.evaluation_depths):
+# every level is a Python call, and the interpreter's stack holds about 1,000.
+MAX_EVALUATION_DEPTH = 300
+_EXACT = Context(prec=64)
 MAX_TEMPLATE_NAME_LENGTH = 200
 
 VariableValue = Decimal | str | Mapping[str, Decimal]
@@ -325,7 +329,19 @@ class _Compiler:
                 f"the result must be an amount, a bonus template or skip, but this gives "
                 f"{_describe_type(ty)}",
             )
-        return ast.Program(tuple(assignments), node)
+        program = ast.Program(tuple(assignments), node)
+        for assignment, depth in ast.evaluation_depths(program):
+            if depth > MAX_EVALUATION_DEPTH:
+                where = (Position(assignment.line, assignment.column) if assignment
+                         else _pos(result))
+                what = f"'{assignment.name}'" if assignment else "the result"
+                raise self.error(
+                    where,
+                    f"{what} is computed through {depth} nested steps, counting the steps of "
+                    f"the names it uses (at most {MAX_EVALUATION_DEPTH}); compute it from fewer "
+                    "chained names",
+                )
+        return program
 
     # expressions
 
@@ -359,7 +375,8 @@ class _Compiler:
     def _x_percent(self, tree: Tree[Token]) -> tuple[ast.Node, Type]:
         token = tree.children[0]
         assert isinstance(token, Token)
-        value = self._number(token, str(token)[:-1]).scaleb(-2)
+        # Exact: a literal has up to 30 digits, more than the default 28-digit context keeps.
+        value = self._number(token, str(token)[:-1]).scaleb(-2, context=_EXACT)
         return ast.Number(value, **self._at(tree)), frozenset({NUM})
 
     def _x_string(self, tree: Tree[Token]) -> tuple[ast.Node, Type]:
@@ -468,7 +485,7 @@ class _Compiler:
         assert isinstance(operand_tree, Tree)
         node, ty = self._operand(operand_tree, "a negative sign")
         if isinstance(node, ast.Number):
-            return ast.Number(-node.value, **self._at(tree)), ty
+            return ast.Number(node.value.copy_negate(), **self._at(tree)), ty
         return ast.Negate(node, **self._at(tree)), ty
 
     def _arithmetic(self, tree: Tree[Token]) -> tuple[ast.Node, Type]:
@@ -660,7 +677,7 @@ class _Compiler:
         if tree.data == "fv_string":
             return _decode_string(token)
         value = self._number(token, str(token))
-        return -value if tree.data == "fv_negative" else value
+        return value.copy_negate() if tree.data == "fv_negative" else value
 
     def _filter(self, tree: Tree[Token] | Token) -> Filter:
         assert isinstance(tree, Tree)

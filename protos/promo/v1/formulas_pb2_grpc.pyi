@@ -37,7 +37,9 @@ class FormulaServiceStub:
     def __new__(cls, channel: _aio.Channel) -> FormulaServiceAsyncStub: ...
     ValidateFormula: _grpc.UnaryUnaryMultiCallable[_formulas_pb2.ValidateFormulaRequest, _formulas_pb2.ValidateFormulaResponse]
     """Parses and checks a formula. Errors are INVALID_ARGUMENT with the line and column in the
-    message and in ErrorInfo metadata (reasons FORMULA_SYNTAX, FORMULA_INVALID).
+    message and in ErrorInfo metadata (reasons FORMULA_SYNTAX, FORMULA_INVALID). Limits: 10,000
+    characters, 50 levels of nesting in one expression, and 300 nested steps counted through
+    the names an expression uses (about 150 chained assignments).
     """
     DryRunFormula: _grpc.UnaryUnaryMultiCallable[_formulas_pb2.DryRunFormulaRequest, _formulas_pb2.DryRunFormulaResponse]
     """Evaluates a formula for one customer over a transaction period and explains the result."""
@@ -51,7 +53,9 @@ class FormulaServiceAsyncStub(FormulaServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ValidateFormula: _aio.UnaryUnaryMultiCallable[_formulas_pb2.ValidateFormulaRequest, _formulas_pb2.ValidateFormulaResponse]  # type: ignore[assignment]
     """Parses and checks a formula. Errors are INVALID_ARGUMENT with the line and column in the
-    message and in ErrorInfo metadata (reasons FORMULA_SYNTAX, FORMULA_INVALID).
+    message and in ErrorInfo metadata (reasons FORMULA_SYNTAX, FORMULA_INVALID). Limits: 10,000
+    characters, 50 levels of nesting in one expression, and 300 nested steps counted through
+    the names an expression uses (about 150 chained assignments).
     """
     DryRunFormula: _aio.UnaryUnaryMultiCallable[_formulas_pb2.DryRunFormulaRequest, _formulas_pb2.DryRunFormulaResponse]  # type: ignore[assignment]
     """Evaluates a formula for one customer over a transaction period and explains the result."""
@@ -68,7 +72,9 @@ class FormulaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_formulas_pb2.ValidateFormulaResponse, _abc.Awaitable[_formulas_pb2.ValidateFormulaResponse]]:
         """Parses and checks a formula. Errors are INVALID_ARGUMENT with the line and column in the
-        message and in ErrorInfo metadata (reasons FORMULA_SYNTAX, FORMULA_INVALID).
+        message and in ErrorInfo metadata (reasons FORMULA_SYNTAX, FORMULA_INVALID). Limits: 10,000
+        characters, 50 levels of nesting in one expression, and 300 nested steps counted through
+        the names an expression uses (about 150 chained assignments).
         """
 
     @_abc_1.abstractmethod
