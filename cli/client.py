@@ -277,11 +277,26 @@ def load_json_file(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is not JSON
     except (OSError, ValueError) as exc:
         fail(f"cannot read {path}: {exc}")
+    except RecursionError:
+        fail(f"cannot read {path}: the JSON is nested too deeply")
+
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (a byte order mark is dropped), or exit 1 with one line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        fail(f"cannot read {path}: not UTF-8 text (byte {exc.start + 1})")
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc}")
 
 
 def parse_message(data: Any, message: M, what: str) -> M:
-    """``data`` (proto JSON, snake_case or camelCase names) into ``message``."""
+    """``data`` (proto JSON, snake_case or camelCase names) into ``message``; one line naming
+    ``what`` when it does not fit (protobuf's own message spans lines)."""
+    if not isinstance(data, dict):
+        fail(f"{what}: expected a JSON object, got {type(data).__name__}")
     try:
         return json_format.ParseDict(data, message)
-    except json_format.ParseError as exc:
-        fail(f"{what}: {exc}")
+    except (json_format.ParseError, TypeError, ValueError) as exc:
+        fail(f"{what}: {' '.join(str(exc).split())}")

@@ -16,11 +16,11 @@ from cli.client import (
     Connection,
     call,
     connection_callback,
+    derived_request_id,
     describe_error,
     fail,
     local_admin_key,
     print_json,
-    request_id,
 )
 from cli.options import JsonOpt, RequestIdOpt
 from cli.output import console, show_message
@@ -57,7 +57,9 @@ def upload(ctx: typer.Context, promotion_code: str,
         fail(f"{file} is {size:,} bytes; a code file is at most {MAX_FILE_BYTES:,} bytes "
              "(10 MB): split it into several uploads")
     data = file.read_bytes()
-    rid = request_id(request)
+    # The same file for the same promotion is the same request (README: uploads from a file
+    # derive their id): running the command again after a lost answer changes nothing.
+    rid = request or derived_request_id("codes", data, promotion=promotion_code)
     conn = ctx.find_object(Connection) or Connection(api_key=local_admin_key())
     stub = pb_grpc.CodePoolServiceStub(conn.channel())
     err = Console(stderr=True)

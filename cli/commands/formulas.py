@@ -16,6 +16,7 @@ from cli.client import (
     fail,
     parse_pairs,
     print_json,
+    read_text_file,
 )
 from cli.options import JsonOpt
 from cli.output import console, show_message, show_rows
@@ -38,7 +39,7 @@ PER_CURRENCY = re.compile(r"[A-Za-z]{3}:")
 def _source(source: str | None, file: Path | None) -> str:
     if (source is None) == (file is None):
         fail("give the formula with --source or --file")
-    return source if source is not None else file.read_text()  # type: ignore[union-attr]
+    return source if source is not None else read_text_file(file)  # type: ignore[arg-type]
 
 
 def _per_currency(name: str, text: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from cli.client import (
     enum_name,
     enum_value,
     fail,
+    int32,
     load_json_file,
     pages,
     parse_message,
@@ -109,9 +110,9 @@ def _codes(promotion: pb.Promotion) -> object:
 def _code_alert(text: str) -> pb.CodeAlertThreshold:
     if text.endswith("%"):
         return pb.CodeAlertThreshold(remaining_percent=text[:-1])
-    if not text.isdigit():
+    if not text.isascii() or not text.isdigit():  # "²" is a digit to str.isdigit()
         fail(f"--code-alert takes a number of codes (500) or a percentage (10%), got {text!r}")
-    return pb.CodeAlertThreshold(remaining_codes=int(text))
+    return pb.CodeAlertThreshold(remaining_codes=int32(int(text), "--code-alert"))
 
 
 @app.command()
