@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,11 +39,11 @@ from core.clock import FixedClock
 from tests.conftest import ADMIN_KEY, Api, Services, with_database
 from tests.e2e.campaign_helpers import create_campaign
 from tests.e2e.promo_helpers import get_reward, promotion, reward_type
+from tests.e2e.promo_process import clean_env as _env
+from tests.e2e.promo_process import run_promo as _promo
 from workers import campaigns as _campaigns  # noqa: F401  registers the campaign jobs
 from workers.outbox import run_outbox_job
 from workers.retention import purge_retention
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -63,27 +62,6 @@ def _problems(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
     except Exception as exc:
         return settings_problems(exc)
     return []
-
-
-def _env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
-    env.update(values)
-    return env
-
-
-async def _promo(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    """Run the real `promo` command; its exit code and its combined output."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", *args, env=env, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        out, _ = await proc.communicate()
-        raise AssertionError(f"`promo {' '.join(args)}` did not stop:\n{out.decode()}") from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
 
 
 # --- README "Settings": defaults and ranges ----------------------------------------------------
@@ -325,6 +303,19 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def _reward_metrics() -> dict[str, float]:
+    """The GetReward counters a test compares before and after its calls."""
+    return {
+        "not_active": _sample("promo_rewards_total", outcome="denied", reason="NOT_ACTIVE"),
+        "granted": _sample("promo_rewards_total", outcome="granted", reason=""),
+        "existing": _sample("promo_rewards_total", outcome="existing", reason=""),
+        "count": _sample("promo_grant_batch_size_count"),
+        "sum": _sample("promo_grant_batch_size_sum"),
+        "ok": _sample("promo_rpc_handled_total", grpc_service="promo.v1.RewardService",
+                      grpc_method="GetReward", grpc_code="OK"),
+    }
+
+
 async def test_health_and_reflection_are_not_counted_and_rewards_are(api: Api) -> None:
     """operations.md metrics table: promo_rpc_handled_total{grpc_service, grpc_method,
     grpc_code} "Health checks and reflection are not counted"; promo_rewards_total{outcome,
@@ -347,29 +338,13 @@ async def test_health_and_reflection_are_not_counted_and_rewards_are(api: Api) -
     await reward_type(api)
     await promotion(api, "SLEEPY", activate=False)
     await promotion(api, "VIP25")
-    before = {
-        "not_active": _sample("promo_rewards_total", outcome="denied", reason="NOT_ACTIVE"),
-        "granted": _sample("promo_rewards_total", outcome="granted", reason=""),
-        "existing": _sample("promo_rewards_total", outcome="existing", reason=""),
-        "count": _sample("promo_grant_batch_size_count"),
-        "sum": _sample("promo_grant_batch_size_sum"),
-        "ok": _sample("promo_rpc_handled_total", grpc_service="promo.v1.RewardService",
-                      grpc_method="GetReward", grpc_code="OK"),
-    }
+    before = _reward_metrics()
     denied = await get_reward(api, "c1", "SLEEPY")
     assert not denied.HasField("grant")
     for customer in ("c1", "c2", "c3"):
         assert (await get_reward(api, customer)).HasField("grant")
     assert (await get_reward(api, "c1")).existing  # the customer's earlier grant
-    after = {
-        "not_active": _sample("promo_rewards_total", outcome="denied", reason="NOT_ACTIVE"),
-        "granted": _sample("promo_rewards_total", outcome="granted", reason=""),
-        "existing": _sample("promo_rewards_total", outcome="existing", reason=""),
-        "count": _sample("promo_grant_batch_size_count"),
-        "sum": _sample("promo_grant_batch_size_sum"),
-        "ok": _sample("promo_rpc_handled_total", grpc_service="promo.v1.RewardService",
-                      grpc_method="GetReward", grpc_code="OK"),
-    }
+    after = _reward_metrics()
     delta = {k: after[k] - before[k] for k in before}
     assert (delta["not_active"], delta["granted"], delta["existing"], delta["ok"]) == (
         1, 3, 1, 5)

@@ -19,13 +19,10 @@ real `promo` command in a subprocess for settings and start-up.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
-import os
 import stat
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -49,37 +46,15 @@ from promo.v1 import reward_types_pb2_grpc as rpb_grpc
 from server.errors import error_info_of
 from tests.conftest import Api, Services, rpc_error_reason
 from tests.e2e.campaign_helpers import ts
+from tests.e2e.promo_process import clean_env as _env
+from tests.e2e.promo_process import run_promo as _promo
 from tests.e2e.test_bonuses_api import create, definition, stub
 
-REPO = Path(__file__).resolve().parents[2]
 BERLIN = ZoneInfo("Europe/Berlin")
 NOT_OURS = "page_token is not a token this server issued"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _env(**values: str) -> dict[str, str]:
-    """The test process's environment without any PROMO_* setting, plus ``values``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
-    env.update(values)
-    return env
-
-
-async def _promo(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    """Run the real `promo` command; its exit code and its combined output."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", *args, env=env, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        out, _ = await proc.communicate()
-        raise AssertionError("`promo " + " ".join(args) + "` did not stop:\n"
-                             + out.decode()) from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
 
 
 def _page_token(after: list[object], filters: dict[str, object]) -> str:
