@@ -66,13 +66,7 @@ from core.formula import (
 )
 from core.formula.memory import EventRecord, filter_matches
 from core.money import plain
-from core.periods import (
-    MAX_PERIOD,
-    RelativePeriod,
-    describe_length,
-    empty_period_error,
-    resolve_period,
-)
+from core.periods import MAX_PERIOD, describe_length, resolve_period
 from core.rounding import RoundingMode
 from storage import aggregates as aggregates_repo
 from storage import outbox
@@ -310,11 +304,10 @@ async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
         # migration 0019 and _current_windows.
         revisions.append(d.revision if request.period is None else None)
     if not kept and omitted:
-        # Nobody's period has started: the same error as a refused call (the run is skipped).
-        assert isinstance(d.period, RelativePeriod)
-        resolved = resolve_period(d.period, now=now, allow_empty=True,
-                                  customer_time_zone=customers[omitted[0]].time_zone)
-        raise empty_period_error(d.period, resolved.time_zone, now)
+        # Nobody's period has started: resolved without allow_empty, the first one raises the
+        # error a refused call gets (the run is skipped as a whole).
+        _definition_window(d, now=now, time_zone=customers[omitted[0]].time_zone)
+        raise AssertionError("an empty period resolves to INVALID_PERIOD")
     requests = kept
     accepted = await conn.fetchval(
         """WITH added AS (

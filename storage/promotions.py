@@ -157,6 +157,16 @@ async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion, *
     now) comes with an edit, which may have added or set back a cap: every cap's current
     window is then recounted from the live grants (see _recount_caps). A change of status
     alone leaves the counters to the grants and revokes that keep them."""
+    if recount_at is not None and promotion.fallback_code and await conn.fetchval(
+            "SELECT true FROM promo_codes WHERE promotion_id = $1 AND code = $2",
+            stored_id, promotion.fallback_code):
+        # Checked on an edit, before writing. A grant is told apart as a fallback by its code:
+        # the shared code must never also be a personal one (that customer's grant would read
+        # as a fallback, and the code would be handed out twice).
+        raise InvalidArgument(
+            f"fallback_code {promotion.fallback_code!r} is one of the pool's personal codes; "
+            "choose a code that is not in the pool", reason="INVALID_FALLBACK_CODE",
+            metadata={"field": "promotion.fallback_code"})
     row = await conn.fetchrow(
         f"""UPDATE promotions SET name = $2, description = $3, properties = $4, status = $5,
                    time_zone = $6, customer_cap = $7, rewards = $8, budget_caps = $9,
@@ -170,15 +180,6 @@ async def save(conn: asyncpg.Connection, stored_id: int, promotion: Promotion, *
         [_cap_to_json(c) for c in promotion.budget_caps], _kinds(promotion),
         None if formulas is None else dict(formulas), *_code_settings(promotion))
     assert row is not None
-    if promotion.fallback_code and await conn.fetchval(
-            "SELECT true FROM promo_codes WHERE promotion_id = $1 AND code = $2",
-            stored_id, promotion.fallback_code):
-        # A grant is told apart as a fallback by its code: the shared code must never also be
-        # a personal one (that customer's grant would read as a fallback, and the code twice).
-        raise InvalidArgument(
-            f"fallback_code {promotion.fallback_code!r} is one of the pool's personal codes; "
-            "choose a code that is not in the pool", reason="INVALID_FALLBACK_CODE",
-            metadata={"field": "promotion.fallback_code"})
     if recount_at is not None:
         await _recount_caps(conn, stored_id, promotion, recount_at)
     return _from_row(row)
