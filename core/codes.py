@@ -70,9 +70,13 @@ def validate_thresholds(thresholds: tuple[AlertThreshold, ...]) -> tuple[AlertTh
         if percent is not None and percent != percent.quantize(Decimal("0.01")):
             raise _bad(f"{where}.remaining_percent has at most 2 decimal places",
                        f"{where}.remaining_percent")
-        if threshold.key in seen:
+        # "10" and "10.0" percent are one threshold (key keeps the text as stored: alert
+        # state recorded under it stays valid).
+        same = (threshold.key if percent is None
+                else f"percent:{format(percent.normalize(), 'f')}")
+        if same in seen:
             raise _bad(f"{where} repeats an earlier threshold", where)
-        seen.add(threshold.key)
+        seen.add(same)
     return thresholds
 
 

@@ -55,7 +55,7 @@ from promo.v1 import bonuses_pb2 as pb
 from promo.v1 import bonuses_pb2_grpc as pb_grpc
 from promo.v1 import formulas_pb2 as fpb
 from server.auth import current_principal
-from server.convert import run_request_once, timestamp
+from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.formulas import RELATIVE_FROM_PB, period_from_pb
 from server.page_tokens import decode_page_token, encode_page_token
@@ -117,16 +117,6 @@ def _required(mapping: dict[int, Any], value: int, field: str, names: str) -> An
         raise InvalidArgument(f"{field} is required: one of {names}", reason="MISSING_FIELD",
                               metadata={"field": field})
     return found
-
-
-def _required_id(value: str, field: str) -> str:
-    """An id the call names: empty is INVALID_ARGUMENT MISSING_FIELD, not "no such ''" (no
-    definition, rule, schedule or customer can have an empty id). List filters are not checked
-    with this: there an empty id means "all"."""
-    if not value:
-        raise InvalidArgument(f"{field} is required", reason="MISSING_FIELD",
-                              metadata={"field": field})
-    return value
 
 
 def _names(mapping: dict[Any, Any]) -> str:
@@ -258,7 +248,7 @@ def _canonical_bonus_ids(ids: list[str]) -> list[str]:
 
 
 def rule_from_pb(m: pb.BonusRule) -> Rule:
-    _required_id(m.definition_id, "definition_id")
+    required_id(m.definition_id, "definition_id")
     qualification = None
     if m.qualification_kind:
         qualification = Qualification(
@@ -302,7 +292,7 @@ def schedule_from_pb(m: pb.BonusSchedule) -> Schedule:
     except ValueError as exc:
         raise InvalidArgument(f"local_time must be HH:MM, got {m.local_time!r}",
                               reason="INVALID_TIME", metadata={"field": "local_time"}) from exc
-    _required_id(m.definition_id, "definition_id")
+    required_id(m.definition_id, "definition_id")
     return validate_schedule(Schedule(
         schedule_id=m.schedule_id, definition_id=m.definition_id,
         customer_ids=tuple(m.customer_ids), weekday=m.weekday or None, local_time=local,
@@ -358,7 +348,7 @@ class TriggerServicer:
     async def GetBonusRule(self, request: pb.GetBonusRuleRequest,
                            context: aio.ServicerContext) -> pb.GetBonusRuleResponse:
         async with self._pool.acquire() as conn:
-            row = await triggers_repo.get_rule(conn, _required_id(request.rule_id, "rule_id"))
+            row = await triggers_repo.get_rule(conn, required_id(request.rule_id, "rule_id"))
         return pb.GetBonusRuleResponse(rule=rule_to_pb(row))
 
     async def ListBonusRules(self, request: pb.ListBonusRulesRequest,
@@ -376,7 +366,7 @@ class TriggerServicer:
     async def UpdateBonusRule(self, request: pb.UpdateBonusRuleRequest,
                               context: aio.ServicerContext) -> pb.UpdateBonusRuleResponse:
         paths = check_update_mask(list(request.update_mask.paths), RULE_UPDATABLE)
-        rule_id = _required_id(request.rule.rule_id, "rule_id")
+        rule_id = required_id(request.rule.rule_id, "rule_id")
 
         async def work(conn: asyncpg.Connection) -> bytes:
             current = await triggers_repo.get_rule(conn, rule_id, for_update=True)
@@ -396,7 +386,7 @@ class TriggerServicer:
                                   context: aio.ServicerContext
                                   ) -> pb.UpdateBonusScheduleResponse:
         paths = check_update_mask(list(request.update_mask.paths), SCHEDULE_UPDATABLE)
-        schedule_id = _required_id(request.schedule.schedule_id, "schedule_id")
+        schedule_id = required_id(request.schedule.schedule_id, "schedule_id")
         now = self._deps.clock.now()
 
         async def work(conn: asyncpg.Connection) -> bytes:
@@ -455,7 +445,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def CreateBonusDefinition(self, request: pb.CreateBonusDefinitionRequest,
                                     context: aio.ServicerContext
                                     ) -> pb.CreateBonusDefinitionResponse:
-        _required_id(request.definition.definition_id, "definition_id")
+        required_id(request.definition.definition_id, "definition_id")
         definition, compiled = validate_definition(to_domain(request.definition))
         now = self._deps.clock.now()
 
@@ -469,7 +459,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
 
     async def GetBonusDefinition(self, request: pb.GetBonusDefinitionRequest,
                                  context: aio.ServicerContext) -> pb.GetBonusDefinitionResponse:
-        definition_id = _required_id(request.definition_id, "definition_id")
+        definition_id = required_id(request.definition_id, "definition_id")
         async with self._pool.acquire() as conn:
             row = await repo.get_definition(conn, definition_id)
         return pb.GetBonusDefinitionResponse(definition=to_pb(row.definition))
@@ -491,7 +481,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                                     context: aio.ServicerContext
                                     ) -> pb.UpdateBonusDefinitionResponse:
         paths = list(request.update_mask.paths)
-        definition_id = _required_id(request.definition.definition_id, "definition_id")
+        definition_id = required_id(request.definition.definition_id, "definition_id")
         message = pb.BonusDefinition()
         message.CopyFrom(request.definition)
         # Fields outside the mask may be left unset: give the enums a value to_domain accepts.
@@ -521,7 +511,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def RequestBonusCalculation(self, request: pb.RequestBonusCalculationRequest,
                                       context: aio.ServicerContext
                                       ) -> pb.RequestBonusCalculationResponse:
-        definition_id = _required_id(request.definition_id, "definition_id")
+        definition_id = required_id(request.definition_id, "definition_id")
         check_api_request_id(request.request_id)  # never a trigger's request key
         customers = _check_ids(list(request.customer_ids), "customer_ids",
                                MAX_CUSTOMERS_PER_REQUEST)
@@ -593,7 +583,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
 
     async def GetBonusResult(self, request: pb.GetBonusResultRequest,
                              context: aio.ServicerContext) -> pb.GetBonusResultResponse:
-        bonus_id = _required_id(request.bonus_id, "bonus_id")
+        bonus_id = required_id(request.bonus_id, "bonus_id")
         async with self._pool.acquire() as conn:
             result = await repo.get_result(conn, bonus_id)
             events = await repo.result_events(conn, result)
@@ -641,7 +631,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def RecalculateBonusResults(self, request: pb.RecalculateBonusResultsRequest,
                                       context: aio.ServicerContext
                                       ) -> pb.RecalculateBonusResultsResponse:
-        definition_id = _required_id(request.definition_id, "definition_id")
+        definition_id = required_id(request.definition_id, "definition_id")
         now = self._deps.clock.now()
         jobs: list[int] = []
 
@@ -682,7 +672,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
     async def ListCustomerBonusLedger(self, request: pb.ListCustomerBonusLedgerRequest,
                                       context: aio.ServicerContext
                                       ) -> pb.ListCustomerBonusLedgerResponse:
-        _required_id(request.customer_id, "customer_id")
+        required_id(request.customer_id, "customer_id")
         size = effective_page_size(request.page_size)
         filters = {"customer_id": request.customer_id}
         before_pk = _page_before(request.page_token, filters)

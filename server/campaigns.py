@@ -23,7 +23,7 @@ from core.money import format_decimal, plain
 from core.pagination import effective_page_size
 from promo.v1 import campaigns_pb2 as pb
 from promo.v1 import campaigns_pb2_grpc as pb_grpc
-from server.convert import run_request_once, timestamp
+from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import PERIOD_TO_PB
@@ -122,6 +122,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
 
     async def AddCampaignTargets(self, request: pb.AddCampaignTargetsRequest,
                                  context: aio.ServicerContext) -> pb.AddCampaignTargetsResponse:
+        required_id(request.campaign_id, "campaign_id")
         customer_ids = list(request.customer_ids)
         domain.validate_customer_ids(customer_ids, field="customer_ids",
                                      limit=domain.MAX_TARGETS_PER_CALL)
@@ -138,6 +139,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
 
     async def GetCampaign(self, request: pb.GetCampaignRequest,
                           context: aio.ServicerContext) -> pb.GetCampaignResponse:
+        required_id(request.campaign_id, "campaign_id")
         async with self._deps.pool.acquire() as conn:
             row = await repo.get(conn, request.campaign_id)
         return pb.GetCampaignResponse(campaign=campaign_to_pb(row))
@@ -161,6 +163,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
 
     async def CancelCampaign(self, request: pb.CancelCampaignRequest,
                              context: aio.ServicerContext) -> pb.CancelCampaignResponse:
+        required_id(request.campaign_id, "campaign_id")
         async def work(conn: asyncpg.Connection) -> bytes:
             row = await repo.get(conn, request.campaign_id, lock="FOR UPDATE")
             domain.check_cancellable(row.status, row.campaign_id)
@@ -175,6 +178,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
     async def GetCampaignReconciliation(
             self, request: pb.GetCampaignReconciliationRequest,
             context: aio.ServicerContext) -> pb.GetCampaignReconciliationResponse:
+        required_id(request.campaign_id, "campaign_id")
         async with self._deps.pool.acquire() as conn:
             row = await repo.get(conn, request.campaign_id)
             rows = await repo.reconciliation(conn, row.id)
@@ -197,6 +201,7 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
     async def GetProcessedCampaignCustomers(
             self, request: pb.GetProcessedCampaignCustomersRequest,
             context: aio.ServicerContext) -> pb.GetProcessedCampaignCustomersResponse:
+        required_id(request.campaign_id, "campaign_id")
         size = effective_page_size(request.page_size, default=1000, maximum=10_000)
         cursor = decode_page_token(request.page_token, {"campaign": request.campaign_id},
                                    key=(str,))
@@ -221,6 +226,7 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
             self, request: pb.UpdateCustomerPromotionStatusRequest,
             context: aio.ServicerContext) -> pb.UpdateCustomerPromotionStatusResponse:
         # Before run_request_once: the campaign id is part of the idempotency scope.
+        required_id(request.campaign_id, "campaign_id")
         domain.check_campaign_id_lookup(request.campaign_id)
         ids = [s.customer_id for s in request.statuses]
         domain.validate_customer_ids(ids, field="statuses", limit=domain.MAX_STATUSES_PER_CALL)
@@ -242,6 +248,7 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
 
     async def ForecastCampaign(self, request: pb.ForecastCampaignRequest,
                                context: aio.ServicerContext) -> pb.ForecastCampaignResponse:
+        required_id(request.campaign_id, "campaign_id")
         chosen = list(request.customer_ids) or None
         if chosen is not None:
             domain.validate_customer_ids(chosen, field="customer_ids",

@@ -20,7 +20,7 @@ from core.errors import FailedPrecondition, InvalidArgument
 from promo.v1 import codes_pb2 as pb
 from promo.v1 import codes_pb2_grpc as pb_grpc
 from server.auth import current_principal
-from server.convert import timestamp
+from server.convert import required_id, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import inventory_to_pb
 from storage import code_pools
@@ -95,7 +95,10 @@ class CodePoolServicer(pb_grpc.CodePoolServiceServicer):
         queued: list[int] = []
 
         async def work(conn: asyncpg.Connection) -> bytes:
-            stored = await promotions_repo.get(conn, promotion_code)
+            # FOR SHARE: an UpdatePromotion setting the fallback code to one of these codes
+            # waits for this upload and then sees them (and refuses), or goes first and this
+            # upload reads its new fallback code (and refuses the file).
+            stored = await promotions_repo.get(conn, promotion_code, for_share=True)
             _personalized(stored)
             await code_pools.sync_pool(conn, stored.id, stored.promotion, now)
             upload_id, raised = await code_pools.add_codes(
@@ -123,6 +126,7 @@ class CodePoolServicer(pb_grpc.CodePoolServiceServicer):
 
     async def GetCodeInventory(self, request: pb.GetCodeInventoryRequest,
                                context: aio.ServicerContext) -> pb.GetCodeInventoryResponse:
+        required_id(request.promotion_code, "promotion_code")
         async with self._deps.pool.acquire() as conn:
             stored = await promotions_repo.get(conn, request.promotion_code)
             _personalized(stored)

@@ -9,6 +9,7 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
+from core.errors import InvalidArgument
 from server.auth import current_principal
 from storage.idempotency import fingerprint, run_once
 
@@ -19,6 +20,16 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+def required_id(value: str, field: str) -> str:
+    """An id the call names: empty is INVALID_ARGUMENT MISSING_FIELD, not NOT_FOUND "no such
+    ''" (nothing can have an empty id, so the caller forgot the field). List filters are not
+    checked with this: there an empty id means "all"."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", reason="MISSING_FIELD",
+                              metadata={"field": field})
+    return value
 
 
 def request_fingerprint(request: Message) -> bytes:

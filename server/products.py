@@ -22,7 +22,7 @@ from core.products import discounts as discount_domain
 from core.products import promotions as domain
 from promo.v1 import products_pb2 as pb
 from promo.v1 import products_pb2_grpc as pb_grpc
-from server.convert import run_request_once, timestamp
+from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.page_tokens import decode_page_token, encode_page_token
 from storage import products as repo
@@ -179,6 +179,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
     async def GetPersonalizedPromotion(
             self, request: pb.GetPersonalizedPromotionRequest,
             context: aio.ServicerContext) -> pb.GetPersonalizedPromotionResponse:
+        required_id(request.backend_id, "backend_id")
         async with self._pool.acquire() as conn:
             found = await repo.get_promotion(conn, request.backend_id)
         return pb.GetPersonalizedPromotionResponse(personalized_promotion=promotion_to_pb(found))
@@ -203,6 +204,8 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
     async def UpdatePersonalizedPromotion(
             self, request: pb.UpdatePersonalizedPromotionRequest,
             context: aio.ServicerContext) -> pb.UpdatePersonalizedPromotionResponse:
+        required_id(request.personalized_promotion.backend_id,
+                    "personalized_promotion.backend_id")
         paths = list(request.update_mask.paths)
         patch = promotion_to_domain(request.personalized_promotion)
 
@@ -228,6 +231,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
     async def DeletePersonalizedPromotion(
             self, request: pb.DeletePersonalizedPromotionRequest,
             context: aio.ServicerContext) -> pb.DeletePersonalizedPromotionResponse:
+        required_id(request.backend_id, "backend_id")
         async def work(conn: asyncpg.Connection) -> bytes:
             lists = await repo.delete_promotion(conn, request.backend_id)
             return pb.DeletePersonalizedPromotionResponse(
@@ -307,6 +311,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
     async def GetProductSetDiscount(
             self, request: pb.GetProductSetDiscountRequest,
             context: aio.ServicerContext) -> pb.GetProductSetDiscountResponse:
+        required_id(request.discount_id, "discount_id")
         async with self._pool.acquire() as conn:
             found = await repo.get_discount(conn, request.discount_id)
         return pb.GetProductSetDiscountResponse(product_set_discount=discount_to_pb(found))
@@ -329,6 +334,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
     async def UpdateProductSetDiscount(
             self, request: pb.UpdateProductSetDiscountRequest,
             context: aio.ServicerContext) -> pb.UpdateProductSetDiscountResponse:
+        required_id(request.product_set_discount.discount_id, "product_set_discount.discount_id")
         paths = discount_domain.check_update_mask(request.update_mask.paths)
 
         async def work(conn: asyncpg.Connection) -> bytes:
@@ -352,6 +358,7 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
     async def DeleteProductSetDiscount(
             self, request: pb.DeleteProductSetDiscountRequest,
             context: aio.ServicerContext) -> pb.DeleteProductSetDiscountResponse:
+        required_id(request.discount_id, "discount_id")
         async def work(conn: asyncpg.Connection) -> bytes:
             await repo.delete_discount(conn, request.discount_id)
             return pb.DeleteProductSetDiscountResponse().SerializeToString()

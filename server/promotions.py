@@ -24,7 +24,7 @@ from core.reward_formulas import compile_rewards, stored_forms
 from promo.v1 import promotions_pb2 as pb
 from promo.v1 import promotions_pb2_grpc as pb_grpc
 from server.code_alerts import AlertDispatcher
-from server.convert import run_request_once, timestamp
+from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import (
@@ -144,6 +144,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
 
     async def GetPromotion(self, request: pb.GetPromotionRequest,
                            context: aio.ServicerContext) -> pb.GetPromotionResponse:
+        required_id(request.promotion_code, "promotion_code")
         async with self._pool.acquire() as conn:
             stored = await repo.get(conn, request.promotion_code)
             return pb.GetPromotionResponse(
@@ -184,6 +185,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
                 f"update_mask names fields that cannot be updated: {', '.join(unknown)}{hint}; "
                 f"updatable: {', '.join(sorted(UPDATABLE))}", reason="INVALID_UPDATE_MASK",
                 metadata={"field": "update_mask"})
+        required_id(request.promotion.promotion_code, "promotion.promotion_code")
         patch = promotion_from_pb(request.promotion)
 
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
@@ -207,6 +209,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
 
     async def _transition(self, scope: str, request: Message, code: str,
                           target: PromotionStatus, response_type: type[Message]) -> Message:
+        required_id(code, "promotion_code")
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
             stored = await repo.get(conn, code, for_update=True)
             domain.check_transition(stored.promotion.status, target)
@@ -238,6 +241,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
     async def GetPromotionReconciliation(
             self, request: pb.GetPromotionReconciliationRequest,
             context: aio.ServicerContext) -> pb.GetPromotionReconciliationResponse:
+        required_id(request.promotion_code, "promotion_code")
         async with self._pool.acquire() as conn:
             stored = await repo.get(conn, request.promotion_code)
             rows = await repo.reconciliation(conn, stored.id)

@@ -13,7 +13,7 @@ from core.money import format_decimal, parse_decimal
 from core.pagination import effective_page_size
 from promo.v1 import reward_types_pb2 as pb
 from promo.v1 import reward_types_pb2_grpc as pb_grpc
-from server.convert import run_request_once, timestamp
+from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.page_tokens import decode_page_token, encode_page_token
 from storage import reward_types as repo
@@ -65,6 +65,7 @@ class RewardTypeServicer(pb_grpc.RewardTypeServiceServicer):
 
     async def GetRewardType(self, request: pb.GetRewardTypeRequest,
                             context: aio.ServicerContext) -> pb.GetRewardTypeResponse:
+        required_id(request.name, "name")
         async with self._pool.acquire() as conn:
             found = await repo.get(conn, request.name)
         return pb.GetRewardTypeResponse(reward_type=to_pb(found))
@@ -83,6 +84,7 @@ class RewardTypeServicer(pb_grpc.RewardTypeServiceServicer):
 
     async def UpdateRewardType(self, request: pb.UpdateRewardTypeRequest,
                                context: aio.ServicerContext) -> pb.UpdateRewardTypeResponse:
+        required_id(request.reward_type.name, "reward_type.name")
         paths = list(request.update_mask.paths)
         patch_message = pb.RewardType()
         patch_message.CopyFrom(request.reward_type)

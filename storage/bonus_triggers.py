@@ -33,6 +33,7 @@ from datetime import datetime
 
 import asyncpg
 
+from core.bonuses.definitions import DataMode
 from core.bonuses.rules import (
     PeriodMode,
     Qualification,
@@ -40,6 +41,7 @@ from core.bonuses.rules import (
     RuleState,
     Schedule,
     apply_event,
+    check_rule_period_fits,
     compile_filter,
     next_run,
     rule_request_key,
@@ -98,9 +100,14 @@ _RULE_SELECT = """SELECT r.*, d.definition_id FROM bonus_rules r
                     JOIN bonus_definitions d ON d.id = r.definition_pk"""
 
 
+def _reads_transactions(definition: DefinitionRow) -> bool:
+    return definition.definition.data_mode is not DataMode.PROPERTIES_ONLY
+
+
 async def insert_rule(conn: asyncpg.Connection, rule: Rule, *, event_filter: str,
                       qualification_filter: str, now: datetime) -> RuleRow:
     definition = await get_definition(conn, rule.definition_id)
+    check_rule_period_fits(rule, reads_transactions=_reads_transactions(definition))
     q = rule.qualification
     pk = await conn.fetchval(
         """INSERT INTO bonus_rules (rule_id, definition_pk, event_kind, event_filter, every_n,
@@ -137,6 +144,7 @@ async def update_rule(conn: asyncpg.Connection, pk: int, rule: Rule, *, event_fi
     counting condition) every customer's count starts again; qualifications, executions since
     them and the firing numbers (the keys of the requests already made) are kept."""
     definition = await get_definition(conn, rule.definition_id)
+    check_rule_period_fits(rule, reads_transactions=_reads_transactions(definition))
     await conn.execute("SELECT pg_advisory_xact_lock($1, $2::int)", _RULE_LOCK_CLASS, pk)
     q = rule.qualification
     await conn.execute(

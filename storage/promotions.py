@@ -133,8 +133,11 @@ async def insert(conn: asyncpg.Connection, promotion: Promotion, *,
     return _from_row(row)
 
 
-async def get(conn: asyncpg.Connection, code: str, *, for_update: bool = False) -> StoredPromotion:
-    lock = " FOR UPDATE" if for_update else ""
+async def get(conn: asyncpg.Connection, code: str, *, for_update: bool = False,
+              for_share: bool = False) -> StoredPromotion:
+    """The promotion; ``for_update`` locks it for an edit, ``for_share`` holds edits off until
+    the caller commits (what it read, e.g. the fallback code, stays true meanwhile)."""
+    lock = " FOR UPDATE" if for_update else " FOR SHARE" if for_share else ""
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM promotions WHERE code = $1{lock}", code)
     if row is None:
         raise NotFound(f"no promotion with code {code!r}", reason="PROMOTION_NOT_FOUND",

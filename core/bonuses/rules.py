@@ -173,6 +173,18 @@ class Rule:
     active: bool = True
 
 
+def check_rule_period_fits(rule: Rule, *, reads_transactions: bool) -> None:
+    """A rule of a definition that reads customer properties only has no transaction period
+    to choose: any period mode but the definition's own would be silently ignored, so it is
+    refused (a period_end needs a fixed-end mode, which validate_rule checks)."""
+    if reads_transactions:
+        return
+    if rule.period_mode is not PeriodMode.DEFINITION:
+        raise _bad("period_mode", f"{rule.period_mode.value} is a transaction period, but "
+                   f"definition {rule.definition_id!r} reads customer properties only: leave "
+                   "period_mode unset", "INVALID_PERIOD")
+
+
 def validate_rule(rule: Rule) -> Rule:
     if not RULE_ID.match(rule.rule_id):
         raise _bad("rule_id", "must be 1-64 characters: lower-case letters, digits, '_', '.', "

@@ -274,3 +274,32 @@ async def test_bad_schedule_edits_are_refused_and_change_nothing(api: Api) -> No
     listed = await stub(api).ListBonusSchedules(pb.ListBonusSchedulesRequest(),
                                                 metadata=api.key())
     assert list(listed.schedules) == [created]
+
+
+async def test_a_rule_of_a_properties_only_definition_takes_no_transaction_period(
+        api: Api) -> None:
+    """A definition reading customer properties only has no transaction period: a rule asking
+    for one would be silently ignored, so create and update refuse it and nothing is stored."""
+    await create(api, definition("logins", 'customer["logins"] * 2',
+                                 data_mode=pb.BONUS_DATA_MODE_PROPERTIES_ONLY, period=None))
+    with pytest.raises(grpc.RpcError) as caught:
+        await rule(api, pb.BonusRule(rule_id="each-login", definition_id="logins",
+                                     event_kind="login", every=1,
+                                     period_mode=pb.RULE_PERIOD_MODE_FIRST_TO_LAST))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_error_reason(caught.value) == "INVALID_PERIOD"
+    assert caught.value.details() == (
+        "period_mode: FIRST_TO_LAST is a transaction period, but definition 'logins' reads "
+        "customer properties only: leave period_mode unset")
+    listed = await stub(api).ListBonusRules(pb.ListBonusRulesRequest(), metadata=api.key())
+    assert list(listed.rules) == []
+    created = await rule(api, pb.BonusRule(rule_id="each-login", definition_id="logins",
+                                           event_kind="login", every=1))
+    assert created.period_mode == pb.RULE_PERIOD_MODE_DEFINITION
+    with pytest.raises(grpc.RpcError) as caught:
+        await update_rule(api, "to-first-last", "period_mode", rule_id="each-login",
+                          period_mode=pb.RULE_PERIOD_MODE_FIRST_TO_LAST)
+    assert rpc_error_reason(caught.value) == "INVALID_PERIOD"
+    got = await stub(api).GetBonusRule(pb.GetBonusRuleRequest(rule_id="each-login"),
+                                       metadata=api.key())
+    assert got.rule == created

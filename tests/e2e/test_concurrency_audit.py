@@ -357,3 +357,51 @@ async def test_grants_racing_cap_state_reads_show_consistent_caps(
     recon = await ppb_grpc.PromotionServiceStub(api.channel).GetPromotionReconciliation(
         ppb.GetPromotionReconciliationRequest(promotion_code="DAY"), metadata=api.key())
     assert len(recon.rows) == 3 and all(r.counter_matches for r in recon.rows)
+
+
+async def test_a_fallback_edit_racing_an_upload_of_that_code_is_refused(
+        api: Api, pool: asyncpg.Pool) -> None:
+    """UploadCodes checks its codes against the fallback code and UpdatePromotion checks a new
+    fallback code against the pool: run at once, each could pass its check before the other
+    commits. The upload holds the promotion FOR SHARE, so the edit waits for it and then sees
+    the uploaded code: the fallback stays, the pool holds the code once, nothing is both."""
+    from storage.code_pools import _upload_lock_key
+
+    await code_promotion(api, "RACE", fallback="FB")
+    await ppb_grpc.PromotionServiceStub(api.channel).DeactivatePromotion(  # to be editable
+        ppb.DeactivatePromotionRequest(request_id="race-off", promotion_code="RACE"),
+        metadata=api.key())
+    promotion_id = await pool.fetchval("SELECT id FROM promotions WHERE code = 'RACE'")
+    async with pool.acquire() as blocker:
+        # Pause the upload inside its transaction, after it has read the fallback code.
+        await blocker.execute("SELECT pg_advisory_lock($1)", _upload_lock_key(promotion_id))
+        uploading = asyncio.ensure_future(upload(api, "RACE", codes_file("R", 10), "race-up"))
+        await _until(pool, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                           "AND NOT granted")
+        editing = asyncio.ensure_future(
+            ppb_grpc.PromotionServiceStub(api.channel).UpdatePromotion(
+                ppb.UpdatePromotionRequest(
+                    request_id="race-edit", promotion=ppb.Promotion(
+                        promotion_code="RACE", fallback_code="R-000003"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["fallback_code"])),
+                metadata=api.key()))
+        # The edit waits on the promotion row the upload holds.
+        await _until(pool, "SELECT count(*) FROM pg_locks WHERE locktype = 'tuple' "
+                           "OR (locktype = 'transactionid' AND NOT granted)")
+        assert not editing.done()
+        await blocker.execute("SELECT pg_advisory_unlock($1)", _upload_lock_key(promotion_id))
+    assert (await uploading).codes_added == 10
+    with pytest.raises(grpc.RpcError) as caught:
+        await editing
+    assert rpc_error_reason(caught.value) == "INVALID_FALLBACK_CODE"
+    assert await pool.fetchval("SELECT fallback_code FROM promotions WHERE code = 'RACE'") == "FB"
+    assert await pool_counts(pool, "RACE") == (10, 0, 10)
+
+
+async def _until(pool: asyncpg.Pool, count_sql: str) -> None:
+    """Wait (polling, at most 10 s) until ``count_sql`` counts at least one row."""
+    for _ in range(1000):
+        if await pool.fetchval(count_sql):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for: {count_sql}")

@@ -89,6 +89,11 @@ def test_threshold_levels() -> None:
     ((AlertThreshold(remaining_percent=Decimal("100")),), "between 0 and 100"),
     ((AlertThreshold(remaining_percent=Decimal("1.005")),), "2 decimal places"),
     ((AlertThreshold(remaining_codes=5), AlertThreshold(remaining_codes=5)), "repeats"),
+    # The same percentage written two ways is one threshold, not two alerts at one level.
+    ((AlertThreshold(remaining_percent=Decimal("10")),
+      AlertThreshold(remaining_percent=Decimal("10.0"))), "code_alerts[1] repeats"),
+    ((AlertThreshold(remaining_percent=Decimal("2.50")),
+      AlertThreshold(remaining_percent=Decimal("2.5"))), "code_alerts[1] repeats"),
 ])
 def test_bad_thresholds(thresholds: tuple[AlertThreshold, ...], fragment: str) -> None:
     with pytest.raises(InvalidArgument) as caught:

@@ -1125,7 +1125,9 @@ class DiscountOutcome(_message.Message):
     discount_id: _builtins.str
     applied: _builtins.bool
     amount: _builtins.str
-    """Decimal string: the total of the discount's lines ("0" when not applied)."""
+    """Decimal string with two places: the total of the discount's lines ("0.00" when not
+    applied).
+    """
     explanation: _builtins.str
     """A short explanation for people, e.g. "not applied: set 'Bakery' needs 2 products, the
     basket has 1".
