@@ -32,6 +32,7 @@ from functools import lru_cache
 
 from core.errors import InvalidArgument
 from core.money import parse_decimal
+from core.periods import NOT_ZONES
 from core.text import nul_problem
 
 MAX_BATCH = 10_000
@@ -154,7 +155,7 @@ def is_valid_customer_id(customer_id: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _time_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(z for z in zoneinfo.available_timezones() if z.lower() not in NOT_ZONES)
 
 
 def time_zone_problem(name: str) -> str | None:

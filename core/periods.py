@@ -67,6 +67,11 @@ class RelativeKind(enum.Enum):
     """Local midnight today until now."""
 
 
+# Files of the zone database that are not zones (lower-cased): "localtime" is the host's own
+# setting, so boundaries would move with the server's configuration; "Factory" has no offset.
+NOT_ZONES = frozenset({"localtime", "posixrules", "factory"})
+
+
 def load_time_zone(name: str, *, field: str = "time_zone") -> ZoneInfo:
     """Look up an IANA time zone, turning every failure into INVALID_TIME_ZONE.
 
@@ -79,6 +84,11 @@ def load_time_zone(name: str, *, field: str = "time_zone") -> ZoneInfo:
             reason="INVALID_TIME_ZONE",
             metadata={"field": field},
         )
+    if name.lower() in NOT_ZONES:
+        raise InvalidArgument(
+            f"{name!r} in {field} is not a named time zone; use an IANA name such as "
+            "'Europe/Berlin'", reason="INVALID_TIME_ZONE",
+            metadata={"field": field, "value": name})
     try:
         return ZoneInfo(name)
     except Exception as exc:  # ZoneInfoNotFoundError, ValueError, OSError...

@@ -16,8 +16,11 @@ MAX_KEY_LENGTH = 64
 MAX_VALUE_LENGTH = 256
 REDACTED = "[redacted]"
 # A key that names a credential: its value is never logged.
-_SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|api[-_ ]?key|auth|credential|"
-                         r"session|cookie|private[-_ ]?key", re.IGNORECASE)
+# Searched anywhere in the key: "pwd" (db_pwd), "bearer", "jwt", "access_key", "signature",
+# "otp", "pin" as a word of its own (user_pin, PIN) besides the longer names.
+_SECRET_KEY = re.compile(r"pass(word|wd)?|pwd|secret|token|api[-_ ]?key|auth|credential|"
+                         r"session|cookie|private[-_ ]?key|access[-_ ]?key|bearer|jwt|"
+                         r"signature|(^|[-_ .])(otp|pin|cvv|cvc)($|[-_ .])", re.IGNORECASE)
 
 
 def _cut(text: str, limit: int) -> str:

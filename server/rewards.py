@@ -29,7 +29,7 @@ from core.catalogue.promotions import RewardKind
 from core.clock import Clock
 from core.codes import CodeType
 from core.errors import Aborted, InvalidArgument, NotFound
-from core.money import parse_decimal
+from core.money import format_decimal, parse_decimal
 from core.reward_formulas import evaluate_reward
 from core.rewards import Denial, charges_for, decide_values
 from core.text import nul_problem
@@ -176,7 +176,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             return pb.GetRewardResponse(denial_reason=_DENIALS[decided.reason],
                                         denial_message=decided.message)
         rewards = [{"reward_type": v.reward_type, "kind": v.kind.value,
-                    "value": None if v.value is None else str(v.value)} for v in decided]
+                    # Plain notation ("1e2" sent as an external value is "100", not "1E+2").
+                    "value": None if v.value is None else format_decimal(v.value)}
+                   for v in decided]
         charges = [GrantCharge(c.scope, c.period.value, c.start, c.amount, c.limit)
                    for c in charges_for(promotion, decided, now)]
         return await self._batcher.grant(GrantRequest(

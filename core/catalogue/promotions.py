@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from core.catalogue.reward_types import RewardCategory, RewardType
 from core.codes import AlertThreshold, CodeType, validate_code_settings
 from core.errors import FailedPrecondition, InvalidArgument
+from core.periods import NOT_ZONES
 
 CODE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 MAX_PROPERTIES = 50
@@ -122,6 +123,8 @@ def validate_code(code: str) -> str:
 
 def validate_time_zone(name: str, *, field_name: str = "time_zone") -> str:
     try:
+        if name.lower() in NOT_ZONES:  # "localtime": the host's setting, not a named zone
+            raise ValueError(name)
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise InvalidArgument(f"{field_name} {name!r} is not an IANA time zone such as "

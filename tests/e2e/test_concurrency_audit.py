@@ -405,3 +405,30 @@ async def _until(pool: asyncpg.Pool, count_sql: str) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"timed out waiting for: {count_sql}")
+
+
+async def test_one_customer_activated_by_many_campaigns_at_once_holds_one_code(
+        api: Api, second_server: Api, pool: asyncpg.Pool) -> None:
+    """DESIGN invariant 2, "a customer never receives two codes from one pool": ten campaigns
+    activating one customer at once on two servers (ten live grants, one per campaign) all
+    answer the same pool code, and the pool counts it once; other customers get their own.
+    After every grant of the customer is revoked, the next one takes a new code."""
+    await code_promotion(api, "ONECODE")
+    await upload(api, "ONECODE", codes_file("K", 50), "one-code-up")
+    apis = [api, second_server]
+    replies = await asyncio.gather(
+        *(get_reward(apis[i % 2], "c1", "ONECODE", campaign_id=f"camp-{i}") for i in range(10)),
+        *(get_reward(apis[i % 2], f"other-{i}", "ONECODE") for i in range(10)),
+        return_exceptions=True)
+    assert not _errors(replies)  # type: ignore[arg-type]
+    mine = replies[:10]
+    assert {r.grant.promo_code for r in mine} == {mine[0].grant.promo_code}  # type: ignore
+    assert not any(r.grant.fallback_code for r in mine)  # type: ignore[union-attr]
+    others = {r.grant.promo_code for r in replies[10:]}  # type: ignore[union-attr]
+    assert len(others) == 10 and mine[0].grant.promo_code not in others  # type: ignore
+    assert await pool_counts(pool, "ONECODE") == (50, 11, 50)
+    for reply in mine:
+        await revoke(api, reply.grant.grant_id)  # type: ignore[union-attr]
+    again = await get_reward(api, "c1", "ONECODE", campaign_id="camp-new")
+    assert again.grant.promo_code not in {mine[0].grant.promo_code, *others}  # type: ignore
+    assert (await pool_counts(pool, "ONECODE"))[1] == 12

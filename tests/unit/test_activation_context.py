@@ -19,10 +19,17 @@ def test_a_small_context_is_logged_as_sent() -> None:
 
 
 @pytest.mark.parametrize("key", ["password", "api_key", "API-Key", "x_token", "Authorization",
-                                 "client_secret", "session_id", "private_key", "credentials"])
+                                 "client_secret", "session_id", "private_key", "credentials",
+                                 "pwd", "db_pwd", "bearer", "jwt", "access_key", "AccessKey",
+                                 "signature", "otp", "user_pin", "PIN", "card.cvv"])
 def test_values_of_keys_that_name_a_credential_are_redacted(key: str) -> None:
     assert loggable_context({key: "s3cr3t", "channel": "sms"}) == \
         {key: REDACTED, "channel": "sms"}
+
+
+@pytest.mark.parametrize("key", ["pinned_offer", "shipping", "topic", "spinner", "channel"])
+def test_ordinary_keys_that_merely_contain_a_short_credential_word_are_logged(key: str) -> None:
+    assert loggable_context({key: "x"}) == {key: "x"}
 
 
 def test_long_keys_and_values_are_cut() -> None:

@@ -153,6 +153,8 @@ def test_customers_are_validated_and_typed() -> None:
     ("customer", "fragment"),
     [(CustomerInput(customer_id="a", time_zone="Europe/Atlantis"), "IANA time zone"),
      (CustomerInput(customer_id="a", time_zone="../../etc/passwd"), "IANA time zone"),
+     # In the zone database, but the host's own setting, not a named zone.
+     (CustomerInput(customer_id="a", time_zone="localtime"), "IANA time zone"),
      (CustomerInput(customer_id="a", currency="US"), "three uppercase letters"),
      (CustomerInput(customer_id="a", properties={"p": DecimalText("nan")}), "finite"),
      (CustomerInput(customer_id="a", properties={"p": None}), "has no value"),
@@ -185,3 +187,13 @@ def test_attribute_values_in_plain_decimal_notation_are_numbers(text: str,
                                                                  value: str | Decimal) -> None:
     got = attribute_value(text)
     assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posixrules", "Factory"])
+def test_a_promotion_zone_must_be_named_not_the_hosts(zone: str) -> None:
+    from core.catalogue.promotions import validate_time_zone
+
+    with pytest.raises(InvalidArgument) as err:
+        validate_time_zone(zone)
+    assert err.value.reason == "INVALID_TIME_ZONE"
+    assert validate_time_zone("Europe/Berlin") == "Europe/Berlin"

@@ -115,7 +115,8 @@ class GetRewardRequest(_message.Message):
     customer_id: _builtins.str
     request_id: _builtins.str
     """Required; a retry with the same id returns the first grant. The same id with another
-    customer, campaign or external values is INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    customer, campaign or external values is INVALID_ARGUMENT (REQUEST_ID_REUSED). Scoped to
+    the promotion: the same id on another promotion is another request.
     """
     campaign_id: _builtins.str
     """Optional: the campaign activating the promotion (one grant per campaign)."""
