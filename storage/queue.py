@@ -3,7 +3,10 @@
 Server and workers both queue outbox rows (the server right after its transaction commits, for
 low latency; the workers' sweeper for anything Redis lost), so the job name and the job id
 format live here, beside the outbox table they point at. The job id includes the attempt number
-so a retry is a new arq job and arq's result cache never swallows it.
+so a retry is a new arq job and arq's result cache never swallows it. A finished row armed again
+(a bonus window's batch, storage.outbox.rearm_done_job) starts its attempts over, so its id can
+be one whose result arq still keeps: that result is of a run that is over, and is dropped so the
+row is queued now rather than after the result expires and the sweeper's lease runs out.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 from datetime import UTC, datetime
 
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix, result_key_prefix
 
 log = logging.getLogger("promo.queue")
 
@@ -33,9 +37,17 @@ async def queue_outbox_job(redis: ArqRedis, *, job_id: int, attempts: int, due_a
     this does too (not the service's clock).
     """
     defer_until = due_at if due_at > datetime.now(UTC) else None
-    job = await redis.enqueue_job(
-        OUTBOX_JOB_FUNCTION, job_id, _job_id=outbox_job_id(queue_name, job_id, attempts),
-        _defer_until=defer_until, _queue_name=queue_name)
+    arq_id = outbox_job_id(queue_name, job_id, attempts)
+    job = await redis.enqueue_job(OUTBOX_JOB_FUNCTION, job_id, _job_id=arq_id,
+                                  _defer_until=defer_until, _queue_name=queue_name)
+    if job is None and not await redis.exists(job_key_prefix + arq_id) \
+            and await redis.delete(result_key_prefix + arq_id):
+        # Refused only for a kept result (no job queued or running under that id): an earlier
+        # arming's run, finished. The row is pending again, so queue it again.
+        log.info("outbox job armed again; dropped the finished run's result",
+                 extra={"outbox_job_id": job_id, "arq_job_id": arq_id})
+        job = await redis.enqueue_job(OUTBOX_JOB_FUNCTION, job_id, _job_id=arq_id,
+                                      _defer_until=defer_until, _queue_name=queue_name)
     return job is not None
 
 
