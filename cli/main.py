@@ -240,6 +240,7 @@ def _add_client_commands() -> None:
         codes,
         customers,
         formulas,
+        jobs,
         listeners,
         products,
         promotions,
@@ -254,6 +255,7 @@ def _add_client_commands() -> None:
     app.add_typer(customers.app, name="customers")
     app.add_typer(bonuses.app, name="bonuses")
     app.add_typer(products.app, name="products")
+    app.add_typer(jobs.app, name="jobs")
 
 
 def _add_database_commands() -> None:

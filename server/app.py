@@ -18,6 +18,7 @@ from server import (
     codes,
     customers,
     formulas,
+    jobs,
     listeners,
     metrics,
     products,
@@ -33,7 +34,7 @@ log = logging.getLogger("promo.server")
 
 # Every servicer module exposes SERVICE_NAME, ROLES (method -> roles) and register(server, deps).
 SERVICE_MODULES = (reward_types, promotions, rewards, campaigns, listeners, customers,
-                   formulas, products, bonuses, codes)
+                   formulas, products, bonuses, codes, jobs)
 SERVICE_NAMES = tuple(name for module in SERVICE_MODULES
                       for name in getattr(module, "SERVICE_NAMES", (module.SERVICE_NAME,)))
 METHOD_ROLES: dict[str, set[str]] = {

@@ -64,10 +64,12 @@ def record_batch(claimed: int, seconds: float) -> None:
 
 
 _OUTBOX_SQL = """
-SELECT kind, count(*) AS pending, count(*) FILTER (WHERE due_at <= now()) AS due,
-       coalesce(extract(epoch FROM now() - min(due_at) FILTER (WHERE due_at <= now())), 0)
-           AS oldest_due_seconds
-FROM outbox_jobs WHERE status = 'pending' GROUP BY kind ORDER BY kind"""
+SELECT kind, count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'pending' AND due_at <= now()) AS due,
+       coalesce(extract(epoch FROM now() - min(due_at) FILTER (
+           WHERE status = 'pending' AND due_at <= now())), 0) AS oldest_due_seconds,
+       count(*) FILTER (WHERE status = 'dead') AS dead
+FROM outbox_jobs WHERE status = 'pending' OR status = 'dead' GROUP BY kind ORDER BY kind"""
 
 
 class OutboxCollector(DatabaseCollector):
@@ -75,7 +77,7 @@ class OutboxCollector(DatabaseCollector):
 
     what = "the outbox"
 
-    def families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def families(self) -> tuple[GaugeMetricFamily, ...]:
         return (GaugeMetricFamily("promo_outbox_pending_jobs",
                                   "Outbox jobs not finished yet (due now or later), by kind.",
                                   labels=["kind"]),
@@ -84,17 +86,24 @@ class OutboxCollector(DatabaseCollector):
                                   labels=["kind"]),
                 GaugeMetricFamily("promo_outbox_oldest_due_age_seconds",
                                   "How long the oldest due outbox job has been waiting, by kind.",
+                                  labels=["kind"]),
+                GaugeMetricFamily("promo_outbox_dead_jobs",
+                                  "Outbox jobs out of attempts (kept for the retention days), by "
+                                  "kind: each needs a look, then JobService.RetryJob.",
                                   labels=["kind"]))
 
     async def rows(self, conn: asyncpg.Connection) -> list[Any]:
         return list(await conn.fetch(_OUTBOX_SQL))
 
     def fill(self, families: Sequence[GaugeMetricFamily], rows: list[Any]) -> None:
-        pending, due, oldest = families
+        pending, due, oldest, dead = families
         for row in rows:
-            pending.add_metric([row["kind"]], row["pending"])
-            due.add_metric([row["kind"]], row["due"])
-            oldest.add_metric([row["kind"]], float(row["oldest_due_seconds"]))
+            if row["pending"]:
+                pending.add_metric([row["kind"]], row["pending"])
+                due.add_metric([row["kind"]], row["due"])
+                oldest.add_metric([row["kind"]], float(row["oldest_due_seconds"]))
+            if row["dead"]:
+                dead.add_metric([row["kind"]], row["dead"])
 
 
 def register_outbox_collector(loop: asyncio.AbstractEventLoop,

@@ -107,6 +107,8 @@ SERVICE_WIDE_ROLES = {
     "promo.v1.ListenerService": "admin",
     "promo.v1.CampaignService": "admin",
     "promo.v1.ClearanceService": "listener",
+    # jobs.proto: "Every call requires the `admin` role."
+    "promo.v1.JobService": "admin",
 }
 # customers.proto: "Writes (UpsertCustomers, RecordEvents) need the `runtime` role ... Reads
 # need `admin`."

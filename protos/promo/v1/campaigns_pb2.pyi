@@ -636,6 +636,10 @@ class UpdateCustomerPromotionStatusRequest(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     request_id: _builtins.str
+    """Required; a retry with the same id returns the first answer. Scoped to the campaign (a
+    listener may number its calls per campaign): the same id for another campaign is another
+    request; for the same campaign with other statuses it is REQUEST_ID_REUSED.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomerPromotionStatus]: ...
     def __init__(
