@@ -216,3 +216,32 @@ async def test_promo_jobs_list_and_retry(api: Api, pool: asyncpg.Pool, settings:
         f"error: FAILED_PRECONDITION: job {job_id} is pending, not dead: it will run (or is "
         "running) on its own (JOB_NOT_DEAD)")
     assert (await cli.json("jobs", "list", "--status", "dead"))["jobs"] == []
+
+
+async def test_a_dead_bonus_batch_computes_its_window_after_retry_job(
+        api: Api, pool: asyncpg.Pool, settings: Settings, clock: FixedClock) -> None:
+    """A bonus batch whose every attempt was interrupted leaves its window's request PENDING
+    (the sweeper re-arms only finished batches); after RetryJob the next run computes it."""
+    from tests.e2e.test_bonuses_api import create, customers, definition, request, results
+
+    await customers(api, ("c1", "EUR", "UTC"))
+    await create(api, definition("deposits", "sum(deposit.amount) * 10%"))
+    await request(api, "deposits", ["c1"], "req-1")
+    job_id: int = await pool.fetchval("SELECT id FROM outbox_jobs WHERE kind = 'bonus.batch'")
+    due = await pool.fetchval("SELECT due_at FROM outbox_jobs WHERE id = $1", job_id)
+    await pool.execute("UPDATE outbox_jobs SET max_attempts = 1 WHERE id = $1", job_id)
+    clock.set(due)
+    async with pool.acquire() as conn:
+        assert await outbox.start_attempt(conn, job_id, now=clock.now(),
+                                          lease=job_lease(settings)) is not None
+        clock.set(clock.now() + job_lease(settings) + timedelta(seconds=1))
+        assert [b.id for b in await outbox.bury_interrupted_jobs(conn, now=clock.now())] == [
+            job_id]
+    assert await pool.fetchval("SELECT status FROM bonus_requests") == "PENDING"
+
+    await retry(api, str(job_id), request_id="retry-batch")
+    ctx: dict[str, Any] = {"pool": pool, "clock": clock, "settings": settings, "redis": None}
+    assert await run_outbox_job(ctx, job_id) == "done"
+    assert await pool.fetchval("SELECT status FROM bonus_requests") == "DONE"
+    [result] = await results(api)
+    assert result.customer_id == "c1"
