@@ -163,6 +163,7 @@ class GrantedReward(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     reward_type: _builtins.str
     display_name: _builtins.str
+    """The reward type's display name as it is now."""
     kind: _promotions_pb2.RewardKind.ValueType
     value: _builtins.str
     """Decimal string; empty for an EXTERNAL reward without an external value."""
@@ -233,7 +234,9 @@ class Grant(_message.Message):
     def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantedReward]: ...
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The promotion's additional properties."""
+        """The promotion's additional properties, as they are now: an existing grant returned again
+        shows the current ones (the grant's id, rewards, values and code never change).
+        """
 
     @_builtins.property
     def granted_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -272,7 +275,9 @@ class GetRewardResponse(_message.Message):
     DENIED_SCOPE_FIELD_NUMBER: _builtins.int
     DENIED_PERIOD_FIELD_NUMBER: _builtins.int
     existing: _builtins.bool
-    """True when this call returned an existing grant instead of making one."""
+    """True when this call returned an existing grant instead of making one (its display names
+    and properties are read again, the rest is as granted).
+    """
     denial_reason: Global___DenialReason.ValueType
     """Set when denied."""
     denial_message: _builtins.str
