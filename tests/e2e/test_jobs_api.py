@@ -60,15 +60,22 @@ async def dead_campaign_execution(api: Api, pool: asyncpg.Pool, settings: Settin
     await create_campaign(api, "spring", execute_at, customers=["c1"], conditional=False)
     job_id: int = await pool.fetchval(
         "SELECT id FROM outbox_jobs WHERE kind = 'campaign.execute'")
+    await bury(pool, settings, clock, job_id)
+    return job_id
+
+
+async def bury(pool: asyncpg.Pool, settings: Settings, clock: FixedClock, job_id: int) -> None:
+    """Give the job one attempt, start it at its due time as a worker would, let that worker
+    die (the lease runs out) and run the sweeper's bury_interrupted_jobs: the job is dead."""
     await pool.execute("UPDATE outbox_jobs SET max_attempts = 1 WHERE id = $1", job_id)
-    clock.set(execute_at)
+    clock.set(max(clock.now(), await pool.fetchval(
+        "SELECT due_at FROM outbox_jobs WHERE id = $1", job_id)))
     async with pool.acquire() as conn:
         assert await outbox.start_attempt(conn, job_id, now=clock.now(),
                                           lease=job_lease(settings)) is not None
         clock.set(clock.now() + job_lease(settings) + timedelta(seconds=1))
         buried = await outbox.bury_interrupted_jobs(conn, now=clock.now())
     assert [b.id for b in buried] == [job_id]
-    return job_id
 
 
 async def campaign_status(api: Api) -> int:
@@ -228,15 +235,7 @@ async def test_a_dead_bonus_batch_computes_its_window_after_retry_job(
     await create(api, definition("deposits", "sum(deposit.amount) * 10%"))
     await request(api, "deposits", ["c1"], "req-1")
     job_id: int = await pool.fetchval("SELECT id FROM outbox_jobs WHERE kind = 'bonus.batch'")
-    due = await pool.fetchval("SELECT due_at FROM outbox_jobs WHERE id = $1", job_id)
-    await pool.execute("UPDATE outbox_jobs SET max_attempts = 1 WHERE id = $1", job_id)
-    clock.set(due)
-    async with pool.acquire() as conn:
-        assert await outbox.start_attempt(conn, job_id, now=clock.now(),
-                                          lease=job_lease(settings)) is not None
-        clock.set(clock.now() + job_lease(settings) + timedelta(seconds=1))
-        assert [b.id for b in await outbox.bury_interrupted_jobs(conn, now=clock.now())] == [
-            job_id]
+    await bury(pool, settings, clock, job_id)
     assert await pool.fetchval("SELECT status FROM bonus_requests") == "PENDING"
 
     await retry(api, str(job_id), request_id="retry-batch")

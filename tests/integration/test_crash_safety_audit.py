@@ -144,6 +144,25 @@ async def _until(check: Callable[[], Awaitable[bool]], *, within: float,
         await asyncio.sleep(0.05)
 
 
+async def _until_rearmed_job_ran(pool: asyncpg.Pool, arq_redis: ArqRedis, settings: Settings,
+                                 job_id: int, check: Callable[[], Awaitable[bool]],
+                                 what: str) -> None:
+    """Wait (8 sweeper ticks) for a batch job armed again to have run; on a timeout, say what
+    held it: its row (a sweeper's lease) and whether arq still keeps the result of the job id
+    it reuses (attempt 0)."""
+    try:
+        await _until(check, within=8, what=f"{what} (8 sweeper ticks)")
+    except AssertionError as exc:
+        job = await pool.fetchrow("SELECT status, attempts, locked_until, due_at"
+                                  " FROM outbox_jobs WHERE id = $1", job_id)
+        kept = await arq_redis.exists(
+            "arq:result:" + outbox_job_id(settings.queue_name, job_id, 0))
+        raise AssertionError(
+            f"{exc}: the re-armed job is {dict(job)} (a sweeper tick leases it for "
+            f"{settings.job_lease_seconds} s) while arq still keeps the result of the job id "
+            f"it reuses (attempt 0): {bool(kept)}") from None
+
+
 async def _add_listener(pool: asyncpg.Pool, url: str, event_type: EventType,
                         now: datetime) -> int:
     async with pool.acquire() as conn:
@@ -342,18 +361,8 @@ async def test_a_straggler_rearms_its_finished_batch_and_is_computed_within_a_fe
         assert late.outbox_job_id == first.outbox_job_id  # the finished job, armed again
         await queue_after_commit(arq_redis, job_id=late.outbox_job_id, due_at=real.now(),
                                  queue_name=settings.queue_name)
-        try:
-            await _until(lambda: computed(3), within=8,
-                         what="the straggler's result (8 sweeper ticks)")
-        except AssertionError as exc:
-            job = await pool.fetchrow("SELECT status, attempts, locked_until, due_at"
-                                      " FROM outbox_jobs WHERE id = $1", late.outbox_job_id)
-            kept = await arq_redis.exists(
-                "arq:result:" + outbox_job_id(settings.queue_name, late.outbox_job_id, 0))
-            raise AssertionError(
-                f"{exc}: the re-armed job is {dict(job)} (leased for "
-                f"{settings.job_lease_seconds} s by a sweeper tick) while arq still keeps the "
-                f"result of the job id it reuses (attempt 0): {bool(kept)}") from None
+        await _until_rearmed_job_ran(pool, arq_redis, settings, late.outbox_job_id,
+                                     lambda: computed(3), "the straggler's result")
     finally:
         await worker.close()
         task.cancel()
@@ -463,17 +472,8 @@ async def test_a_request_left_pending_by_a_finishing_batch_is_rearmed_and_comput
                SELECT definition_pk, 'raced/b2', 'b2', window_start, request_time, period_start,
                       period_end, source, period_revision
                  FROM bonus_requests WHERE customer_id = 'b0'""")
-        try:
-            await _until(lambda: computed(3), within=8,
-                         what="the raced request's result (8 sweeper ticks)")
-        except AssertionError as exc:
-            job = await pool.fetchrow("SELECT status, attempts, locked_until, due_at"
-                                      " FROM outbox_jobs WHERE id = $1", first.outbox_job_id)
-            kept = await arq_redis.exists(
-                "arq:result:" + outbox_job_id(settings.queue_name, first.outbox_job_id, 0))
-            raise AssertionError(
-                f"{exc}: the re-armed job is {dict(job)} while arq still keeps the result of "
-                f"the job id it reuses (attempt 0): {bool(kept)}") from None
+        await _until_rearmed_job_ran(pool, arq_redis, settings, first.outbox_job_id,
+                                     lambda: computed(3), "the raced request's result")
     finally:
         await worker.close()
         task.cancel()
