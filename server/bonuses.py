@@ -7,6 +7,7 @@ worker's sweeper covers Redis being down.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, time
@@ -63,6 +64,8 @@ from server.promotion_convert import ROUNDING_FROM_PB, ROUNDING_TO_PB
 from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo
 from storage.queue import queue_after_commit
+
+log = logging.getLogger("promo.bonuses")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BonusService"].full_name
 _ADMIN = ("CreateBonusDefinition", "GetBonusDefinition", "ListBonusDefinitions",
@@ -606,6 +609,10 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
             decided = await repo.decide_results(conn, ids, target, now=now, decided_by=who,
                                                 reason=reason)
             jobs.extend(decided.outbox_job_ids)
+            log.info("bonus results issued" if target is BonusStatus.ISSUED
+                     else "bonus results rejected", extra={
+                         "bonus_ids": ",".join(r.bonus_id for r in decided.results),
+                         "count": len(decided.results), "decided_by": who})
             return pb.ApproveBonusResultsResponse(
                 results=[result_to_pb(r) for r in decided.results]).SerializeToString()
 
@@ -639,6 +646,10 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
             row = await repo.get_definition(conn, definition_id, for_update=True)
             done = await repo.recalculate(conn, row, now=now)
             jobs.extend(done.outbox_job_ids)
+            log.info("bonus results recalculated", extra={
+                "definition_id": definition_id, "revision": row.definition.revision,
+                "recalculated": done.recalculated, "calculated": done.calculated,
+                "skipped": done.skipped})
             return pb.RecalculateBonusResultsResponse(
                 recalculated_count=done.recalculated, calculated_count=done.calculated,
                 skipped_count=done.skipped).SerializeToString()

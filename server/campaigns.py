@@ -8,6 +8,7 @@ re-queues them if Redis loses them, so scheduling survives restarts.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -32,6 +33,8 @@ from storage import outbox
 from storage import promotions as promotions_repo
 from storage.campaigns import CampaignRow
 from storage.queue import queue_after_commit
+
+log = logging.getLogger("promo.campaigns")
 
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["CampaignService"]
 CLEARANCE_SERVICE = pb.DESCRIPTOR.services_by_name["ClearanceService"]
@@ -112,6 +115,10 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
                                        dedup_key=f"campaign:{row.id}:execute")
             jobs.append((job, spec.execute_at))
             row = await repo.get(conn, spec.campaign_id)
+            log.info("campaign created", extra={
+                "campaign_id": row.campaign_id, "execute_at": row.execute_at.isoformat(),
+                "conditional": row.conditional, "targets": row.target_count,
+                "promotion_codes": ",".join(row.promotion_codes)})
             return pb.CreateCampaignResponse(campaign=campaign_to_pb(row)).SerializeToString()
 
         raw = await run_request_once(self._deps.pool, "CreateCampaign", request, work)
@@ -169,6 +176,8 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             domain.check_cancellable(row.status, row.campaign_id)
             await repo.set_status(conn, row.id, CampaignStatus.CANCELLED,
                                   now=self._deps.clock.now())
+            log.info("campaign cancelled", extra={"campaign_id": row.campaign_id,
+                                                  "was": row.status.value})
             row = await repo.get(conn, request.campaign_id)
             return pb.CancelCampaignResponse(campaign=campaign_to_pb(row)).SerializeToString()
 

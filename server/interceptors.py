@@ -7,6 +7,7 @@ handler, including before it yields its first streamed message, get the same tre
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -89,11 +90,25 @@ class ServiceInterceptor(aio.ServerInterceptor):
             status = to_status(grpc.StatusCode.INTERNAL,
                                "internal error; the server log has the details for this "
                                "request id", "INTERNAL")
-            log.error("rpc crashed", exc_info=exc, extra={"ms": _ms(started)})
+            log.error("rpc crashed", exc_info=exc, extra={"code": "INTERNAL", "reason": "INTERNAL",
+                                                          "ms": _ms(started)})
         self._observer.observe(method, status.code, time.perf_counter() - started)
         await context.abort(status.code, status.details,
                             trailing_metadata=(*status.trailing_metadata,
                                                ("x-request-id", request_id)))
+
+    def _cancelled(self, method: str, context: aio.ServicerContext, started: float) -> None:
+        """A call the client gave up on (its deadline ran out, or it cancelled) still gets its
+        one line and its metric: the handler was stopped where it was, and what it had not
+        committed is rolled back."""
+        try:
+            remaining = context.time_remaining()
+        except Exception:  # the call is already gone
+            remaining = None
+        code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED)
+        log.info("rpc cancelled", extra={"code": code.name, "ms": _ms(started)})
+        self._observer.observe(method, code, time.perf_counter() - started)
 
     def _done(self, method: str, context: aio.ServicerContext, started: float) -> None:
         code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
@@ -121,6 +136,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
                 response = await inner_uu(request, context)
             except aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                icpt._cancelled(method, context, started)
+                raise
             except Exception as exc:
                 await icpt._fail(exc, method, request_id, context, started, request)
                 raise AssertionError("unreachable") from exc
@@ -144,6 +162,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
                     yield item
             except aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                icpt._cancelled(method, context, started)
+                raise
             except Exception as exc:
                 await icpt._fail(exc, method, request_id, context, started, request)
             icpt._done(method, context, started)
@@ -163,6 +184,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
                 current_principal.set(principal)
                 response = await inner_su(request_iterator, context)
             except aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                icpt._cancelled(method, context, started)
                 raise
             except Exception as exc:
                 await icpt._fail(exc, method, request_id, context, started)
@@ -186,6 +210,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             async for item in inner_ss(request_iterator, context):
                 yield item
         except aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            icpt._cancelled(method, context, started)
             raise
         except Exception as exc:
             await icpt._fail(exc, method, request_id, context, started)

@@ -14,6 +14,7 @@ server's SMTP settings (PROMO_SMTP_HOST), else FAILED_PRECONDITION.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import uuid
 
@@ -42,6 +43,8 @@ from server.secret_fingerprint import listener_request_fingerprints
 from storage import webhooks as repo
 from storage.listener_secrets import LISTENER_SECRET_PURPOSE
 from storage.queue import queue_after_commit
+
+log = logging.getLogger("promo.listeners")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ListenerService"].full_name
 ROLES = {f"/{SERVICE_NAME}/{m}": {"admin"} for m in (
@@ -220,6 +223,11 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                 secret=self._stored(chosen) if chosen else "", active=active,
                 description=description, now=self._deps.clock.now(), channel=channel,
                 email_recipients=recipients)
+            # Ids and kinds only: a URL may carry a token in its query, a secret never shows.
+            log.info("listener registered", extra={
+                "listener_id": row.id, "event_type": int(event_type), "channel": channel.value,
+                "active": active, "secret": "chosen" if secret else (
+                    "none" if channel is Channel.EMAIL else "generated")})
             return pb.RegisterListenerResponse(
                 listener=listener_to_pb(row),
                 generated_secret=self._sealed_answer(
@@ -302,6 +310,9 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
                 description=description,
                 secret=self._stored(new_secret) if new_secret else None,
                 email_recipients=recipients)
+            log.info("listener updated", extra={
+                "listener_id": listener_id, "fields": ",".join(sorted(paths)),
+                "secret": "generated" if generated else ("chosen" if new_secret else "kept")})
             return pb.UpdateListenerResponse(
                 listener=listener_to_pb(row),
                 generated_secret=self._sealed_answer(generated or "")).SerializeToString()
@@ -320,6 +331,8 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
         async def work(conn: asyncpg.Connection) -> bytes:
             cancelled = await repo.delete_listener(conn, listener_id,
                                                    now=self._deps.clock.now())
+            log.info("listener unregistered", extra={"listener_id": listener_id,
+                                                     "cancelled_deliveries": cancelled})
             return pb.UnregisterListenerResponse(
                 cancelled_deliveries=cancelled).SerializeToString()
 

@@ -16,6 +16,17 @@ from typing import Any
 call_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "promo_call_context", default=None)
 
+
+
+def annotate_call(fields: dict[str, str]) -> None:
+    """Add identifiers to this call's lines from here on, its access line ("rpc") included:
+    GetReward's grant, customer and outcome travel on the one line the call leaves anyway,
+    which costs the hot path less than a line of its own."""
+    ctx = call_context.get()
+    if ctx is not None:
+        ctx.update(fields)
+
+
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
     "message", "asctime"}
 

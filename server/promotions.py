@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
@@ -99,6 +100,14 @@ def _shown(stored: StoredPromotion, live: repo.LiveState, now: datetime) -> pb.P
     return message
 
 
+log = logging.getLogger("promo.promotions")
+
+# The line each change leaves (inside its transaction: a replayed request logs nothing more).
+_CHANGE_LOG = {"CreatePromotion": "promotion created", "UpdatePromotion": "promotion updated",
+               "ActivatePromotion": "promotion activated",
+               "DeactivatePromotion": "promotion deactivated"}
+
+
 class PromotionServicer(pb_grpc.PromotionServiceServicer):
     def __init__(self, pool: asyncpg.Pool, clock: Clock, alerts: AlertDispatcher) -> None:
         self._pool = pool
@@ -107,9 +116,14 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
 
     async def _once(self, scope: str, request: Message,
                     work: Callable[[asyncpg.Connection], Awaitable[pb.Promotion]],
-                    response_type: type[Message]) -> Message:
+                    response_type: type[Message], *, fields: list[str] | None = None) -> Message:
         async def run(conn: asyncpg.Connection) -> bytes:
             promotion = await work(conn)
+            log.info(_CHANGE_LOG[scope], extra={
+                "promotion_code": promotion.promotion_code, "version": promotion.version,
+                "status": pb.PromotionStatus.Name(promotion.status).removeprefix(
+                    "PROMOTION_STATUS_"),
+                **({"fields": ",".join(sorted(fields))} if fields else {})})
             return response_type(promotion=promotion).SerializeToString()  # type: ignore[call-arg]
 
         raw = await run_request_once(self._pool, scope, request, run)
@@ -201,7 +215,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
 
         raised: list[int] = []
         response = await self._once("UpdatePromotion", request, work,
-                                    pb.UpdatePromotionResponse)
+                                    pb.UpdatePromotionResponse, fields=paths)
         if any(raised):
             self._alerts.dispatch_soon()
         assert isinstance(response, pb.UpdatePromotionResponse)

@@ -41,6 +41,7 @@ from server.code_alerts import AlertDispatcher
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
 from server.grant_batcher import DEADLOCK_ATTEMPTS, GrantBatcher
+from server.logs import annotate_call
 from server.metrics import observe_reward
 from server.promotion_cache import CachedPromotion, PromotionCache
 from server.promotion_convert import KIND_TO_PB, PERIOD_TO_PB
@@ -89,6 +90,24 @@ def _check_same_request(keys: GrantKeys, rewards: list[dict[str, Any]],
             metadata={"field": "request_id"})
 
 
+def _logged(request: pb.GetRewardRequest,
+            response: pb.GetRewardResponse) -> pb.GetRewardResponse:
+    """The call's access line names the promotion, customer, campaign and outcome (the grant,
+    or the denial's reason), so a grant or a denial can be found in the log."""
+    fields = {"promotion_code": request.promotion_code, "customer_id": request.customer_id}
+    if request.campaign_id:
+        fields["campaign_id"] = request.campaign_id
+    if response.HasField("grant"):
+        fields["outcome"] = "existing" if response.existing else "granted"
+        fields["grant_id"] = response.grant.grant_id
+    else:
+        fields["outcome"] = "denied"
+        fields["denial"] = pb.DenialReason.Name(response.denial_reason).removeprefix(
+            "DENIAL_REASON_")
+    annotate_call(fields)
+    return response
+
+
 def _check_id(value: str, field: str, *, required: bool = True) -> str:
     if (required and not value) or len(value) > MAX_ID_LENGTH:
         raise InvalidArgument(
@@ -134,13 +153,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             cached = await self._cache.get(request.promotion_code)
             outcome = await self._grant(cached, request, external)
             if isinstance(outcome, pb.GetRewardResponse):
-                return observe_reward(outcome)
+                return _logged(request, observe_reward(outcome))
             if outcome.outcome == "STALE":
                 self._cache.invalidate(request.promotion_code)
                 continue
             if outcome.outcome == "EXISTING":
                 outcome = await self._existing(outcome, request, external)
-            return observe_reward(self._answer(cached, request, outcome))
+            return _logged(request, observe_reward(self._answer(cached, request, outcome)))
         raise Aborted("the promotion changed repeatedly during this call; retry it",
                       reason="CONFIG_CHANGING")
 

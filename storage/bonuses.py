@@ -613,6 +613,7 @@ def _raw(evaluation: Evaluation) -> str | None:
 @dataclass
 class BatchReport:
     batch_pk: int | None = None
+    definition_id: str | None = None  # None: the definition was deleted before the batch ran
     requests: int = 0
     customers: int = 0
     events_read: int = 0
@@ -646,6 +647,7 @@ async def run_batch(pool: asyncpg.Pool, definition_pk: int, window: datetime, *,
                 row = await get_definition_by_pk(conn, definition_pk)
                 if row is None:
                     return report
+                report.definition_id = row.definition.definition_id
                 try:
                     await _compute_and_write(pool, conn, row, window, report, now=now)
                     break

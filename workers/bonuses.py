@@ -42,7 +42,8 @@ async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
     except repo.BatchBusy as exc:
         raise JobAlreadyRunning(str(exc)) from exc
     log.info("bonus batch done", extra={
-        "definition_pk": definition_pk, "window_start": window.isoformat(),
+        "definition_id": report.definition_id, "definition_pk": definition_pk,
+        "batch_id": report.batch_pk, "window_start": window.isoformat(),
         "requests": report.requests, "customers": report.customers,
         "events_read": report.events_read, "ms": report.duration_ms, **report.statuses})
     for job_id in report.outbox_job_ids:

@@ -128,7 +128,10 @@ async def test_a_cap_cut_during_a_burst_is_never_exceeded_afterwards(
 
     first, updated, second = await asyncio.gather(burst(0), edit(), burst(150))
     replies = [*first, *second]
-    assert not _errors(replies)
+    # A call that saw the promotion change on each of its three tries (deactivate, edit,
+    # activate: likely on a loaded machine) is ABORTED "retry it" and granted nothing.
+    assert set(_errors(replies)) <= {
+        "ABORTED: the promotion changed repeatedly during this call; retry it"}
     live = await _live_customers(pool, "CUT")
     assert await _counter(pool, "CUT", "#customers") == live
     assert live <= max(30, updated.customers), (live, updated.customers)
