@@ -41,7 +41,8 @@ def job_to_pb(row: repo.JobRow) -> pb.Job:
 
 def _job_id(value: str) -> int:
     required_id(value, "job_id")
-    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= _MAX_JOB_ID:
+    if (not value.isascii() or not value.isdigit() or len(value) > 19
+            or not 0 < int(value) <= _MAX_JOB_ID):
         raise InvalidArgument(f"job_id must be a positive integer, got {value[:40]!r}",
                               reason="INVALID_JOB_ID", metadata={"field": "job_id"})
     return int(value)

@@ -17,7 +17,6 @@ call_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.Contex
     "promo_call_context", default=None)
 
 
-
 def annotate_call(fields: dict[str, str]) -> None:
     """Add identifiers to this call's lines from here on, its access line ("rpc") included:
     GetReward's grant, customer and outcome travel on the one line the call leaves anyway,

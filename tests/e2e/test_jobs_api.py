@@ -157,7 +157,7 @@ async def test_retry_job_refuses_pending_jobs_webhook_deliveries_and_bad_ids(
     assert "RedeliverEvent" in (error.details() or "")
     error = await refused(retry(api, "424242", request_id="retry-unknown"))
     assert (error.code(), rpc_error_reason(error)) == (grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
-    for n, bad in enumerate(["abc", "-1", "0", "1.5", "١٢", "9" * 20]):
+    for n, bad in enumerate(["abc", "-1", "0", "1.5", "١٢", "9" * 20, "9" * 5000]):
         error = await refused(retry(api, bad, request_id=f"bad-{n}"))
         assert (error.code(), rpc_error_reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                            "INVALID_JOB_ID"), bad
