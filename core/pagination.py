@@ -110,12 +110,20 @@ def decode_page_token(token: str, filters: dict[str, Any], *, key: Sequence[KeyK
         return None
     try:
         padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        raw = base64.urlsafe_b64decode(padded.encode())
+        data = json.loads(raw)
         after = data["a"]
         fingerprint = data["f"]
         checksum = data["c"]
         if not isinstance(after, list) or not isinstance(fingerprint, str):
             raise ValueError("bad shape")
+        # Only the exact text this server issued: base64 decoding skips characters outside
+        # its alphabet and extra padding, and JSON allows other spacing, so an edited token
+        # could otherwise pass (harmlessly, the checksum covers the content, but an edited
+        # token is refused as the README says).
+        issued = json.dumps({"a": after, "f": fingerprint, "c": checksum}).encode()
+        if raw != issued or base64.urlsafe_b64encode(raw).decode().rstrip("=") != token:
+            raise ValueError("not the issued text")
     except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
         raise _not_ours() from exc
     if checksum != _checksum(after, fingerprint, scope):
