@@ -163,6 +163,38 @@ async def _until_rearmed_job_ran(pool: asyncpg.Pool, arq_redis: ArqRedis, settin
             f"it reuses (attempt 0): {bool(kept)}") from None
 
 
+async def _results(pool: asyncpg.Pool, n: int) -> bool:
+    return await _count(pool, "SELECT count(*) FROM bonus_results") == n
+
+
+@contextlib.asynccontextmanager
+async def _window_computed(settings: Settings, pool: asyncpg.Pool, arq_redis: ArqRedis,
+                           name: str) -> AsyncIterator[tuple[SystemClock, Any, Any]]:
+    """A definition with a 2 s window, two requests whose batch a real worker (with its 1 s
+    sweeper, on the real clock) has computed; yields (clock, definition row, first request).
+    Afterwards the worker stops and the books must hold 3 results, 3 ledger entries and
+    nothing pending."""
+    real = SystemClock()
+    start = real.now()
+    row = await _seed_bonus(pool, _definition(name, window=2), 3, start)
+    first = await _request_bonuses(pool, row, ["b0", "b1"], "r1", start)
+    assert first.outbox_job_id is not None
+    await queue_after_commit(arq_redis, job_id=first.outbox_job_id, due_at=first.due_at,
+                             queue_name=settings.queue_name)
+    worker = build_worker(settings, clock=real, handle_signals=False, run_sweeper=True)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        await _until(lambda: _results(pool, 2), within=15, what="the window's batch")
+        yield real, row, first
+    finally:
+        await worker.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    books = await _bonus_books(pool)
+    assert (books["results"], books["ledger"], books["pending"]) == (3, 3, 0)
+
+
 async def _add_listener(pool: asyncpg.Pool, url: str, event_type: EventType,
                         now: datetime) -> int:
     async with pool.acquire() as conn:
@@ -340,20 +372,7 @@ async def test_a_straggler_rearms_its_finished_batch_and_is_computed_within_a_fe
     job again, due now", and every sweeper tick re-arms a closed window that still has pending
     requests. Real time, a real worker with its sweeper (1 s ticks), the server's
     queue-after-commit: the straggler must not wait for anything but the sweeper."""
-    real = SystemClock()
-    start = real.now()
-    row = await _seed_bonus(pool, _definition("straggle", window=2), 3, start)
-    first = await _request_bonuses(pool, row, ["b0", "b1"], "r1", start)
-    assert first.outbox_job_id is not None
-    await queue_after_commit(arq_redis, job_id=first.outbox_job_id, due_at=first.due_at,
-                             queue_name=settings.queue_name)
-    worker = build_worker(settings, clock=real, handle_signals=False, run_sweeper=True)
-    task = asyncio.create_task(worker.async_run())
-    try:
-        async def computed(n: int) -> bool:
-            return await _count(pool, "SELECT count(*) FROM bonus_results") == n
-
-        await _until(lambda: computed(2), within=15, what="the window's batch")
+    async with _window_computed(settings, pool, arq_redis, "straggle") as (real, row, first):
         # A request made "as of" a time inside the closed window (a late schedule run), as
         # the server does: the same transaction re-arms the batch, then queue after commit.
         late = await _request_bonuses(pool, row, ["b2"], "late",
@@ -362,14 +381,7 @@ async def test_a_straggler_rearms_its_finished_batch_and_is_computed_within_a_fe
         await queue_after_commit(arq_redis, job_id=late.outbox_job_id, due_at=real.now(),
                                  queue_name=settings.queue_name)
         await _until_rearmed_job_ran(pool, arq_redis, settings, late.outbox_job_id,
-                                     lambda: computed(3), "the straggler's result")
-    finally:
-        await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    books = await _bonus_books(pool)
-    assert (books["results"], books["ledger"], books["pending"]) == (3, 3, 0)
+                                     lambda: _results(pool, 3), "the straggler's result")
 
 
 async def test_an_armed_bonus_batch_redis_lost_is_computed_once_by_the_sweeper(
@@ -451,20 +463,7 @@ async def test_a_request_left_pending_by_a_finishing_batch_is_rearmed_and_comput
     pending requests (one that committed while its batch was finishing)". The state that race
     leaves (a PENDING request, its window's job done) is made directly; a real worker with its
     sweeper (1 s ticks) on the real clock must compute it within a few ticks."""
-    real = SystemClock()
-    start = real.now()
-    row = await _seed_bonus(pool, _definition("raced", window=2), 3, start)
-    first = await _request_bonuses(pool, row, ["b0", "b1"], "r1", start)
-    assert first.outbox_job_id is not None
-    await queue_after_commit(arq_redis, job_id=first.outbox_job_id, due_at=first.due_at,
-                             queue_name=settings.queue_name)
-    worker = build_worker(settings, clock=real, handle_signals=False, run_sweeper=True)
-    task = asyncio.create_task(worker.async_run())
-    try:
-        async def computed(n: int) -> bool:
-            return await _count(pool, "SELECT count(*) FROM bonus_results") == n
-
-        await _until(lambda: computed(2), within=15, what="the window's batch")
+    async with _window_computed(settings, pool, arq_redis, "raced") as (_, _, first):
         await pool.execute(
             """INSERT INTO bonus_requests (definition_pk, request_key, customer_id, window_start,
                                            request_time, period_start, period_end, source,
@@ -473,14 +472,7 @@ async def test_a_request_left_pending_by_a_finishing_batch_is_rearmed_and_comput
                       period_end, source, period_revision
                  FROM bonus_requests WHERE customer_id = 'b0'""")
         await _until_rearmed_job_ran(pool, arq_redis, settings, first.outbox_job_id,
-                                     lambda: computed(3), "the raced request's result")
-    finally:
-        await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    books = await _bonus_books(pool)
-    assert (books["results"], books["ledger"], books["pending"]) == (3, 3, 0)
+                                     lambda: _results(pool, 3), "the raced request's result")
 
 
 async def test_a_webhook_retry_redis_lost_is_sent_at_its_retry_time_by_the_sweeper(
