@@ -122,14 +122,15 @@ def validate_code(code: str) -> str:
 
 
 def validate_time_zone(name: str, *, field_name: str = "time_zone") -> str:
+    # "localtime" (and the rest of NOT_ZONES) opens, but is the host's setting, not a zone.
     try:
-        if name.lower() in NOT_ZONES:  # "localtime": the host's setting, not a named zone
-            raise ValueError(name)
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+        named = name.lower() not in NOT_ZONES and ZoneInfo(name) is not None
+    except (ZoneInfoNotFoundError, ValueError):
+        named = False
+    if not named:
         raise InvalidArgument(f"{field_name} {name!r} is not an IANA time zone such as "
                               "'Europe/Berlin' or 'UTC'", reason="INVALID_TIME_ZONE",
-                              metadata={"field": field_name}) from exc
+                              metadata={"field": field_name})
     return name
 
 
