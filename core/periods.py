@@ -203,7 +203,10 @@ class TimeBackPeriod:
                 reason="INVALID_PERIOD",
                 metadata={"field": "unit"},
             )
-        length = self.length
+        try:
+            length = self.length
+        except OverflowError:  # more days than timedelta holds: far past the limit anyway
+            raise _too_long(f"{self.amount} {self.unit}") from None
         if length > MAX_PERIOD:
             raise _too_long(f"{self.amount} {self.unit} ({describe_length(length)})")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import replace
-from datetime import UTC, datetime, time
+from datetime import datetime, time
 from typing import Any
 
 import asyncpg
@@ -56,7 +56,7 @@ from promo.v1 import bonuses_pb2 as pb
 from promo.v1 import bonuses_pb2_grpc as pb_grpc
 from promo.v1 import formulas_pb2 as fpb
 from server.auth import current_principal
-from server.convert import required_id, run_request_once, timestamp
+from server.convert import read_timestamp, required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.formulas import RELATIVE_FROM_PB, period_from_pb
 from server.page_tokens import decode_page_token, encode_page_token
@@ -271,7 +271,8 @@ def rule_from_pb(m: pb.BonusRule) -> Rule:
         filters=compile_filter(m.event_kind, m.filter, field="filter") if m.event_kind else (),
         qualification=qualification, max_executions=m.max_executions or None,
         period_mode=_PERIOD_MODE.get(m.period_mode, PeriodMode.DEFINITION),
-        period_end=m.period_end.ToDatetime(UTC) if m.HasField("period_end") else None))
+        period_end=(read_timestamp(m.period_end, "period_end")
+                    if m.HasField("period_end") else None)))
 
 
 def rule_to_pb(r: triggers_repo.RuleRow) -> pb.BonusRule:
@@ -524,8 +525,8 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                 raise InvalidArgument("give both period_start and period_end, or neither",
                                       reason="INVALID_PERIOD",
                                       metadata={"field": "period_end"})
-            fixed = FixedPeriod(request.period_start.ToDatetime(UTC),
-                                request.period_end.ToDatetime(UTC))
+            fixed = FixedPeriod(read_timestamp(request.period_start, "period_start"),
+                                read_timestamp(request.period_end, "period_end"))
             period = (fixed.start, fixed.end)
         now = self._deps.clock.now()
         settings = self._deps.settings
@@ -561,9 +562,9 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
         size = effective_page_size(request.page_size)
         statuses = tuple(_required(_STATUS, s, "statuses", _names(_STATUS))
                          for s in request.statuses)
-        after = (request.calculated_after.ToDatetime(UTC)
+        after = (read_timestamp(request.calculated_after, "calculated_after")
                  if request.HasField("calculated_after") else None)
-        before = (request.calculated_before.ToDatetime(UTC)
+        before = (read_timestamp(request.calculated_before, "calculated_before")
                   if request.HasField("calculated_before") else None)
         filters = {"definition_id": request.definition_id,
                    "statuses": sorted(s.value for s in statuses),

@@ -9,7 +9,7 @@ re-queues them if Redis loses them, so scheduling survives restarts.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 from grpc import aio
@@ -24,7 +24,7 @@ from core.money import format_decimal, plain
 from core.pagination import effective_page_size
 from promo.v1 import campaigns_pb2 as pb
 from promo.v1 import campaigns_pb2_grpc as pb_grpc
-from server.convert import required_id, run_request_once, timestamp
+from server.convert import read_timestamp, required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import PERIOD_TO_PB
@@ -76,7 +76,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
                                   metadata={"field": "execute_at"})
         spec = domain.validate_campaign(CampaignSpec(
             campaign_id=message.campaign_id, name=message.name,
-            execute_at=message.execute_at.ToDatetime(UTC),
+            execute_at=read_timestamp(message.execute_at, "execute_at"),
             conditional=message.conditional_execution,
             promotion_codes=tuple(message.promotion_codes)))
         customer_ids = list(request.customer_ids)

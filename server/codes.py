@@ -17,6 +17,7 @@ from grpc import aio
 
 from core.codes import MAX_UPLOAD_BYTES, CodeType, parse_code_file, too_large
 from core.errors import FailedPrecondition, InvalidArgument
+from core.text import nul_problem
 from promo.v1 import codes_pb2 as pb
 from promo.v1 import codes_pb2_grpc as pb_grpc
 from server.auth import current_principal
@@ -70,6 +71,9 @@ async def _read_upload(requests: AsyncIterator[pb.UploadCodesRequest]
     if not promotion_code:
         raise InvalidArgument("promotion_code is required in the first message",
                               reason="INVALID_ID", metadata={"field": "promotion_code"})
+    # A stream has no single request for the interceptor's NUL safety net to inspect.
+    if (problem := nul_problem(promotion_code, "promotion_code")) is not None:
+        raise InvalidArgument(problem, reason="INVALID_TEXT", metadata={"field": "promotion_code"})
     validate_request_id(request_id)
     return promotion_code, request_id, b"".join(parts)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 from google.protobuf import timestamp_pb2
@@ -20,6 +20,24 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+# The range google.protobuf.Timestamp allows (0001-01-01 .. 9999-12-31T23:59:59Z); outside it
+# (or with nanos outside [0, 1e9)) ToDatetime raises, which would surface as INTERNAL.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def read_timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """A request's Timestamp as an aware UTC datetime; one out of Timestamp's range is the
+    caller's mistake (INVALID_ARGUMENT INVALID_TIME naming the field), not a server crash."""
+    in_range = _MIN_SECONDS <= value.seconds <= _MAX_SECONDS
+    if not in_range or not 0 <= value.nanos < 1_000_000_000:
+        raise InvalidArgument(
+            f"{field} is not a valid timestamp (seconds={value.seconds}, nanos={value.nanos}); "
+            "it must lie between 0001-01-01 and 9999-12-31 UTC",
+            reason="INVALID_TIME", metadata={"field": field})
+    return value.ToDatetime(UTC)
 
 
 def required_id(value: str, field: str) -> str:

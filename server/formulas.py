@@ -30,7 +30,7 @@ from core.periods import (
 from core.rounding import RoundingMode
 from promo.v1 import formulas_pb2 as pb
 from promo.v1 import formulas_pb2_grpc as pb_grpc
-from server.convert import timestamp
+from server.convert import read_timestamp, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import ROUNDING_FROM_PB
 from storage import aggregates as aggregates_repo
@@ -95,8 +95,14 @@ def period_from_pb(message: pb.TransactionPeriod) -> Period:
         zone: tzinfo = UTC
         if message.fixed.time_zone:
             zone = load_time_zone(message.fixed.time_zone, field="period.fixed.time_zone")
-        return FixedPeriod(message.fixed.start.ToDatetime(UTC).astimezone(zone),
-                           message.fixed.end.ToDatetime(UTC).astimezone(zone))
+        start = read_timestamp(message.fixed.start, "period.fixed.start")
+        end = read_timestamp(message.fixed.end, "period.fixed.end")
+        try:
+            return FixedPeriod(start.astimezone(zone), end.astimezone(zone))
+        except OverflowError as exc:  # year 1 or 9999 shifted out of range by the zone
+            raise InvalidArgument(
+                "period.fixed falls outside the years 1..9999 in its time zone",
+                reason="INVALID_PERIOD", metadata={"field": "period.fixed"}) from exc
     if which == "time_back":
         units = {pb.TIME_UNIT_HOURS: "hours", pb.TIME_UNIT_DAYS: "days"}
         if message.time_back.unit not in units:
