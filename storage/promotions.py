@@ -203,7 +203,9 @@ async def _recount_caps(conn: asyncpg.Connection, promotion_id: int, promotion: 
     The counter rows are locked first, in the order grants lock them (customers, then budget
     windows by reward type and period), and counted afterwards in statements of their own, so a
     grant still in flight has either committed before the count (and is in it) or charges the
-    counter after this commit."""
+    counter after this commit; such a grant then finds the promotion's version moved when it
+    reads it again as its last statement, and undoes itself as STALE (migration 0025), so it is
+    never charged against the limits it read before this edit."""
     current = windows(promotion, now)
     if not current:
         return
