@@ -7,6 +7,7 @@ names every bad item and changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -14,7 +15,7 @@ from grpc import aio
 
 from core import customers as domain
 from core.errors import InvalidArgument
-from core.money import format_decimal
+from core.money import format_decimal, plain
 from core.pagination import effective_page_size
 from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
@@ -97,6 +98,19 @@ def event_to_pb(value: domain.Event) -> pb.Event:
         event_id=value.event_id or 0, record_time=timestamp(value.record_time))
 
 
+def _reused_external_ids(events: list[domain.Event],
+                         conflicts: Sequence[events_repo.StoredConflict]) -> list[domain.Problem]:
+    """One problem per event (by position) whose external id is already another event's: an
+    idempotency key reused for different content is the caller's mistake, not a retry."""
+    stored = {c.external_id: c for c in conflicts}
+    return [domain.Problem(index, (
+        f"external_id {e.external_id!r} is already stored for a different event "
+        f"(customer {c.customer_id!r}, {c.kind} {format_decimal(plain(c.amount))} {c.currency} at "
+        f"{c.occurred_at.isoformat()}): resend that event unchanged, or give this one an "
+        "external_id of its own"))
+            for index, e in enumerate(events) if (c := stored.get(e.external_id)) is not None]
+
+
 def _raise_event_problems(problems: list[domain.Problem]) -> None:
     domain.raise_if_problems(problems, noun="events", reason="INVALID_EVENTS")
 
@@ -163,6 +177,9 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
                 # Nothing was inserted; raising rolls back the request id's claim too.
                 _raise_event_problems(domain.unknown_customer_problems(
                     customer_ids, outcome.missing_customers))
+            if outcome.conflicts:
+                # Nothing is kept: raising rolls back the events inserted and the claim.
+                _raise_event_problems(_reused_external_ids(events, outcome.conflicts))
             # Dynamic-bonus automation rules count the events just stored (storage/bonuses.py).
             bonus_jobs.extend(await triggers_repo.on_events_recorded(
                 conn, {e.kind for e in events}, [e.external_id for e in events],

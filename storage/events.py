@@ -2,7 +2,8 @@
 
 Ingestion of a batch is one binary COPY into a temporary table and one INSERT ... SELECT that
 checks for unknown customers, creates them when asked, and inserts the events with
-``ON CONFLICT (external_id) DO NOTHING`` (a retried batch adds nothing twice). Measured for
+``ON CONFLICT (external_id) DO NOTHING`` (a retried batch adds nothing twice; an external id
+already stored for an event with other content is reported, and the caller rolls back). Measured for
 10,000 events against a single ``INSERT ... SELECT FROM unnest($1::text[], ...)``: median 221 ms
 vs 296 ms for new events, 85 ms vs 138 ms for an all-duplicate retry (the arrays cost more to
 encode and unnest than the binary COPY stream).
@@ -14,6 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 import asyncpg
 
@@ -63,6 +65,30 @@ _COLUMNS = ("id, external_id, customer_id, kind, amount, currency, occurred_at, 
             "record_time")
 
 
+# The stored events that share an external id with a staged event but not its content: a
+# "retry" that is really another event. Read only when some staged event was not inserted.
+_CONFLICTS = f"""
+SELECT s.external_id, e.customer_id, e.kind, e.amount, e.currency, e.occurred_at
+  FROM pg_temp.{_STAGE} s JOIN events e ON e.external_id = s.external_id
+ WHERE (e.customer_id, e.kind, e.amount, e.currency, e.occurred_at, e.attributes)
+       IS DISTINCT FROM (s.customer_id, s.kind, s.amount, s.currency, s.occurred_at,
+                         s.attributes::jsonb)
+ ORDER BY s.external_id
+"""
+
+
+@dataclass(frozen=True)
+class StoredConflict:
+    """An event already stored under an external id the batch reuses for different content."""
+
+    external_id: str
+    customer_id: str
+    kind: str
+    amount: Decimal
+    currency: str
+    occurred_at: datetime
+
+
 @dataclass(frozen=True)
 class InsertOutcome:
     inserted: int
@@ -70,6 +96,8 @@ class InsertOutcome:
     created_customers: int
     # Unknown customers when create_missing was false; then nothing was inserted.
     missing_customers: frozenset[str]
+    # External ids already stored with other content; the caller must roll back.
+    conflicts: tuple[StoredConflict, ...] = ()
 
 
 async def insert_batch(conn: asyncpg.Connection, events: Sequence[Event], *,
@@ -89,9 +117,12 @@ async def insert_batch(conn: asyncpg.Connection, events: Sequence[Event], *,
     row = await conn.fetchrow(_INSERT, create_missing)
     assert row is not None
     inserted = int(row["inserted"])
+    conflicts: tuple[StoredConflict, ...] = ()
+    if inserted < len(events) and not row["missing"]:
+        conflicts = tuple(StoredConflict(*r) for r in await conn.fetch(_CONFLICTS))
     return InsertOutcome(inserted=inserted, duplicates=len(events) - inserted,
                          created_customers=int(row["created"]),
-                         missing_customers=frozenset(row["missing"]))
+                         missing_customers=frozenset(row["missing"]), conflicts=conflicts)
 
 
 def _from_row(row: asyncpg.Record) -> Event:

@@ -418,7 +418,9 @@ class RecordEventsResponse(_message.Message):
     inserted_count: _builtins.int
     """Events stored by this call."""
     duplicate_count: _builtins.int
-    """Events whose external_id was already stored (a retry); they were left unchanged."""
+    """Events whose external_id was already stored with the same content (a retry); they were
+    left unchanged.
+    """
     created_customer_count: _builtins.int
     """Bare customers created for create_missing_customers."""
     def __init__(

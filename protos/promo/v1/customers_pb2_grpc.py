@@ -102,8 +102,10 @@ class CustomerServiceServicer:
 
     def RecordEvents(self, request, context):
         """Records up to 10,000 events. Idempotent on each event's external_id: an event whose
-        external_id is already stored is counted as a duplicate and not stored again, so a retried
-        batch (even under a new request_id) adds nothing twice.
+        external_id is already stored with the same content is counted as a duplicate and not stored
+        again, so a retried batch (even under a new request_id) adds nothing twice. An external_id
+        already stored for a different event (customer, kind, amount, currency, occurred_at or
+        attributes differ) refuses the batch with INVALID_EVENTS naming each such event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,8 +50,10 @@ class CustomerServiceStub:
     """Lists customers ordered by customer_id, paginated."""
     RecordEvents: _grpc.UnaryUnaryMultiCallable[_customers_pb2.RecordEventsRequest, _customers_pb2.RecordEventsResponse]
     """Records up to 10,000 events. Idempotent on each event's external_id: an event whose
-    external_id is already stored is counted as a duplicate and not stored again, so a retried
-    batch (even under a new request_id) adds nothing twice.
+    external_id is already stored with the same content is counted as a duplicate and not stored
+    again, so a retried batch (even under a new request_id) adds nothing twice. An external_id
+    already stored for a different event (customer, kind, amount, currency, occurred_at or
+    attributes differ) refuses the batch with INVALID_EVENTS naming each such event.
     """
     ListCustomerEvents: _grpc.UnaryUnaryMultiCallable[_customers_pb2.ListCustomerEventsRequest, _customers_pb2.ListCustomerEventsResponse]
     """Lists one customer's events, newest first (by occurred_at, then by recording order)."""
@@ -78,8 +80,10 @@ class CustomerServiceAsyncStub(CustomerServiceStub):
     """Lists customers ordered by customer_id, paginated."""
     RecordEvents: _aio.UnaryUnaryMultiCallable[_customers_pb2.RecordEventsRequest, _customers_pb2.RecordEventsResponse]  # type: ignore[assignment]
     """Records up to 10,000 events. Idempotent on each event's external_id: an event whose
-    external_id is already stored is counted as a duplicate and not stored again, so a retried
-    batch (even under a new request_id) adds nothing twice.
+    external_id is already stored with the same content is counted as a duplicate and not stored
+    again, so a retried batch (even under a new request_id) adds nothing twice. An external_id
+    already stored for a different event (customer, kind, amount, currency, occurred_at or
+    attributes differ) refuses the batch with INVALID_EVENTS naming each such event.
     """
     ListCustomerEvents: _aio.UnaryUnaryMultiCallable[_customers_pb2.ListCustomerEventsRequest, _customers_pb2.ListCustomerEventsResponse]  # type: ignore[assignment]
     """Lists one customer's events, newest first (by occurred_at, then by recording order)."""
@@ -127,8 +131,10 @@ class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_customers_pb2.RecordEventsResponse, _abc.Awaitable[_customers_pb2.RecordEventsResponse]]:
         """Records up to 10,000 events. Idempotent on each event's external_id: an event whose
-        external_id is already stored is counted as a duplicate and not stored again, so a retried
-        batch (even under a new request_id) adds nothing twice.
+        external_id is already stored with the same content is counted as a duplicate and not stored
+        again, so a retried batch (even under a new request_id) adds nothing twice. An external_id
+        already stored for a different event (customer, kind, amount, currency, occurred_at or
+        attributes differ) refuses the batch with INVALID_EVENTS naming each such event.
         """
 
     @_abc_1.abstractmethod
