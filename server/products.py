@@ -251,10 +251,16 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
         async def work(conn: asyncpg.Connection) -> bytes:
             await repo.get_promotion(conn, promotion_id, field="personalized_promotion_id")
             await repo.ensure_customers(conn, customer_ids, field="customer_ids")
-            current = await repo.lists_for_update(conn, promotion_id, customer_ids)
+            # New lists first (waiting for any created concurrently), then the others locked
+            # and changed from what they hold now: a choice or first apply recorded meanwhile
+            # is kept, and each customer counts once as created or replaced.
+            created = await repo.create_lists(conn, [
+                domain.reassign(None, promotion_id, c, assignment) for c in customer_ids])
+            existing = [c for c in customer_ids if c not in created]
+            current = await repo.lists_for_update(conn, promotion_id, existing)
             await repo.save_lists(conn, [
                 domain.reassign(current.get(c), promotion_id, c, assignment)
-                for c in customer_ids])
+                for c in existing])
             return pb.AssignProductListsResponse(
                 created_count=len(customer_ids) - len(current),
                 replaced_count=len(current)).SerializeToString()

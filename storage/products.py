@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
@@ -156,29 +157,54 @@ async def lists_for_update(conn: asyncpg.Connection, promotion_id: str,
     return {row["customer_id"]: _list(row) for row in rows}
 
 
+_LISTS_SQL = """
+INSERT INTO customer_product_lists AS l (customer_id, promotion_id, product_ids,
+       default_product_id, chosen_product_ids, first_apply_time)
+SELECT t.customer_id, t.promotion_id, t.product_ids::text[], t.default_product_id,
+       t.chosen::text[], t.first_apply_time
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+       AS t(customer_id, promotion_id, product_ids, default_product_id, chosen,
+            first_apply_time)
+ON CONFLICT (customer_id, promotion_id) """
+
+
+def _list_arrays(lists: Sequence[ProductList]) -> list[list[Any]]:
+    """save_lists' parameters, in customer order (concurrent writers lock in one order)."""
+    ordered = sorted(lists, key=lambda item: (item.customer_id, item.promotion_id))
+    return [[item.customer_id for item in ordered], [item.promotion_id for item in ordered],
+            [_array_literal(item.product_ids) for item in ordered],
+            [item.default_product_id for item in ordered],
+            [_array_literal(item.chosen_product_ids) if item.chosen_product_ids else None
+             for item in ordered],
+            [item.first_apply_time for item in ordered]]
+
+
 async def save_lists(conn: asyncpg.Connection, lists: Sequence[ProductList]) -> None:
     """Insert or replace ``lists`` in one statement, in customer order (no deadlocks)."""
-    ordered = sorted(lists, key=lambda item: (item.customer_id, item.promotion_id))
     await conn.execute(
-        """INSERT INTO customer_product_lists AS l (customer_id, promotion_id, product_ids,
-                  default_product_id, chosen_product_ids, first_apply_time)
-           SELECT t.customer_id, t.promotion_id, t.product_ids::text[], t.default_product_id,
-                  t.chosen::text[], t.first_apply_time
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::timestamptz[])
-                  AS t(customer_id, promotion_id, product_ids, default_product_id, chosen,
-                       first_apply_time)
-           ON CONFLICT (customer_id, promotion_id) DO UPDATE
+        _LISTS_SQL + """DO UPDATE
               SET product_ids = EXCLUDED.product_ids,
                   default_product_id = EXCLUDED.default_product_id,
                   chosen_product_ids = EXCLUDED.chosen_product_ids,
                   first_apply_time = EXCLUDED.first_apply_time, update_time = now()""",
-        [item.customer_id for item in ordered], [item.promotion_id for item in ordered],
-        [_array_literal(item.product_ids) for item in ordered],
-        [item.default_product_id for item in ordered],
-        [_array_literal(item.chosen_product_ids) if item.chosen_product_ids else None
-         for item in ordered],
-        [item.first_apply_time for item in ordered])
+        *_list_arrays(lists))
+
+
+async def create_lists(conn: asyncpg.Connection, lists: Sequence[ProductList]) -> set[str]:
+    """Insert the lists of customers who have none in the promotion yet; returns those customers.
+
+    A customer whose list exists (or is being created by a transaction in flight, which this
+    waits for) keeps it untouched: the caller then locks it and changes it from what it holds.
+    Deciding "new" from an earlier read instead would overwrite a list created meanwhile, its
+    choice and recorded first apply with it. NOT_FOUND if the promotion was deleted meanwhile."""
+    if not lists:
+        return set()
+    try:
+        rows = await conn.fetch(_LISTS_SQL + "DO NOTHING RETURNING l.customer_id",
+                                *_list_arrays(lists))
+    except asyncpg.ForeignKeyViolationError as exc:  # the only foreign key: the promotion
+        raise promotion_not_found(lists[0].promotion_id, "personalized_promotion_id") from exc
+    return {row["customer_id"] for row in rows}
 
 
 def _array_literal(values: Sequence[str]) -> str:

@@ -365,11 +365,12 @@ async def test_a_percentage_that_rounds_to_no_cent_says_so(api: Api) -> None:
 
 # --- the customers API ---------------------------------------------------------------------------
 
-async def test_an_event_id_reused_by_another_customer_is_silently_a_duplicate(
+async def test_an_event_id_reused_by_another_customer_is_refused_not_dropped(
         api: Api, tmp_path: Path, clock: FixedClock, pool: asyncpg.Pool) -> None:
-    """RecordEvents is idempotent on each external_id (proto): an external_id is global, so an
-    event of another customer, or with another amount, under an existing external_id is counted
-    as a duplicate and dropped without an error."""
+    """RecordEvents is idempotent on each external_id (proto), which is global. An event of
+    another customer, or with another amount, under an existing external_id used to be counted
+    as a duplicate and dropped without an error; now the file is refused naming the event, and
+    nothing of it is kept (not even the customer it would have created)."""
     cli = Cli(api, tmp_path)
     at = _an_hour_ago(clock)
     first = tmp_path / "first.csv"
@@ -378,7 +379,11 @@ async def test_an_event_id_reused_by_another_customer_is_silently_a_duplicate(
     second.write_text(EVENTS_HEADER + f"1,p2,deposit,250,EUR,{at}\n")
     assert await cli.json("customers", "record-events", str(first), "--create-missing") == {
         "inserted_count": 1, "duplicate_count": 0, "created_customer_count": 1}
-    assert await cli.json("customers", "record-events", str(second), "--create-missing") == {
-        "inserted_count": 0, "duplicate_count": 1, "created_customer_count": 1}
+    line_ = await cli.error("customers", "record-events", str(second), "--create-missing")
+    assert line_.startswith(
+        "error: INVALID_ARGUMENT: 1 problem in events, nothing was written: events[0]: "
+        "external_id '1' is already stored for a different event (customer 'p1', deposit 100 "
+        "EUR at "), line_
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM events WHERE customer_id = 'p2'") == 0
+        assert await conn.fetchval("SELECT count(*) FROM customers WHERE customer_id = 'p2'") == 0
