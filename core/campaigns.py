@@ -88,11 +88,23 @@ def validate_campaign(spec: CampaignSpec) -> CampaignSpec:
     return CampaignSpec(spec.campaign_id, name, spec.execute_at, spec.conditional, codes)
 
 
+MAX_SCHEDULE_AHEAD = timedelta(days=3660)
+"""How far ahead a campaign may be scheduled (about ten years). Beyond any real plan, and it
+keeps every date derived from execute_at (cap windows for the forecast, a month's end) inside
+the calendar: a campaign at 9999-12-31 crashed ForecastCampaign computing its day's end."""
+
+
 def check_execution_in_future(execute_at: datetime, now: datetime) -> None:
-    """A new campaign must execute after ``now`` (its clearance window would be gone)."""
+    """A new campaign must execute after ``now`` (its clearance window would be gone), and
+    within MAX_SCHEDULE_AHEAD of it."""
     if execute_at <= now:
         raise InvalidArgument(f"execute_at {execute_at.isoformat()} is not in the future",
                               reason="EXECUTION_IN_PAST", metadata={"field": "execute_at"})
+    if execute_at - now > MAX_SCHEDULE_AHEAD:
+        raise InvalidArgument(
+            f"execute_at {execute_at.isoformat()} is more than {MAX_SCHEDULE_AHEAD.days:,} days "
+            "(about ten years) ahead; schedule the campaign closer to its date",
+            reason="EXECUTION_TOO_FAR", metadata={"field": "execute_at"})
 
 
 def notify_at(execute_at: datetime, lead: timedelta) -> datetime:

@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from core.errors import InvalidArgument
@@ -97,6 +97,12 @@ def _key_part(value: Any, kind: KeyKind) -> Any:
         moment = datetime.fromisoformat(value)
         if moment.utcoffset() is None:
             raise ValueError("an instant without a UTC offset")
+        try:
+            utc = moment.astimezone(UTC)
+        except OverflowError as exc:  # "0001-01-01T00:00:00+14:00" is before the year 1
+            raise ValueError("an instant out of range") from exc
+        if utc.replace(tzinfo=None) in (datetime.min, datetime.max):
+            raise ValueError("an instant the database stores as infinity")
         return moment
     return value
 

@@ -53,11 +53,17 @@ class Authenticator:
     def presented_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
         """The key from ``x-api-key: KEY`` or ``authorization: Bearer KEY``."""
         for name, value in metadata:
-            text = value.decode() if isinstance(value, bytes) else value
+            if name not in ("x-api-key", "authorization"):
+                continue  # other headers (binary "-bin" ones included) are not read here
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode()
+                except UnicodeDecodeError:
+                    return None  # no key this server could have issued: UNAUTHENTICATED
             if name == "x-api-key":
-                return text.strip()
-            if name == "authorization" and text.lower().startswith("bearer "):
-                return text[7:].strip()
+                return value.strip()
+            if value.lower().startswith("bearer "):
+                return value[7:].strip()
         return None
 
     def authenticate(self, key: str | None) -> Principal:

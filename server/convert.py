@@ -23,20 +23,31 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 # The range google.protobuf.Timestamp allows (0001-01-01 .. 9999-12-31T23:59:59Z); outside it
-# (or with nanos outside [0, 1e9)) ToDatetime raises, which would surface as INTERNAL.
+# (or with nanos outside [0, 1e9)) ToDatetime raises, which would surface as INTERNAL. Its two
+# ends are refused too: asyncpg stores datetime.min and datetime.max as PostgreSQL's -infinity
+# and infinity and reads them back without a time zone, which later comparisons crash on.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+TIMESTAMP_RANGE = ("it must lie strictly between 0001-01-01T00:00:00Z and "
+                   "9999-12-31T23:59:59.999999Z")
+
+
+def timestamp_problem(value: timestamp_pb2.Timestamp) -> str | None:
+    """Why ``value`` is no time this service can store, or None when it is one."""
+    in_range = _MIN_SECONDS <= value.seconds <= _MAX_SECONDS
+    if (not in_range or not 0 <= value.nanos < 1_000_000_000
+            or value.ToDatetime().replace(tzinfo=None) in (datetime.min, datetime.max)):
+        return (f"seconds={value.seconds}, nanos={value.nanos} is not a valid timestamp; "
+                f"{TIMESTAMP_RANGE}")
+    return None
 
 
 def read_timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
-    """A request's Timestamp as an aware UTC datetime; one out of Timestamp's range is the
-    caller's mistake (INVALID_ARGUMENT INVALID_TIME naming the field), not a server crash."""
-    in_range = _MIN_SECONDS <= value.seconds <= _MAX_SECONDS
-    if not in_range or not 0 <= value.nanos < 1_000_000_000:
-        raise InvalidArgument(
-            f"{field} is not a valid timestamp (seconds={value.seconds}, nanos={value.nanos}); "
-            "it must lie between 0001-01-01 and 9999-12-31 UTC",
-            reason="INVALID_TIME", metadata={"field": field})
+    """A request's Timestamp as an aware UTC datetime; one out of range is the caller's mistake
+    (INVALID_ARGUMENT INVALID_TIME naming the field), not a server crash."""
+    if (problem := timestamp_problem(value)) is not None:
+        raise InvalidArgument(f"{field}: {problem}", reason="INVALID_TIME",
+                              metadata={"field": field})
     return value.ToDatetime(UTC)
 
 

@@ -19,7 +19,7 @@ from core.money import format_decimal, plain
 from core.pagination import effective_page_size
 from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
-from server.convert import run_request_once, timestamp
+from server.convert import run_request_once, timestamp, timestamp_problem
 from server.deps import Dependencies
 from server.page_tokens import decode_page_token, encode_page_token
 from storage import bonus_triggers as triggers_repo
@@ -59,10 +59,9 @@ def customer_input(message: pb.Customer) -> domain.CustomerInput:
 def _occurred_at(message: pb.Event) -> datetime | domain.Unreadable | None:
     if not message.HasField("occurred_at"):
         return None
-    try:
-        return message.occurred_at.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError) as exc:
-        return domain.Unreadable(str(exc))
+    if (problem := timestamp_problem(message.occurred_at)) is not None:
+        return domain.Unreadable(problem)
+    return message.occurred_at.ToDatetime(tzinfo=UTC)
 
 
 def event_input(message: pb.Event) -> domain.EventInput:

@@ -15,15 +15,15 @@
 Two safety nets apply to every RPC. A NUL character (U+0000) that reaches PostgreSQL (which no
 text can hold) is the caller's bad input, not a crash: the request is searched for it and the
 call is INVALID_ARGUMENT INVALID_TEXT naming the field. And a status is kept small: messages and
-ErrorInfo metadata that echo a caller's value (a 10,000-character id) are cut, so the trailers
-stay under gRPC's default 16 KiB limit and the client sees the ErrorInfo, not
-RESOURCE_EXHAUSTED.
+ErrorInfo metadata that echo a caller's value (a 10,000-character id, 2,000 emoji) are cut by
+their encoded size, so the trailers stay under gRPC's default 8 KiB metadata limit and the client
+sees the ErrorInfo, not RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import grpc
-from asyncpg.exceptions import CharacterNotInRepertoireError
+from asyncpg.exceptions import CharacterNotInRepertoireError, UntranslatableCharacterError
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -53,26 +53,46 @@ def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-# The message travels twice (grpc-message, percent-encoded, and inside
-# grpc-status-details-bin, base64): 2,000 characters stay far below 16 KiB even when every one
-# is encoded as 3 bytes.
-MAX_MESSAGE_CHARS = 2000
-MAX_METADATA_VALUE_CHARS = 200
+# The message travels twice: in grpc-message, percent-encoded (a byte outside printable ASCII
+# costs 3 characters there, so an emoji costs 12), and inside grpc-status-details-bin (base64 of
+# its UTF-8). Both are cut by that encoded cost, not by characters: 2,000 characters of emoji
+# would be 24 KB, past the 16 KiB a client accepts at all (and 8 KiB, past which it may refuse
+# at random). At these limits the trailers stay under 8 KiB with a few metadata entries.
+MAX_MESSAGE_COST = 2000
+MAX_METADATA_VALUE_COST = 200
 
 
 _SHORTENED = "... (shortened)"
 
 
+def _cost(char: str) -> int:
+    """What ``char`` costs in grpc-message: printable ASCII as is, anything else %XX per byte."""
+    return 1 if " " <= char <= "~" else 3 * len(char.encode("utf-8", "surrogatepass"))
+
+
 def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - len(_SHORTENED)] + _SHORTENED
+    """``text`` if its encoded cost is within ``limit``, else its longest prefix that is, with
+    a marker saying so (the marker included in the limit)."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    costs = [_cost(c) for c in text]
+    if sum(costs) <= limit:
+        return text
+    budget, end = limit - len(_SHORTENED), 0
+    for cost in costs:
+        if cost > budget:
+            break
+        budget -= cost
+        end += 1
+    return text[:end] + _SHORTENED
 
 
 def to_status(code: grpc.StatusCode, message: str, reason: str,
               metadata: dict[str, str] | None = None) -> grpc.Status:
     """A grpc.Status whose details carry ErrorInfo(reason, domain, metadata), cut to size."""
-    message = _cut(message, MAX_MESSAGE_CHARS)
+    message = _cut(message, MAX_MESSAGE_COST)
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={
-        _cut(k, MAX_METADATA_VALUE_CHARS): _cut(v, MAX_METADATA_VALUE_CHARS)
+        _cut(k, MAX_METADATA_VALUE_COST): _cut(v, MAX_METADATA_VALUE_COST)
         for k, v in (metadata or {}).items()})
     detail = any_pb2.Any()
     detail.Pack(info)
@@ -134,7 +154,10 @@ def _nul_in(value: object, path: str) -> str | None:
 def stored_text_error(exc: BaseException, request: object) -> errors.InvalidArgument | None:
     """The caller's error behind a database refusal of a NUL character, or None when ``exc``
     is something else (or the NUL is not in the request)."""
-    if not isinstance(exc, CharacterNotInRepertoireError) or not isinstance(request, Message):
+    # Text columns refuse it as CharacterNotInRepertoire, jsonb (properties, stored formulas)
+    # as UntranslatableCharacter ("\u0000 cannot be converted to text").
+    refused = (CharacterNotInRepertoireError, UntranslatableCharacterError)
+    if not isinstance(exc, refused) or not isinstance(request, Message):
         return None
     path = nul_field(request)
     if path is None:

@@ -59,8 +59,12 @@ def validate_reward_type(reward_type: RewardType) -> RewardType:
                               reason="INVALID_DESCRIPTION", metadata={"field": "description"})
     image_url = reward_type.image_url.strip()
     if image_url:
-        parsed = urlparse(image_url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc or len(image_url) > 2000:
+        try:
+            parsed = urlparse(image_url)
+        except ValueError:  # e.g. "http://[" or a netloc that NFKC turns into '#'
+            parsed = None
+        if (parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc
+                or len(image_url) > 2000):
             raise InvalidArgument(f"image_url must be an http(s) URL, got {image_url!r}",
                                   reason="INVALID_URL", metadata={"field": "image_url"})
     low, high = reward_type.min_value, reward_type.max_value

@@ -10,6 +10,7 @@ INTERNAL; each is now INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -21,11 +22,17 @@ from promo.v1 import campaigns_pb2 as cpb
 from promo.v1 import campaigns_pb2_grpc as cpb_grpc
 from promo.v1 import codes_pb2 as copb
 from promo.v1 import codes_pb2_grpc as copb_grpc
+from promo.v1 import customers_pb2 as custpb
+from promo.v1 import customers_pb2_grpc as cust_grpc
 from promo.v1 import formulas_pb2 as fpb
 from promo.v1 import formulas_pb2_grpc as fpb_grpc
+from promo.v1 import reward_types_pb2 as rtpb
+from promo.v1 import reward_types_pb2_grpc as rtpb_grpc
 from server.errors import error_info_of
 from tests.conftest import Api
+from tests.e2e import promo_helpers
 from tests.e2e import test_bonuses_api as bonus_api
+from tests.e2e.campaign_helpers import create_campaign
 
 GOOD = timestamp_pb2.Timestamp(seconds=1_795_000_000)
 # Each: (what, an out-of-range Timestamp).
@@ -36,6 +43,10 @@ BAD_TIMES = [
     ("negative nanos", timestamp_pb2.Timestamp(seconds=1_795_000_000, nanos=-1)),
     ("a whole second of nanos", timestamp_pb2.Timestamp(seconds=1_795_000_000,
                                                         nanos=1_000_000_000)),
+    # The two ends: asyncpg would store them as -infinity / infinity, read back naive.
+    ("exactly the year 1", timestamp_pb2.Timestamp(seconds=-62_135_596_800)),
+    ("the last microsecond of 9999", timestamp_pb2.Timestamp(seconds=253_402_300_799,
+                                                             nanos=999_999_999)),
 ]
 
 
@@ -99,16 +110,16 @@ async def test_a_timestamp_out_of_range_is_invalid_time(api: Api, call_name: str
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name,
                                                                      caught.value.details())
     assert caught.value.details() == (
-        f"{field} is not a valid timestamp (seconds={bad.seconds}, nanos={bad.nanos}); "
-        "it must lie between 0001-01-01 and 9999-12-31 UTC")
+        f"{field}: seconds={bad.seconds}, nanos={bad.nanos} is not a valid timestamp; it must "
+        "lie strictly between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z")
     info = error_info_of(caught.value)
     assert info is not None and info.reason == "INVALID_TIME"
     assert dict(info.metadata) == {"field": field}
 
 
 async def test_a_fixed_period_the_zone_pushes_out_of_range_is_invalid_period(api: Api) -> None:
-    """0001-01-01T00:00Z is a valid Timestamp, but in New York it is the year 0."""
-    first = timestamp_pb2.Timestamp(seconds=-62_135_596_800)
+    """0001-01-01T00:00:01Z is a valid Timestamp, but in New York it is the year 0."""
+    first = timestamp_pb2.Timestamp(seconds=-62_135_596_799)
     await bonus_api.customers(api, ("p1", "EUR", "UTC"))
     with pytest.raises(grpc.RpcError) as caught:
         await fpb_grpc.FormulaServiceStub(api.channel).DryRunFormula(fpb.DryRunFormulaRequest(
@@ -151,3 +162,65 @@ async def test_an_upload_naming_a_promotion_with_nul_is_invalid_text(api: Api) -
     info = error_info_of(caught.value)
     assert info is not None and info.reason == "INVALID_TEXT"
     assert dict(info.metadata) == {"field": "promotion_code"}
+
+
+@pytest.mark.parametrize("bad", [b[1] for b in BAD_TIMES[1:]], ids=[b[0] for b in BAD_TIMES[1:]])
+async def test_an_event_time_out_of_range_is_named_at_its_position(
+        api: Api, bad: timestamp_pb2.Timestamp) -> None:
+    """Events are checked together (every problem named by position), so a bad occurred_at is
+    one problem of INVALID_EVENTS, with the same explanation as read_timestamp's."""
+    await bonus_api.customers(api, ("p1", "EUR", "UTC"))
+    event = custpb.Event(external_id="e1", customer_id="p1", kind="bet", amount="1",
+                      currency="EUR", occurred_at=bad)
+    with pytest.raises(grpc.RpcError) as caught:
+        await cust_grpc.CustomerServiceStub(api.channel).RecordEvents(
+            custpb.RecordEventsRequest(request_id="r1", events=[event]), metadata=api.key())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        f"1 problem in events, nothing was written: events[0]: occurred_at is not a valid "
+        f"time: seconds={bad.seconds}, nanos={bad.nanos} is not a valid timestamp; it must lie "
+        "strictly between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z")
+
+
+async def test_a_campaign_more_than_ten_years_ahead_is_refused(api: Api, clock: Any) -> None:
+    """A campaign at 9999-12-31 was accepted, then ForecastCampaign crashed computing its day's
+    end (found by tests/e2e/test_fuzz_audit.py)."""
+    await promo_helpers.reward_type(api)
+    await promo_helpers.promotion(api)
+    far = clock.now() + timedelta(days=3661)
+    with pytest.raises(grpc.RpcError) as caught:
+        await create_campaign(api, "far", far, customers=["c1"])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        f"execute_at {far.isoformat()} is more than 3,660 days (about ten years) ahead; "
+        "schedule the campaign closer to its date")
+    info = error_info_of(caught.value)
+    assert info is not None and info.reason == "EXECUTION_TOO_FAR"
+    near = await create_campaign(api, "near", clock.now() + timedelta(days=3659),
+                                 customers=["c1"])
+    assert near.campaign_id == "near"
+
+
+@pytest.mark.parametrize("url", ["http://[", "https://[zz]/", "https://a\uff03b.example.com/"])
+async def test_an_image_url_urlparse_cannot_read_is_invalid_url(api: Api, url: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        await rtpb_grpc.RewardTypeServiceStub(api.channel).CreateRewardType(
+            rtpb.CreateRewardTypeRequest(request_id="rt", reward_type=rtpb.RewardType(
+                name="spins", display_name="Spins", category=1, image_url=url)),
+            metadata=api.key())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == f"image_url must be an http(s) URL, got {url!r}"
+
+
+async def test_binary_metadata_beside_the_key_is_ignored_and_an_undecodable_key_refused(
+        api: Api) -> None:
+    """Every value used to be decoded as text first: one binary header that is not UTF-8 (a
+    tracing header, say) made every authenticated call INTERNAL."""
+    stub = rtpb_grpc.RewardTypeServiceStub(api.channel)
+    listed = await stub.ListRewardTypes(rtpb.ListRewardTypesRequest(), metadata=(
+        ("x-client-trace-bin", b"\x00\x9f\xff"), *api.key()))
+    assert list(listed.reward_types) == []
+    with pytest.raises(grpc.RpcError) as caught:
+        await stub.ListRewardTypes(rtpb.ListRewardTypesRequest(), metadata=(
+            ("x-api-key-bin", b"\xff\xfe"),))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -5,14 +5,15 @@ accepts (a 10,000-character id echoed in a message used to exceed gRPC's 16 KiB 
 from __future__ import annotations
 
 import grpc
-from asyncpg.exceptions import CharacterNotInRepertoireError
+import pytest
+from asyncpg.exceptions import CharacterNotInRepertoireError, UntranslatableCharacterError
 from google.rpc import error_details_pb2, status_pb2
 
 from promo.v1 import customers_pb2 as cpb
 from promo.v1 import listeners_pb2 as lpb
 from server.errors import (
-    MAX_MESSAGE_CHARS,
-    MAX_METADATA_VALUE_CHARS,
+    MAX_MESSAGE_COST,
+    MAX_METADATA_VALUE_COST,
     nul_field,
     stored_text_error,
     to_status,
@@ -46,16 +47,43 @@ def test_a_database_refusal_of_nul_is_the_callers_invalid_argument() -> None:
     assert stored_text_error(ValueError("x"), cpb.GetCustomerRequest(customer_id="\x00")) is None
 
 
-def test_statuses_are_cut_to_a_size_every_client_accepts() -> None:
-    long_id = "é" * 10_000
+def test_a_jsonb_refusal_of_nul_is_the_callers_invalid_argument_too() -> None:
+    """Properties and stored formulas are jsonb, which refuses NUL with another error."""
+    refused = UntranslatableCharacterError("\\u0000 cannot be converted to text.")
+    error = stored_text_error(refused, cpb.GetCustomerRequest(customer_id="a\x00"))
+    assert error is not None and error.metadata == {"field": "customer_id"}
+
+
+def _grpc_message_length(text: str) -> int:
+    """grpc-message's length: printable ASCII as is, every other byte as %XX."""
+    return sum(1 if 0x20 <= b <= 0x7E else 3 for b in text.encode())
+
+
+@pytest.mark.parametrize("char", ["a", "é", "€", "\U0001F600", "\n"])
+def test_statuses_are_cut_to_a_size_every_client_accepts(char: str) -> None:
+    """Cut by encoded size, not characters: 2,000 emoji were 24 KB of grpc-message and the
+    client dropped the call as RESOURCE_EXHAUSTED (its hard limit is 16 KiB, and past 8 KiB it
+    may refuse at random)."""
+    long_id = char * 10_000
     status = to_status(grpc.StatusCode.NOT_FOUND, f"no promotion {long_id!r}", "NOT_FOUND",
-                       {"promotion_code": long_id})
+                       {"promotion_code": long_id, "other": long_id})
     details = dict(status.trailing_metadata)["grpc-status-details-bin"]
-    assert len(details) < 8_000
     proto = status_pb2.Status.FromString(details)
-    assert len(proto.message) == MAX_MESSAGE_CHARS and proto.message.endswith("... (shortened)")
+    assert proto.message.endswith("... (shortened)") and proto.message == status.details
+    assert MAX_MESSAGE_COST - 15 <= _grpc_message_length(proto.message) <= MAX_MESSAGE_COST
     info = error_details_pb2.ErrorInfo()
     proto.details[0].Unpack(info)
-    assert len(info.metadata["promotion_code"]) == MAX_METADATA_VALUE_CHARS
+    for value in info.metadata.values():
+        assert value.endswith("... (shortened)")
+        assert _grpc_message_length(value) <= MAX_METADATA_VALUE_COST
+    # Both copies together (details base64-encoded on the wire) stay under 8 KiB.
+    assert _grpc_message_length(status.details) + len(details) * 4 / 3 < 8_000
     short = to_status(grpc.StatusCode.NOT_FOUND, "no promotion 'X'", "NOT_FOUND", {"c": "X"})
     assert short.details == "no promotion 'X'"
+
+
+def test_ascii_messages_keep_their_2000_characters() -> None:
+    status = to_status(grpc.StatusCode.INVALID_ARGUMENT, "x" * 2000, "R")
+    assert status.details == "x" * 2000
+    cut = to_status(grpc.StatusCode.INVALID_ARGUMENT, "x" * 2001, "R")
+    assert len(cut.details) == 2000 and cut.details.endswith("... (shortened)")
