@@ -153,7 +153,9 @@ def _fixed_length(start: datetime, end: datetime) -> timedelta:
 
 
 def _check_absolute_window(start: datetime, end: datetime, length: timedelta) -> None:
-    if end <= start:
+    # As instants: two datetimes sharing one tzinfo compare by wall clock, so inside the hour a
+    # fall-back repeats, 02:30 CET (the second one) would not count as after 02:30 CEST.
+    if end.astimezone(UTC) <= start.astimezone(UTC):
         raise InvalidArgument(
             f"the period must end after it starts (start {start.isoformat()}, "
             f"end {end.isoformat()})",

@@ -2,43 +2,65 @@
 in its current window and each personalized code pool's inventory.
 
 Labels carry the promotion code, so the series grow with the number of ACTIVE promotions; at
-most MAX_PROMOTIONS of them (by code) are reported, which keeps a scrape bounded. The caps are
-read from cap_usage rows whose window is the newest for their (promotion, scope, period): the
-current one once a grant has been made in it.
+most MAX_PROMOTIONS of them (by code) are reported, which keeps a scrape bounded. A cap's
+current window is computed as grants compute it (core.caps.period_window in the promotion's
+time zone, at the clock's now), and its use read from that window's cap_usage row, 0 when no
+grant has been made in it yet. (Reading the newest row instead kept a full daily cap full after
+local midnight until the day's first grant.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from storage.scrape_metrics import DatabaseCollector, register
+from core.cap_state import CUSTOMERS_SCOPE
+from core.caps import LIFETIME_START, CapPeriod, period_window
+from core.clock import Clock, SystemClock
+from storage.scrape_metrics import DatabaseCollector, register, registered
 
 MAX_PROMOTIONS = 500
 
-_SQL = """
-WITH active AS (
-    SELECT id, code, budget_caps, customer_cap FROM promotions
-     WHERE status = 'ACTIVE' ORDER BY code LIMIT $1),
-latest AS (
-    SELECT DISTINCT ON (u.promotion_id, u.scope, u.period)
-           u.promotion_id, u.scope, u.period, u.used
-      FROM cap_usage u JOIN active a ON a.id = u.promotion_id
-     ORDER BY u.promotion_id, u.scope, u.period, u.period_start DESC)
-SELECT 'cap' AS kind, a.code, l.scope, l.period, l.used::float8 AS used,
-       CASE WHEN l.scope = '#customers' THEN a.customer_cap::float8
-            ELSE (SELECT (c->>'limit')::float8 FROM jsonb_array_elements(a.budget_caps) c
-                   WHERE c->>'reward_type' = l.scope AND c->>'period' = l.period) END AS limit_,
-       0 AS total, 0 AS allocated, 0 AS fallback_grants
-  FROM latest l JOIN active a ON a.id = l.promotion_id
-UNION ALL
-SELECT 'codes', a.code, '', '', 0, 0, cp.total, cp.allocated, cp.fallback_grants
-  FROM code_pools cp JOIN active a ON a.id = cp.promotion_id"""
+_ACTIVE = """
+SELECT id, code, time_zone, budget_caps, customer_cap FROM promotions
+ WHERE status = 'ACTIVE' ORDER BY code LIMIT $1"""
+
+# One row per current window asked for, its use 0 without a cap_usage row.
+_USED = """
+SELECT w.n, coalesce(u.used, 0)::float8 AS used
+  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[])
+       WITH ORDINALITY AS w(promotion_id, scope, period, start, n)
+  LEFT JOIN cap_usage u ON u.promotion_id = w.promotion_id AND u.scope = w.scope
+                       AND u.period = w.period AND u.period_start = w.start"""
+
+_POOLS = """
+SELECT p.code, cp.total, cp.allocated, cp.fallback_grants
+  FROM code_pools cp JOIN promotions p ON p.id = cp.promotion_id
+ WHERE p.id = ANY($1::bigint[])"""
+
+
+def _current_windows(promotion: asyncpg.Record, now: datetime
+                     ) -> list[tuple[str, str, datetime, float]]:
+    """(scope, period, window start, limit) of each cap of an active promotion."""
+    caps = promotion["budget_caps"]
+    if isinstance(caps, str):
+        caps = json.loads(caps)
+    found: list[tuple[str, str, datetime, float]] = []
+    if promotion["customer_cap"] is not None:
+        found.append((CUSTOMERS_SCOPE, CapPeriod.LIFETIME.value, LIFETIME_START,
+                      float(promotion["customer_cap"])))
+    for cap in caps:
+        period = CapPeriod(cap["period"])
+        start, _ = period_window(period, now, promotion["time_zone"])
+        found.append((cap["reward_type"], period.value, start, float(cap["limit"])))
+    return found
 
 
 class PromotionsCollector(DatabaseCollector):
@@ -58,24 +80,47 @@ class PromotionsCollector(DatabaseCollector):
             GaugeMetricFamily("promo_code_pool_fallback_grants", "Grants that got the fallback "
                               "code because the pool was empty.", labels=["promotion"]))
 
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 pool: Callable[[], asyncpg.Pool | None], clock: Clock | None = None) -> None:
+        super().__init__(loop, pool)
+        self.clock: Clock = clock or SystemClock()
+
     async def rows(self, conn: asyncpg.Connection) -> list[Any]:
-        return list(await conn.fetch(_SQL, MAX_PROMOTIONS))
+        now = self.clock.now()
+        promotions = await conn.fetch(_ACTIVE, MAX_PROMOTIONS)
+        caps = [(p["id"], p["code"], *window) for p in promotions
+                for window in _current_windows(p, now)]
+        used = {row["n"]: row["used"] for row in await conn.fetch(
+            _USED, [c[0] for c in caps], [c[2] for c in caps], [c[3] for c in caps],
+            [c[4] for c in caps])} if caps else {}
+        rows: list[Any] = [("cap", code, scope, period, used[n], limit)
+                           for n, (_, code, scope, period, _start, limit)
+                           in enumerate(caps, start=1)]
+        rows += [("codes", r["code"], r["total"], r["allocated"], r["fallback_grants"])
+                 for r in await conn.fetch(_POOLS, [p["id"] for p in promotions])]
+        return rows
 
     def fill(self, families: Sequence[GaugeMetricFamily], rows: list[Any]) -> None:
         used, limit, available, allocated, fallback = families
         for row in rows:
-            if row["kind"] == "cap":
-                labels = [row["code"], row["scope"], row["period"]]
-                used.add_metric(labels, row["used"])
-                if row["limit_"] is not None:
-                    limit.add_metric(labels, row["limit_"])
+            if row[0] == "cap":
+                _, code, scope, period, value, cap_limit = row
+                used.add_metric([code, scope, period], value)
+                limit.add_metric([code, scope, period], cap_limit)
             else:
-                available.add_metric([row["code"]], row["total"] - row["allocated"])
-                allocated.add_metric([row["code"]], row["allocated"])
-                fallback.add_metric([row["code"]], row["fallback_grants"])
+                _, code, total, handed_out, fallback_grants = row
+                available.add_metric([code], total - handed_out)
+                allocated.add_metric([code], handed_out)
+                fallback.add_metric([code], fallback_grants)
 
 
 def register_promotions_collector(loop: asyncio.AbstractEventLoop,
                                   pool: Callable[[], asyncpg.Pool | None],
-                                  registry: CollectorRegistry = REGISTRY) -> None:
+                                  registry: CollectorRegistry = REGISTRY, *,
+                                  clock: Clock | None = None) -> None:
+    """Serve the gauges from this process; ``clock`` (the server's) says which windows are
+    current."""
     register(PromotionsCollector, loop, pool, registry)
+    collector = registered(PromotionsCollector)
+    assert isinstance(collector, PromotionsCollector)
+    collector.clock = clock or SystemClock()

@@ -80,3 +80,8 @@ def register(kind: type[DatabaseCollector], loop: asyncio.AbstractEventLoop,
         registry.register(_registered[kind])
     else:
         found.loop, found.pool = loop, pool
+
+
+def registered(kind: type[DatabaseCollector]) -> DatabaseCollector | None:
+    """The collector of ``kind`` this process serves, if ``register`` made one."""
+    return _registered.get(kind)
