@@ -63,6 +63,11 @@ def parse_decimal(text: str, *, field: str, allow_negative: bool = False,
     return value
 
 
+LARGEST_AMOUNT = Decimal("99999999999999.999999")
+"""The largest amount stored anywhere (numeric(20,6): 14 integer digits): a computed value
+beyond it is refused where it is computed (a grant denied, a bonus skipped), never stored."""
+
+
 def format_decimal(value: Decimal | None) -> str:
     """The wire form: plain notation, no exponent, empty for None."""
     if value is None:

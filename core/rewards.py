@@ -15,7 +15,7 @@ from decimal import Decimal
 from core.caps import period_window
 from core.catalogue.promotions import CapPeriod, Promotion, PromotionReward, RewardKind
 from core.catalogue.reward_types import RewardType
-from core.money import plain
+from core.money import LARGEST_AMOUNT, plain
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,19 @@ def bounds(reward: PromotionReward, reward_type: RewardType) -> tuple[Decimal | 
 
 def apply_bounds(reward: PromotionReward, reward_type: RewardType,
                  value: Decimal) -> Decimal | Denial:
-    """Below the minimum is a denial; above the maximum is cut to the maximum."""
+    """Below the minimum is a denial; above the maximum is cut to the maximum. A value still
+    beyond LARGEST_AMOUNT (a formula without a maximum, e.g. 10^700) is denied as NOT_ELIGIBLE
+    rather than handed out: no system downstream takes such an amount."""
     low, high = bounds(reward, reward_type)
     if low is not None and value < low:
         return Denial("BELOW_MINIMUM", f"{reward.reward_type}: computed value {value} is below "
                                        f"the minimum {low}")
     if high is not None and value > high:
         return plain(high)
+    if abs(value) > LARGEST_AMOUNT:
+        return Denial("NOT_ELIGIBLE", f"{reward.reward_type}: computed value {value:.6E} is "
+                                      f"beyond the largest amount {LARGEST_AMOUNT}; give the "
+                                      "reward or its type a max_value")
     return value
 
 

@@ -24,7 +24,7 @@ from core.bonuses.definitions import ApprovalMode
 from core.bonuses.messages import render_template
 from core.errors import FailedPrecondition
 from core.formula import Evaluation, Outcome, ResultOptions, SkipReason
-from core.money import plain
+from core.money import LARGEST_AMOUNT, plain
 from core.rounding import RoundingMode, factor_places
 
 
@@ -61,7 +61,7 @@ MONEY_STEP = Decimal("0.000001")
 # bonus_results.amount and bonus_ledger.amount are numeric(20,6): 14 integer digits at most.
 # A larger amount would fail the insert of its whole chunk (and every retry of the batch), so it
 # is skipped (AMOUNT_TOO_LARGE) instead.
-MAX_STORED_AMOUNT = Decimal("99999999999999.999999")
+MAX_STORED_AMOUNT = LARGEST_AMOUNT
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,28 @@ async def test_formulas_are_kept_in_their_validated_versioned_form(
                        " WHERE code = 'TENPCT'")
     await _customer(api, "b", clock, events=[("deposit", "100", 1)])
     assert await _value(api, "b", "TENPCT") == "10"
+
+
+async def test_a_computed_value_beyond_the_largest_amount_is_not_handed_out(
+        api: Api, clock: FixedClock) -> None:
+    """Without a max_value a formula can compute any value (the fuzz audit got a 723-digit
+    grant). Beyond the largest amount stored anywhere (14 integer digits) the grant is denied,
+    saying how to bound it; a max_value cuts it as before."""
+    await reward_type(api)
+    await reward_type(api, "bounded", max_value="500")
+    await promotion(api, "HUGE", rewards=[ppb.PromotionReward(
+        reward_type="cashback", kind=ppb.REWARD_KIND_CALCULATED,
+        formula="last(deposit.amount) * 10000000000000", lookback_days=7)])
+    await promotion(api, "CUT", rewards=[ppb.PromotionReward(
+        reward_type="bounded", kind=ppb.REWARD_KIND_CALCULATED,
+        formula="last(deposit.amount) * 10000000000000", lookback_days=7)])
+    await _customer(api, "ok", clock, events=[("deposit", "9", 1)])
+    await _customer(api, "rich", clock, events=[("deposit", "100", 1)])
+    assert await _value(api, "ok", "HUGE") == "90000000000000"
+    denied = await _value(api, "rich", "HUGE")
+    assert isinstance(denied, rpb.GetRewardResponse)
+    assert denied.denial_reason == rpb.DENIAL_REASON_NOT_ELIGIBLE
+    assert denied.denial_message == (
+        "cashback: computed value 1.000000E+15 is beyond the largest amount "
+        "99999999999999.999999; give the reward or its type a max_value")
+    assert await _value(api, "rich", "CUT") == "500"
