@@ -317,7 +317,8 @@ async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
     listed customers too, unless they were checked before: up to 100,000 of them), and the
     definition's period must not be empty at every run."""
     definition = await get_definition(conn, schedule.definition_id)
-    check_schedule_period(schedule, definition.definition.period)
+    check_schedule_period(schedule, definition.definition.period,
+                          reads_transactions=_reads_transactions(definition))
     campaign_pk = None
     if schedule.campaign_id:
         campaign_pk = await conn.fetchval("SELECT id FROM campaigns WHERE campaign_id = $1",

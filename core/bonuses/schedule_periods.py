@@ -17,9 +17,19 @@ from core.errors import InvalidArgument
 from core.periods import Period, RelativeKind, RelativePeriod
 
 
-def check_schedule_period(schedule: Schedule, period: Period | None) -> None:
+def check_schedule_period(schedule: Schedule, period: Period | None, *,
+                          reads_transactions: bool = True) -> None:
     """Raise INVALID_ARGUMENT INVALID_PERIOD (field ``local_time``) when every run of the
-    active ``schedule`` would find the definition's ``period`` empty."""
+    active ``schedule`` would find the definition's ``period`` empty; and (field
+    ``since_campaign_entrance``) when the schedule picks a transaction period for a definition
+    that reads customer properties only, which has none to pick (seed 004: "no Transaction
+    period options"; a rule's period_mode is refused alike), instead of ignoring it."""
+    if schedule.since_campaign_entrance and not reads_transactions:
+        raise InvalidArgument(
+            f"since_campaign_entrance: definition {schedule.definition_id!r} reads customer "
+            "properties only and has no transaction period to start at the campaign "
+            "entrance: leave since_campaign_entrance unset",
+            reason="INVALID_PERIOD", metadata={"field": "since_campaign_entrance"})
     if not schedule.active or schedule.since_campaign_entrance:
         return  # a paused schedule does not run; the campaign's own period replaces it
     if not isinstance(period, RelativePeriod) or period.kind is not RelativeKind.TODAY_SO_FAR:

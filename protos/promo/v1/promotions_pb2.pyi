@@ -167,7 +167,9 @@ class _RoundingModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rounding
     DESCRIPTOR: _descriptor.EnumDescriptor
     ROUNDING_MODE_UNSPECIFIED: _RoundingMode.ValueType  # 0
     ROUNDING_MODE_NONE: _RoundingMode.ValueType  # 1
-    """Keep the exact value."""
+    """Keep the value unrounded, to the 6 decimal places amounts are stored in (a 7th place rounds
+    half up: 2.7300001 -> 2.73, 0.1234565 -> 0.123457).
+    """
     ROUNDING_MODE_ROUND: _RoundingMode.ValueType  # 2
     """Nearest, halves away from zero (2.735 -> 2.74)."""
     ROUNDING_MODE_ROUND_UP: _RoundingMode.ValueType  # 3
@@ -182,7 +184,9 @@ class RoundingMode(_RoundingMode, metaclass=_RoundingModeEnumTypeWrapper):
 
 ROUNDING_MODE_UNSPECIFIED: RoundingMode.ValueType  # 0
 ROUNDING_MODE_NONE: RoundingMode.ValueType  # 1
-"""Keep the exact value."""
+"""Keep the value unrounded, to the 6 decimal places amounts are stored in (a 7th place rounds
+half up: 2.7300001 -> 2.73, 0.1234565 -> 0.123457).
+"""
 ROUNDING_MODE_ROUND: RoundingMode.ValueType  # 2
 """Nearest, halves away from zero (2.735 -> 2.74)."""
 ROUNDING_MODE_ROUND_UP: RoundingMode.ValueType  # 3
