@@ -29,7 +29,7 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -402,12 +402,18 @@ async def list_schedules(conn: asyncpg.Connection, *, after_id: str | None,
 _SKIPPED_RUN_ERRORS = (InvalidArgument, FailedPrecondition, NotFound)
 
 
+CATCH_UP = timedelta(days=31)
+"""How far back missed schedule runs are still made (the longest transaction period)."""
+
+
 async def run_due_schedules(pool: asyncpg.Pool, *, now: datetime,
                             default_window: int) -> list[tuple[int, datetime]]:
-    """Turn every due schedule into requests (one transaction per schedule, SKIP LOCKED so
-    several workers share the work). A run missed while no worker was up happens once, late;
-    the requests are made as of the scheduled time, so periods like "last weekend" resolve the
-    same whenever the run happens. Returns the batch jobs to queue.
+    """Turn every due run of every schedule into requests (one transaction per run, SKIP
+    LOCKED so several workers share the work). Runs missed while no worker was up are each
+    made, late, oldest first (nothing lost: each covers its own period, e.g. each day's
+    "yesterday"), as far back as CATCH_UP (the longest period; older ones are skipped,
+    logged). Requests are made as of the scheduled time, so periods like "last weekend"
+    resolve the same whenever the run happens. Returns the batch jobs to queue.
 
     One schedule's failure never stops the others. A run refused by the domain (e.g. the
     definition's TODAY_SO_FAR period is empty at a 00:00 run) is logged and skipped: the
@@ -431,6 +437,14 @@ async def run_due_schedules(pool: asyncpg.Pool, *, now: datetime,
                 context = {"schedule_id": due.schedule.schedule_id,
                            "definition_id": due.schedule.definition_id,
                            "run_time": run_at.isoformat()}
+                if run_at <= now - CATCH_UP:  # down for longer: resume 31 days back
+                    resume = next_run(due.schedule, now - CATCH_UP)
+                    log.warning("bonus schedule runs older than %s days skipped",
+                                CATCH_UP.days, extra={**context,
+                                                      "next_run_time": resume.isoformat()})
+                    await conn.execute("UPDATE bonus_schedules SET next_run_at = $2 WHERE id = $1",
+                                       due.pk, resume)
+                    continue
                 try:
                     async with conn.transaction():  # a savepoint: a failed run leaves nothing
                         accepted = await _run_schedule(conn, row, due, default_window)
@@ -446,7 +460,7 @@ async def run_due_schedules(pool: asyncpg.Pool, *, now: datetime,
                     continue
                 await conn.execute(
                     "UPDATE bonus_schedules SET next_run_at = $2, last_run_at = $3 WHERE id = $1",
-                    due.pk, next_run(due.schedule, max(now, run_at)), run_at)
+                    due.pk, next_run(due.schedule, run_at), run_at)
                 if accepted is not None and accepted.outbox_job_id is not None:
                     jobs.append((accepted.outbox_job_id, accepted.due_at))
 
