@@ -274,11 +274,12 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
 def classify_status(status_code: int) -> Outcome:
-    """2xx delivered; 5xx, 408, 425 and 429 retried; anything else (other 4xx, and 3xx, which
-    is not followed because a signed POST must not be forwarded elsewhere) rejected."""
+    """2xx delivered; 5xx, 408, 425 and 429 retried; anything else (other 4xx, 3xx, which is
+    not followed because a signed POST must not be forwarded elsewhere, and codes outside
+    HTTP's 1xx-5xx such as 600 or 999) rejected."""
     if 200 <= status_code < 300:
         return Outcome.DELIVERED
-    if status_code >= 500 or status_code in RETRYABLE_4XX:
+    if 500 <= status_code < 600 or status_code in RETRYABLE_4XX:
         return Outcome.RETRY
     return Outcome.REJECTED
 

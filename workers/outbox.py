@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -66,9 +66,14 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
             "outbox_job_id": job.id, "kind": job.kind, "attempt": job.attempts, "error": str(exc)})
         return "dead"
     except Exception as exc:
-        delay = backoff_seconds(job.attempts, base=settings.job_retry_base_seconds,
-                                maximum=settings.job_retry_max_seconds)
-        retry_at = clock.now() + timedelta(seconds=delay)
+        # A handler may say when (webhook deliveries keep their retry before their deadline).
+        retry_at = getattr(exc, "retry_at", None)
+        if isinstance(retry_at, datetime):
+            delay = max(0.0, (retry_at - clock.now()).total_seconds())
+        else:
+            delay = backoff_seconds(job.attempts, base=settings.job_retry_base_seconds,
+                                    maximum=settings.job_retry_max_seconds)
+            retry_at = clock.now() + timedelta(seconds=delay)
         async with pool.acquire() as conn:
             status = await outbox.fail_attempt(conn, job.id, now=clock.now(),
                                                error=f"{type(exc).__name__}: {exc}",

@@ -90,7 +90,12 @@ def smtp_timeout(settings: Settings) -> float:
 
 
 class DeliveryRetry(Exception):
-    """A transient failure; the outbox records it and retries with backoff."""
+    """A transient failure; the outbox records it and retries at ``retry_at`` (the backoff,
+    kept before the delivery's deadline), or with its own backoff when that is None."""
+
+    def __init__(self, message: str | None, retry_at: datetime | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
 
 
 async def setup(ctx: dict[str, Any]) -> Http11Client | httpx.AsyncClient:
@@ -305,8 +310,10 @@ class Http11Client:
         conn.close()
 
     async def _exchange(self, conn: _Connection, target: _Target, body: bytes,
-                        headers: list[tuple[str, str]]) -> tuple[int, str, bytes]:
-        """Send the request, read the answer: (status, Location header, first body bytes)."""
+                        headers: list[tuple[str, str]], seen: list[int]) -> tuple[int, str, bytes]:
+        """Send the request, read the answer: (status, Location header, first body bytes).
+        The status goes into ``seen`` as soon as it is read, so that a body cut short or too
+        slow after it still counts (a 2xx is the listener's answer, as for httpx)."""
         state = conn.state
         data = state.send(h11.Request(method="POST", target=target.path, headers=headers))
         data = (data or b"") + (state.send(h11.Data(data=body)) or b"")
@@ -332,6 +339,7 @@ class Http11Client:
                 state.receive_data(chunk)
             elif isinstance(event, h11.Response):
                 status = event.status_code
+                seen.append(status)
                 location = next((v.decode("latin-1") for k, v in event.headers
                                  if k == b"location"), "")
             elif isinstance(event, h11.Data):
@@ -356,6 +364,7 @@ class Http11Client:
         request_headers = [("Host", target.host), ("User-Agent", USER_AGENT), ("Accept", "*/*"),
                            ("Content-Length", str(len(body))), *headers.items()]
         conn: _Connection | None = None
+        seen: list[int] = []  # the status line, once read
         try:
             async with asyncio.timeout(limit_seconds):
                 while True:
@@ -365,7 +374,7 @@ class Http11Client:
                         return None, f"ConnectError: {exc or 'connection failed'}", Outcome.RETRY
                     try:
                         code, location, head = await self._exchange(conn, target, body,
-                                                                     request_headers)
+                                                                     request_headers, seen)
                         break
                     except _StaleConnection:
                         conn.close()
@@ -377,8 +386,12 @@ class Http11Client:
             self._release(target.origin, conn)
             conn = None
         except TimeoutError as exc:
+            if seen and classify_status(seen[-1]) is Outcome.DELIVERED:
+                return seen[-1], None, Outcome.DELIVERED  # only the body was slow
             return None, f"timeout after {limit_seconds:g} s ({type(exc).__name__})", Outcome.RETRY
         except (h11.ProtocolError, ConnectionError, OSError) as exc:
+            if seen and classify_status(seen[-1]) is Outcome.DELIVERED:
+                return seen[-1], None, Outcome.DELIVERED  # only the body was cut short
             return None, f"{type(exc).__name__}: {exc or 'connection failed'}", Outcome.RETRY
         finally:
             if conn is not None:  # timed out, failed or cancelled mid-exchange
@@ -525,7 +538,10 @@ def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
             new_status, job_status = DeliveryStatus.PENDING, "pending"
             delay = backoff_seconds(work.job_attempts, base=settings.job_retry_base_seconds,
                                     maximum=settings.job_retry_max_seconds)
-            retry_at = sent.finished_at + timedelta(seconds=delay)
+            # Never announce a retry past the deadline (it would only go DEAD unsent): the
+            # last one is made a second before it, so a listener back in time still gets it.
+            retry_at = min(sent.finished_at + timedelta(seconds=delay),
+                           max(deadline - timedelta(seconds=1), sent.finished_at))
     # The outbox row's last_error, worded as the outbox runner words its own job's.
     job_error = (f"listener refused the delivery: {error}" if job_status == "dead"
                  and new_status is DeliveryStatus.FAILED
@@ -546,7 +562,7 @@ def _own_outcome(result: repo.AttemptResult | repo.Closing) -> Exception | None:
         return PermanentJobError(f"listener refused the delivery: {result.error}")
     if result.new_status is DeliveryStatus.DEAD:
         return PermanentJobError(result.error or "")
-    return DeliveryRetry(result.error)
+    return DeliveryRetry(result.error, retry_at=result.retry_at)
 
 
 async def _queue_retries(ctx: dict[str, Any], results: list[repo.AttemptResult]) -> None:
@@ -627,9 +643,10 @@ async def deliver(ctx: dict[str, Any], job: OutboxJob) -> None:
     """The outbox job ``job`` (payload {"delivery_id": ...}), and with it the other due delivery
     jobs: one attempt each.
 
-    Claims go in chunks of PROMO_WEBHOOK_BATCH_SIZE, the first with the own job: the first
-    chunk's sends start at once, and the next chunk is claimed while they are in flight (at most
-    two chunks of one job in flight). The job stops claiming when nothing more is due, or after
+    Claims go in chunks of PROMO_WEBHOOK_BATCH_SIZE, the first with the own job: each chunk's
+    sends start as soon as it is claimed, the next chunk is claimed while they are in flight,
+    and at most two chunks of one job are in flight (a third is claimed once the first of them
+    is done). The job stops claiming when nothing more is due, or after
     CLAIM_WINDOW_SECONDS (so it ends well within arq's job timeout).
     """
     settings: Settings = ctx["settings"]
@@ -643,20 +660,21 @@ async def deliver(ctx: dict[str, Any], job: OutboxJob) -> None:
     size = settings.webhook_batch_size
     first = await _claim(ctx, own_job_id=job.id, limit=size - 1)
     chunks = [first]
-    in_flight = asyncio.create_task(_complete(ctx, first, start_by))
-    tasks = [in_flight]
+    tasks = [asyncio.create_task(_complete(ctx, first, start_by))]
     try:
         more = sum(not work.own for work in first.claimed) >= size - 1
         while more and time.monotonic() - began < CLAIM_WINDOW_SECONDS:
+            if len(tasks) >= 2:
+                # At most two chunks in flight: the one before the last must be done first.
+                await tasks[-2]
             chunk = await _claim(ctx, own_job_id=None, limit=size)
             if not chunk.claimed:
                 break
             more = len(chunk.claimed) >= size
             chunks.append(chunk)
-            # The chunk before waits for its sends; then this one goes.
-            await in_flight
-            in_flight = asyncio.create_task(_complete(ctx, chunk, start_by))
-            tasks.append(in_flight)
+            # Its sends start at once, beside the chunk before's (the send slots bound them):
+            # a listener hanging in that chunk does not hold this one's deliveries back.
+            tasks.append(asyncio.create_task(_complete(ctx, chunk, start_by)))
         await asyncio.gather(*tasks)
     except BaseException:
         for task in tasks:
