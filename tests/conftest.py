@@ -220,6 +220,19 @@ async def api(settings: Settings, pool: asyncpg.Pool, clock: FixedClock) -> Asyn
         yield running
 
 
+@pytest.fixture
+async def second_server(settings: Settings, clock: FixedClock) -> AsyncIterator[Api]:
+    """Another server on the same database with its own pool, promotion cache and grant
+    batcher, as a second process has: for races across processes."""
+    assert settings.database_url
+    db_pool = await create_pool(settings.database_url, min_size=1, max_size=10)
+    try:
+        async with serving_api(settings, db_pool, clock) as running:
+            yield running
+    finally:
+        await db_pool.close()
+
+
 def rpc_error_reason(exc: grpc.RpcError) -> str | None:
     from server.errors import error_info_of
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from decimal import Decimal
 
 import asyncpg
@@ -21,14 +21,11 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from config.settings import Settings
-from core.clock import FixedClock
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import promotions_pb2_grpc as ppb_grpc
 from promo.v1 import rewards_pb2 as rpb
 from promo.v1 import rewards_pb2_grpc as rpb_grpc
-from storage.db import create_pool
-from tests.conftest import Api, rpc_error_reason, serving_api
+from tests.conftest import Api, rpc_error_reason
 from tests.e2e.code_helpers import code_promotion, codes_file, pool_counts, upload
 from tests.e2e.promo_helpers import (
     cap,
@@ -41,18 +38,6 @@ from tests.e2e.promo_helpers import (
 )
 
 Reply = rpb.GetRewardResponse | BaseException
-
-
-@pytest.fixture
-async def second_server(settings: Settings, clock: FixedClock) -> AsyncIterator[Api]:
-    """Another server with its own pool, cache and grant batcher, as another process has."""
-    assert settings.database_url
-    db_pool = await create_pool(settings.database_url, min_size=1, max_size=10)
-    try:
-        async with serving_api(settings, db_pool, clock) as running:
-            yield running
-    finally:
-        await db_pool.close()
 
 
 def _errors(replies: list[Reply]) -> list[str]:

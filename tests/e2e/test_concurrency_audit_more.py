@@ -45,7 +45,7 @@ from promo.v1 import rewards_pb2 as rpb
 from promo.v1 import rewards_pb2_grpc as rpb_grpc
 from storage import bonuses as bonuses_repo
 from storage.db import create_pool
-from tests.conftest import Api, rpc_error_reason, serving_api
+from tests.conftest import Api, rpc_error_reason
 from tests.e2e.campaign_helpers import create_campaign, ts
 from tests.e2e.code_helpers import code_promotion, codes_file, pool_counts, upload
 from tests.e2e.promo_helpers import cap, get_reward, promotion, reward_type
@@ -56,18 +56,6 @@ from workers.outbox import run_outbox_job
 ISSUED, REJECTED, CALCULATED, SKIPPED = (pb.BONUS_STATUS_ISSUED, pb.BONUS_STATUS_REJECTED,
                                          pb.BONUS_STATUS_CALCULATED, pb.BONUS_STATUS_SKIPPED)
 SKIPPED_EVENT, CALCULATED_EVENT, ISSUED_EVENT = 110, 111, 112
-
-
-@pytest.fixture
-async def second_server(settings: Settings, clock: FixedClock) -> AsyncIterator[Api]:
-    """Another server with its own pool, as another process has (same as the first audit)."""
-    assert settings.database_url
-    db_pool = await create_pool(settings.database_url, min_size=1, max_size=10)
-    try:
-        async with serving_api(settings, db_pool, clock) as running:
-            yield running
-    finally:
-        await db_pool.close()
 
 
 @pytest.fixture

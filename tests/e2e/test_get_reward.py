@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,16 +11,12 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from grpc import aio
 
-from config.settings import Settings
 from core.clock import FixedClock
 from promo.v1 import promotions_pb2 as ppb
 from promo.v1 import promotions_pb2_grpc as ppb_grpc
 from promo.v1 import rewards_pb2 as rpb
 from promo.v1 import rewards_pb2_grpc as rpb_grpc
-from server.app import Dependencies, start_server
-from storage.db import create_pool
 from tests.conftest import Api, rpc_error_reason
 from tests.e2e.promo_helpers import (
     cap,
@@ -32,21 +27,6 @@ from tests.e2e.promo_helpers import (
     reward_type,
     single,
 )
-
-
-@pytest.fixture
-async def second_server(settings: Settings, clock: FixedClock) -> AsyncIterator[Api]:
-    """Another server with its own pool and cache, as a second process would have."""
-    assert settings.database_url
-    pool = await create_pool(settings.database_url, min_size=1, max_size=10)
-    running = await start_server(settings, Dependencies(pool=pool, clock=clock))
-    channel = aio.insecure_channel(running.address)
-    try:
-        yield Api(channel=channel, address=running.address)
-    finally:
-        await channel.close()
-        await running.stop(0)
-        await pool.close()
 
 
 async def _burst(apis: list[Api], customers: list[str], code: str = "VIP25"
