@@ -84,7 +84,9 @@ class Campaign(_message.Message):
     """Output only: set at execution (never approved counts as rejected)."""
     @_builtins.property
     def execute_at(self) -> _timestamp_pb2.Timestamp:
-        """The execution time, ClearanceRequiredBy."""
+        """The execution time, ClearanceRequiredBy. On create it must be in the future
+        (EXECUTION_IN_PAST) and at most 3,660 days (about ten years) ahead (EXECUTION_TOO_FAR).
+        """
 
     @_builtins.property
     def promotion_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
