@@ -94,12 +94,13 @@ def test_the_files_and_commands_the_quick_start_names_exist() -> None:
     cited); `./run up`, `./run test` (arguments go to pytest), `./run install`."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["requires-python"] == ">=3.11"
-    assert (ROOT / "../shared/DESIGN.md").is_file()
-    seeds = {p.name[:3] for p in (ROOT / "../shared/seeds").glob("*.txt")}
     cited = set(re.findall(r"\bseeds? (\d{3})", README))
     cited |= {n for m in re.findall(r"seeds (\d{3}) and (\d{3})", README) for n in m}
     assert cited == {"000", "001", "002", "003", "004"}
-    assert cited <= seeds
+    shared = ROOT / "../shared"
+    if shared.is_dir():  # beside the checkout here; a clone elsewhere (CI) has no ../shared
+        assert (shared / "DESIGN.md").is_file()
+        assert cited <= {p.name[:3] for p in (shared / "seeds").glob("*.txt")}
     run = (ROOT / "run").read_text()
     assert os.access(ROOT / "run", os.X_OK)
     for command in ("up)", "test)", "install)"):
