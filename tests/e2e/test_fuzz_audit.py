@@ -41,6 +41,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -74,6 +75,8 @@ from tests.conftest import Api, serving_api
 from tests.e2e import test_bonuses_api as bonus_api
 from tests.e2e.campaign_helpers import ts
 from tests.e2e.code_helpers import codes_file
+
+_CHECKOUT = str(Path(__file__).resolve().parents[2]) + "/"  # where crash frames are ours
 
 CALL_TIMEOUT = 20.0
 IN_FLIGHT = 4  # mutations of one RPC called at once (each names its own resources)
@@ -565,8 +568,8 @@ class CrashLog(logging.Handler):
             if record.exc_info and record.exc_info[1] is not None:
                 exc = record.exc_info[1]
                 frames = [fr for fr in traceback.extract_tb(exc.__traceback__)
-                          if "/work/main/" in fr.filename and "/.venv/" not in fr.filename]
-                where = (f"{frames[-1].filename.removeprefix('/work/main/')}:{frames[-1].lineno}"
+                          if fr.filename.startswith(_CHECKOUT) and "/.venv/" not in fr.filename]
+                where = (f"{frames[-1].filename.removeprefix(_CHECKOUT)}:{frames[-1].lineno}"
                          f" ({frames[-1].name})" if frames else "?")
                 text = " ".join(str(exc).split())[:160]
                 found.append(f"{type(exc).__name__}: {text} at {where}")
@@ -1550,6 +1553,7 @@ async def test_forged_page_tokens_are_never_internal(pool: asyncpg.Pool, clock: 
 # The first and last instants the service stores: the exact ends of Timestamp's range
 # (datetime.min / datetime.max, which asyncpg stores as -infinity / infinity and reads back
 # without a zone) are refused as INVALID_TIME (server.convert.timestamp_problem).
+
 MIN_TIME = (-62_135_596_800, 1_000)  # 0001-01-01T00:00:00.000001Z
 MAX_TIME = (253_402_300_799, 999_998_999)  # 9999-12-31T23:59:59.999998999Z
 
