@@ -36,7 +36,7 @@ def timestamp_problem(value: timestamp_pb2.Timestamp) -> str | None:
     """Why ``value`` is no time this service can store, or None when it is one."""
     in_range = _MIN_SECONDS <= value.seconds <= _MAX_SECONDS
     if (not in_range or not 0 <= value.nanos < 1_000_000_000
-            or value.ToDatetime().replace(tzinfo=None) in (datetime.min, datetime.max)):
+            or value.ToDatetime() in (datetime.min, datetime.max)):  # naive, as these
         return (f"seconds={value.seconds}, nanos={value.nanos} is not a valid timestamp; "
                 f"{TIMESTAMP_RANGE}")
     return None
