@@ -6,8 +6,9 @@ worker does not make one round trip after another per delivery: the job that run
 PROMO_WEBHOOK_BATCH_SIZE - 1 other due delivery jobs besides its own (FOR UPDATE SKIP LOCKED, one
 statement), logs all their attempts as started (one statement), releases the connection (never
 hold one while calling a peer), sends them concurrently (at most PROMO_WEBHOOK_CONCURRENCY sends
-in flight per worker process), then records every result in one statement. The arq jobs of the
-deliveries it took along find their job in flight or done and do nothing.
+in flight per worker process, three quarters of them at most to one listener: send_slots.py),
+and records the results as the sends finish, those finishing together in one statement. The arq
+jobs of the deliveries it took along find their job in flight or done and do nothing.
 
 Per delivery, nothing changed: each attempt reads the listener's current URL (or recipients) and
 secret; retryable failures (timeouts, connection errors, 5xx, 408, 425, 429; SMTP 4xx) go back
@@ -63,6 +64,7 @@ from storage.queue import queue_outbox_job
 from workers import email, metrics
 from workers.outbox import JobAlreadyRunning, backoff_seconds, job_lease
 from workers.registry import PermanentJobError, handler
+from workers.send_slots import SendSlots
 
 log = logging.getLogger("promo.webhooks")
 
@@ -116,7 +118,7 @@ async def setup(ctx: dict[str, Any]) -> Http11Client | httpx.AsyncClient:
         ssl_context=httpx.create_ssl_context(), max_idle=settings.webhook_concurrency,
         fallback=fallback)
     ctx[HTTP_CLIENT_KEY] = client
-    ctx[SLOTS_KEY] = asyncio.Semaphore(settings.webhook_concurrency)
+    ctx[SLOTS_KEY] = SendSlots(settings.webhook_concurrency)
     return client
 
 
@@ -471,10 +473,10 @@ async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
     clock: Clock = ctx["clock"]
     if SLOTS_KEY not in ctx:
         await setup(ctx)
-    slots: asyncio.Semaphore = ctx[SLOTS_KEY]
+    slots: SendSlots = ctx[SLOTS_KEY]
     try:
         async with asyncio.timeout(max(0.0, start_by - time.monotonic())):
-            await slots.acquire()
+            await slots.acquire(work.listener_id)
     except TimeoutError:
         return _Sent(None, "not sent: no free send slot in time (the worker is busy); retried",
                      Outcome.RETRY, 0.0, clock.now())
@@ -494,7 +496,7 @@ async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         return _Sent(code, error, outcome, latency_ms, clock.now())
     finally:
-        slots.release()
+        slots.release(work.listener_id)
 
 
 def _close(work: repo.DeliveryWork, now: datetime, settings: Settings) -> repo.Closing | None:
@@ -621,21 +623,66 @@ async def _claim(ctx: dict[str, Any], *, own_job_id: int | None, limit: int) -> 
     return _Chunk(claimed, closings, sending, [])
 
 
+class _Recorder:
+    """Records a chunk's results as its sends finish, in as few statements as the timing
+    allows: the first result to arrive is written at once, and whatever arrives while a write
+    is running goes out together in the next one (group commit). A listener answering at once
+    is therefore DELIVERED at once, not when the chunk's slowest send (a hung listener's, up to
+    the timeout) is over; sends finishing together still cost one statement."""
+
+    def __init__(self, ctx: dict[str, Any], chunk: _Chunk) -> None:
+        self._ctx = ctx
+        self._chunk = chunk
+        self._waiting: list[repo.AttemptResult] = []
+        self._closings = list(chunk.closings)  # written with the first results
+        self._writing = asyncio.Lock()
+
+    async def add(self, result: repo.AttemptResult) -> None:
+        self._chunk.results.append(result)
+        self._waiting.append(result)
+        async with self._writing:
+            await self._write()
+
+    async def close(self) -> None:
+        """Write what is left (the closings of a chunk with nothing to send)."""
+        async with self._writing:
+            await self._write()
+
+    async def _write(self) -> None:
+        results, self._waiting = self._waiting, []
+        closings, self._closings = self._closings, []
+        if results or any(not c.work.own for c in closings):
+            clock: Clock = self._ctx["clock"]
+            async with self._ctx["pool"].acquire() as conn:
+                await repo.finish_batch(conn, now=clock.now(), results=results,
+                                        closings=closings)
+        if results:
+            await _queue_retries(self._ctx, results)
+        if results or closings:
+            metrics.record_deliveries(results, closings)
+
+
 async def _complete(ctx: dict[str, Any], chunk: _Chunk, start_by: float) -> None:
-    """Send a claimed chunk (no database connection held), then record every result and settle
-    the outbox rows in one statement, and queue the retries."""
+    """Send a claimed chunk (no database connection held while sending), record the results as
+    the sends finish (_Recorder), settle the outbox rows, and queue the retries."""
     settings: Settings = ctx["settings"]
-    clock: Clock = ctx["clock"]
-    sent = await asyncio.gather(*(_send(ctx, work, attempt, start_by)
-                                  for work, attempt in chunk.sending))
-    chunk.results = [_result(work, attempt, outcome, settings)
-                     for (work, attempt), outcome in zip(chunk.sending, sent, strict=True)]
-    if chunk.results or any(not c.work.own for c in chunk.closings):
-        async with ctx["pool"].acquire() as conn:
-            await repo.finish_batch(conn, now=clock.now(), results=chunk.results,
-                                    closings=chunk.closings)
-    await _queue_retries(ctx, chunk.results)
-    metrics.record_deliveries(chunk.results, chunk.closings)
+    recorder = _Recorder(ctx, chunk)
+
+    async def attempt_one(work: repo.DeliveryWork, attempt: int) -> None:
+        sent = await _send(ctx, work, attempt, start_by)
+        await recorder.add(_result(work, attempt, sent, settings))
+
+    attempts = [asyncio.ensure_future(attempt_one(work, attempt))
+                for work, attempt in chunk.sending]
+    try:
+        await asyncio.gather(*attempts)
+    except BaseException:
+        # A result could not be written (or the job is being stopped): stop the other sends
+        # too; their jobs stay leased and fall due again, as a failed chunk's always did.
+        for task in attempts:
+            task.cancel()
+        raise
+    await recorder.close()
 
 
 @handler(repo.DELIVER_KIND)

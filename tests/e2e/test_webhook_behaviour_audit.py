@@ -5,7 +5,7 @@ cut off mid-answer, invalid HTTP, a redirect to another host, a huge body, TLS s
 port, odd status codes), each with the delivery's final status, attempts, next attempt time
 against the documented backoff, the worker's log line, and a healthy listener on the same event
 that must not wait for it; head-of-line blocking between listeners (the claim pipeline, the
-per-process send slots, the batch's single result statement); a worker failing after the POST
+per-process send slots, recording the results); a worker failing after the POST
 but before recording it; a listener deactivated while its attempt is in flight; a DEAD delivery
 redelivered after a secret rotation, signed fresh; and the body of every event type, from the
 real emitters, against the documented schema.
@@ -17,8 +17,10 @@ Found and fixed: codes 600-999 were retried (now FAILED, as documented); a 2xx w
 cut short or slow counted as a lost connection over h11 but as delivered over httpx (now
 delivered on both); a retry could be announced past the deadline and then never made (now the
 last one is made a second before it); a listener hanging in one chunk held the next chunk's
-sends back (now they start at once, two chunks in flight at most). The three tests marked
-xfail are known limits left as they are (see their reasons).
+sends back (now they start at once, two chunks in flight at most); a hung listener could hold
+every send slot (now one listener gets three quarters at most); a delivered answer stayed
+PENDING until the chunk's slowest send was over (now recorded as each send finishes). The test
+marked xfail is a known limit left as it is (see its reason).
 """
 
 from __future__ import annotations
@@ -582,17 +584,14 @@ async def test_a_hung_listener_in_one_chunk_delays_the_next_chunks_healthy_deliv
     assert max(times) < 1.5, f"healthy listener's POSTs went out at {times} s"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known, not fixed: the send slots are one semaphore per worker, so a listener that hangs "
-    "on all of them delays every other listener by up to the timeout (a per-host limit would "
-    "trade away single-listener throughput)"))
-async def test_a_slow_listener_holding_every_send_slot_delays_a_healthy_listener(
+async def test_a_slow_listener_cannot_hold_every_send_slot(
         settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
         listener: WebhookListener) -> None:
     """docs/webhooks.md: at most PROMO_WEBHOOK_CONCURRENCY POSTs in flight per worker process
-    (default 32), shared by every listener. Once a hung listener's deliveries hold every slot,
-    a healthy listener's POST waits for their timeout. Concurrency 2 stands for the default 32
-    (32 hung deliveries to one listener do the same)."""
+    (default 32), and one listener at most three quarters of them (at least one fewer). A hung
+    listener's deliveries used to take every slot, and a healthy listener's POSTs waited for
+    their timeout; now they go at once in the slot the hung one cannot take. Concurrency 2
+    stands for the default 32 (32 hung deliveries to one listener did the same)."""
     tuned = settings.model_copy(update={"webhook_concurrency": 2, "webhook_timeout_seconds": 2.0})
     slow = await RawListener(hang).start()
     try:
@@ -639,17 +638,14 @@ async def test_a_healthy_delivery_is_not_charged_an_attempt_for_a_slow_listeners
         (healthy.status.value, healthy.attempts, healthy.last_error, len(listener.received))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known, not fixed (documented in docs/webhooks.md): a chunk's results are recorded in one"
-    " statement once all its sends are done"))
 async def test_a_delivered_answer_is_recorded_without_waiting_for_a_hung_neighbour(
         settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
         listener: WebhookListener) -> None:
-    """A healthy listener answered 200 at once, in the same batch as a hung listener: its
-    delivery stays PENDING (attempt unfinished) until the hung one times out, because a batch
-    records every result in one statement after the last send. ListDeliveries shows a delivered
-    event as pending, and a worker dying in that window makes the healthy listener get it
-    again."""
+    """A healthy listener answered 200 at once, in the same batch as a hung listener. Its
+    delivery used to stay PENDING (attempt unfinished) until the hung one timed out, because a
+    batch recorded every result in one statement after the last send: ListDeliveries showed a
+    delivered event as pending, and a worker dying in that window made the healthy listener get
+    it again. Now results are recorded as the sends finish."""
     tuned = settings.model_copy(update={"webhook_timeout_seconds": 2.0})
     slow = await RawListener(hang).start()
     try:
