@@ -31,6 +31,7 @@ from config.settings import ApiKeyConfig, Settings
 from core.clock import FixedClock
 from storage.db import create_pool
 from storage.migrate import migrate
+from tests.database_factory import DatabaseFactory
 from tests.webhook_listener import WebhookListener
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -127,23 +128,24 @@ def template_database(services: Services) -> Iterator[str]:
         asyncio.run(drop())
 
 
-@pytest.fixture
-async def database_url(services: Services, template_database: str) -> AsyncIterator[str]:
-    """A database of this test's own, cloned from the migrated template, dropped afterwards."""
-    name = f"promo_t_{uuid.uuid4().hex[:16]}"
-    admin = await _admin(services.database_url)
+@pytest.fixture(scope="session")
+def database_factory(services: Services, template_database: str) -> Iterator[DatabaseFactory]:
+    """Clones of the template made a few tests ahead (tests/database_factory.py says why)."""
+    factory = DatabaseFactory(services.database_url, template_database)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield factory
     finally:
-        await admin.close()
+        factory.close()
+
+
+@pytest.fixture
+def database_url(services: Services, database_factory: DatabaseFactory) -> Iterator[str]:
+    """A database of this test's own, cloned from the migrated template, dropped afterwards."""
+    name = database_factory.take()
     try:
         yield with_database(services.database_url, name)
     finally:
-        admin = await _admin(services.database_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        database_factory.give_back(name)
 
 
 @pytest.fixture

@@ -163,6 +163,11 @@ async def _until_rearmed_job_ran(pool: asyncpg.Pool, arq_redis: ArqRedis, settin
             f"it reuses (attempt 0): {bool(kept)}") from None
 
 
+async def _job_done(pool: asyncpg.Pool, job_id: int) -> bool:
+    return await _count(pool, "SELECT count(*) FROM outbox_jobs WHERE id = $1 AND status = 'done'",
+                        job_id) == 1
+
+
 async def _results(pool: asyncpg.Pool, n: int) -> bool:
     return await _count(pool, "SELECT count(*) FROM bonus_results") == n
 
@@ -185,6 +190,11 @@ async def _window_computed(settings: Settings, pool: asyncpg.Pool, arq_redis: Ar
     task = asyncio.create_task(worker.async_run())
     try:
         await _until(lambda: _results(pool, 2), within=15, what="the window's batch")
+        # Its results commit before the runner marks the job done (a second statement): the
+        # tests below need the job finished, not merely its results written (under load the
+        # gap between the two was long enough for a request to find the job still running).
+        await _until(lambda: _job_done(pool, first.outbox_job_id), within=15,
+                     what="the window's batch job to be marked done")
         yield real, row, first
     finally:
         await worker.close()
