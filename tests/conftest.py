@@ -3,7 +3,8 @@
 Services: PROMO_TEST_DATABASE_URL / PROMO_TEST_REDIS_URL when set (CI points them at the
 machine's services); otherwise embedded PostgreSQL and Redis are started for the session.
 Isolation: each session (each xdist worker) migrates a template database once; each test gets
-its own clone (CREATE DATABASE ... TEMPLATE) and its own arq queue name, dropped afterwards.
+its own clone (CREATE DATABASE ... TEMPLATE, made a few tests ahead on a thread:
+tests/database_factory.py) and its own arq queue name, dropped afterwards.
 """
 
 from __future__ import annotations

@@ -29,10 +29,12 @@ _TAKE_TIMEOUT_SECONDS = 120.0
 
 
 class DatabaseFactory:
-    """Fresh clones of ``template`` (named promo_t_<random>), CLONES_AHEAD of them ready."""
+    """Fresh clones of ``template`` (named ``prefix`` + random), CLONES_AHEAD of them ready."""
 
-    def __init__(self, admin_url: str, template: str, *, ahead: int = CLONES_AHEAD) -> None:
+    def __init__(self, admin_url: str, template: str, *, ahead: int = CLONES_AHEAD,
+                 prefix: str = "promo_t_") -> None:
         self._admin_url = admin_url
+        self._prefix = prefix
         self._template = template
         self._ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=ahead)
         self._to_drop: queue.Queue[str] = queue.Queue()
@@ -103,7 +105,7 @@ class DatabaseFactory:
             self._ready.put_nowait(made)
 
     async def _clone(self, admin: asyncpg.Connection) -> str:
-        name = f"promo_t_{uuid.uuid4().hex[:16]}"
+        name = f"{self._prefix}{uuid.uuid4().hex[:16]}"
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self._template}"')
         return name
 
