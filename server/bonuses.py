@@ -50,7 +50,7 @@ from core.errors import InvalidArgument
 from core.formula import FORMULA_LANGUAGE_VERSION
 from core.money import format_decimal, parse_decimal, plain
 from core.pagination import effective_page_size
-from core.periods import FixedPeriod, Period, RelativePeriod, TimeBackPeriod
+from core.periods import FixedPeriod, Period, RelativePeriod, TimeBackPeriod, load_time_zone
 from core.rounding import RoundingMode
 from promo.v1 import bonuses_pb2 as pb
 from promo.v1 import bonuses_pb2_grpc as pb_grpc
@@ -525,9 +525,24 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                 raise InvalidArgument("give both period_start and period_end, or neither",
                                       reason="INVALID_PERIOD",
                                       metadata={"field": "period_end"})
-            fixed = FixedPeriod(read_timestamp(request.period_start, "period_start"),
-                                read_timestamp(request.period_end, "period_end"))
+            start = read_timestamp(request.period_start, "period_start")
+            end = read_timestamp(request.period_end, "period_end")
+            if request.time_zone:
+                # Both ends in one zone: FixedPeriod measures them on its wall clock.
+                zone = load_time_zone(request.time_zone)
+                try:
+                    start, end = start.astimezone(zone), end.astimezone(zone)
+                except OverflowError:  # within hours of year 1 or 9999: no such local time
+                    raise InvalidArgument(
+                        f"the period cannot be shown in {request.time_zone}: it is at the "
+                        "edge of the calendar", reason="INVALID_PERIOD",
+                        metadata={"field": "time_zone"}) from None
+            fixed = FixedPeriod(start, end)
             period = (fixed.start, fixed.end)
+        elif request.time_zone:
+            raise InvalidArgument("time_zone measures an explicit period: give it with "
+                                  "period_start and period_end, or leave it empty",
+                                  reason="INVALID_PERIOD", metadata={"field": "time_zone"})
         now = self._deps.clock.now()
         settings = self._deps.settings
         default_window = settings.bonus_batch_window_seconds if settings else 300

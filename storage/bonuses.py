@@ -351,11 +351,11 @@ def _definition_window(d: BonusDefinition, *, now: datetime, time_zone: str | No
 
 async def _current_windows(conn: asyncpg.Connection, d: BonusDefinition,
                            rows: Sequence[asyncpg.Record]) -> list[_Pending]:
-    """Requests (id, customer_id, period_start, period_end, period_revision, request_time) as
-    the batch computes them: a request that followed its definition's period, stored under an
-    older revision, reads the period of the current one as of its own request time (an operator
-    who widens the period and recalculates gets the wider window). The common case (nothing
-    edited since) costs one comparison per request."""
+    """Requests (id, customer_id, period_start, period_end, period_revision, request_time,
+    source) as the batch computes them: a request that followed its definition's period, stored
+    under an older revision, reads the period of the current one as of its own request time (an
+    operator who widens the period and recalculates gets the wider window). The common case
+    (nothing edited since) costs one comparison per request."""
     stale = [r for r in rows
              if r["period_revision"] is not None and r["period_revision"] != d.revision]
     zones = {c.customer_id: c.time_zone for c in (await known_customers(
@@ -369,8 +369,11 @@ async def _current_windows(conn: asyncpg.Connection, d: BonusDefinition,
             start, end = _definition_window(d, now=r["request_time"],
                                             time_zone=zones.get(r["customer_id"]),
                                             allow_empty=True)
+        # A caller's explicit period (source "api") had its length checked when it was
+        # requested, in its time zone if the call named one; only a trigger's window is
+        # measured here.
         pending.append(_Pending(r["id"], r["customer_id"], start, end,
-                                r["period_revision"] is not None))
+                                r["period_revision"] is not None or r["source"] == "api"))
     return pending
 
 
@@ -433,10 +436,11 @@ class _Pending(NamedTuple):
     customer_id: str
     period_start: datetime | None
     period_end: datetime | None
-    # The window is the definition's own period, resolved (and its length checked the way the
-    # period is measured: calendar days, or wall-clock time in a fixed period's zone) by
-    # core.periods. Otherwise it is a trigger's or the caller's, checked here in UTC.
-    follows_definition: bool
+    # True when the window's length was checked already: the definition's own period,
+    # resolved (and measured the way the period is: calendar days, or wall-clock time in a
+    # fixed period's zone) by core.periods, or a caller's explicit period, checked when it was
+    # requested (in the time zone the call named). A trigger's window is checked here, in UTC.
+    length_checked: bool
 
 
 class Computed(NamedTuple):
@@ -485,7 +489,7 @@ def _computed(p: _Pending, customer: _Customer | None,
             skip_detail=f"the transaction period is empty: it starts and ends at "
                         f"{p.period_start.isoformat()}")
     elif (p.period_start is not None and p.period_end is not None
-            and not p.follows_definition and p.period_end - p.period_start > MAX_PERIOD):
+            and not p.length_checked and p.period_end - p.period_start > MAX_PERIOD):
         # A trigger's window (e.g. qualification to last bet) grew past the vendor's limit. Not
         # the definition's own period: "last full month" in Berlin is 31 days and 1 hour of
         # UTC in October, and its length was checked in days when it was resolved.
@@ -678,7 +682,8 @@ async def _compute_and_write(pool: asyncpg.Pool, conn: asyncpg.Connection, row: 
     """One pass of run_batch with one revision of the definition: every pending request of
     windows up to ``window``, computed on ``conn`` and written by the writers."""
     pending = await _current_windows(conn, row.definition, await conn.fetch(
-        """SELECT id, customer_id, period_start, period_end, period_revision, request_time
+        """SELECT id, customer_id, period_start, period_end, period_revision, request_time,
+                  source
              FROM bonus_requests
             WHERE definition_pk = $1 AND status = 'PENDING' AND window_start <= $2
             ORDER BY id""", row.pk, window))
@@ -1286,7 +1291,7 @@ async def recalculate(conn: asyncpg.Connection, row: DefinitionRow, *,
     without an operator. A changed result is told again (a new Calculated / Skipped event)."""
     results = await conn.fetch(
         """SELECT r.id, r.bonus_id, r.request_pk, r.customer_id, r.calculation_count,
-                  q.period_start, q.period_end, q.period_revision, q.request_time
+                  q.period_start, q.period_end, q.period_revision, q.request_time, q.source
              FROM bonus_results r JOIN bonus_requests q ON q.id = r.request_pk
             WHERE r.definition_pk = $1 AND r.status = ANY($2::text[])
             ORDER BY r.id FOR UPDATE OF r""",

@@ -5,7 +5,7 @@ schedules that request calculations (BonusService, docs/bonuses.md)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +30,8 @@ from cli.client import (
 from cli.commands.formulas import VarOpt, period_from_flags, variables_from_flags
 from cli.options import AllOpt, JsonOpt, PageSizeOpt, PageTokenOpt, RequestIdOpt
 from cli.output import console, show_message, show_rows
+from core.errors import InvalidArgument
+from core.periods import load_time_zone
 from promo.v1 import bonuses_pb2 as pb
 from promo.v1 import bonuses_pb2_grpc as pb_grpc
 from promo.v1 import promotions_pb2 as ppb
@@ -75,14 +77,15 @@ def _time(value: Timestamp, present: bool = True) -> str:
     return value.ToJsonString() if present else ""
 
 
-def _timestamp(text: str, option: str) -> Timestamp:
-    """ISO 8601 (``2026-11-22``, ``2026-11-22T10:00``, ``...+01:00``); no zone means UTC."""
+def _timestamp(text: str, option: str, zone: tzinfo = UTC) -> Timestamp:
+    """ISO 8601 (``2026-11-22``, ``2026-11-22T10:00``, ``...+01:00``); no offset means
+    ``zone`` (UTC unless told)."""
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         fail(f"{option}: {text!r} is not an ISO 8601 date or time (e.g. 2026-11-22T10:00Z)")
     stamp = Timestamp()
-    stamp.FromDatetime(when if when.tzinfo else when.replace(tzinfo=UTC))
+    stamp.FromDatetime(when if when.tzinfo else when.replace(tzinfo=zone))
     return stamp
 
 
@@ -369,17 +372,27 @@ def request_(
         help="Read transactions from this time (ISO 8601) instead of the definition's "
              "period.")] = None,
     period_end: Annotated[str | None, typer.Option(help="...until this time.")] = None,
+    time_zone: Annotated[str | None, typer.Option(
+        help="IANA zone of the period: times without an offset are read in it, and the 31-day "
+             "limit is measured on its clock (1 Oct - 1 Nov Europe/Berlin is 31 days).")] = None,
     request: RequestIdOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask for a calculation for customers; it runs when its batching window closes."""
     ids = list(customer or []) + (_read_ids(file) if file is not None else [])
     message = pb.RequestBonusCalculationRequest(
-        request_id=request_id(request), definition_id=definition_id, customer_ids=ids)
+        request_id=request_id(request), definition_id=definition_id, customer_ids=ids,
+        time_zone=time_zone or "")
+    zone: tzinfo = UTC
+    if time_zone:
+        try:
+            zone = load_time_zone(time_zone, field="--time-zone")
+        except InvalidArgument as exc:
+            fail(str(exc))
     if period_start is not None:
-        message.period_start.CopyFrom(_timestamp(period_start, "--period-start"))
+        message.period_start.CopyFrom(_timestamp(period_start, "--period-start", zone))
     if period_end is not None:
-        message.period_end.CopyFrom(_timestamp(period_end, "--period-end"))
+        message.period_end.CopyFrom(_timestamp(period_end, "--period-end", zone))
     response = call(ctx, STUB, "RequestBonusCalculation", message)
     if as_json:
         print_json(response)

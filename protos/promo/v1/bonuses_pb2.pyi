@@ -444,8 +444,15 @@ class RequestBonusCalculationRequest(_message.Message):
     CUSTOMER_IDS_FIELD_NUMBER: _builtins.int
     PERIOD_START_FIELD_NUMBER: _builtins.int
     PERIOD_END_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     definition_id: _builtins.str
+    time_zone: _builtins.str
+    """Optional, only with period_start / period_end: the IANA time zone whose wall clock
+    measures the period against the 31-day limit. 1 October to 1 November in Europe/Berlin
+    is 31 days there and 31 days and 1 hour of UTC: refused without it, accepted with it.
+    Empty: the period is measured in UTC.
+    """
     @_builtins.property
     def customer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """1 to 10,000 distinct customers."""
@@ -464,10 +471,11 @@ class RequestBonusCalculationRequest(_message.Message):
         customer_ids: _abc.Iterable[_builtins.str] | None = ...,
         period_start: _timestamp_pb2.Timestamp | None = ...,
         period_end: _timestamp_pb2.Timestamp | None = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_ids", b"customer_ids", "definition_id", b"definition_id", "period_end", b"period_end", "period_start", b"period_start", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_ids", b"customer_ids", "definition_id", b"definition_id", "period_end", b"period_end", "period_start", b"period_start", "request_id", b"request_id", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
