@@ -126,7 +126,11 @@ class Settings(BaseSettings):
 
     # Webhooks.
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-    webhook_max_attempts: int = Field(default=12, ge=1, le=100)
+    # 30 attempts, the waits doubling from PROMO_JOB_RETRY_BASE_SECONDS up to an hour: the
+    # retries span 9-18 hours, inside the 24-hour deadline (12 attempts capped at 5 minutes,
+    # the old defaults, gave up after 9-19 minutes: a listener down for a deploy lost events).
+    webhook_max_attempts: int = Field(default=30, ge=1, le=100)
+    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0)
     webhook_deadline_seconds: int = Field(default=86400, ge=1)
     webhook_secret_grace_seconds: int = Field(default=86400, ge=0)
     # One worker job claims up to this many due deliveries and sends them together.

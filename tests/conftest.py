@@ -169,7 +169,8 @@ def settings(database_url: str, services: Services, queue_name: str) -> Settings
                     api_keys=TEST_API_KEYS, queue_name=queue_name, migrate_on_start=False,
                     db_pool_min_size=1, db_pool_max_size=10, shutdown_grace_seconds=2,
                     sweeper_interval_seconds=1, job_retry_base_seconds=0.05,
-                    job_retry_max_seconds=0.5, log_format="text")
+                    job_retry_max_seconds=0.5, webhook_retry_max_seconds=0.5,
+                    log_format="text")
 
 
 @pytest.fixture

@@ -518,6 +518,17 @@ def _close(work: repo.DeliveryWork, now: datetime, settings: Settings) -> repo.C
     return None
 
 
+def _longest_wait(work: repo.DeliveryWork, deadline: datetime, settings: Settings) -> float:
+    """The cap on one wait between attempts: PROMO_WEBHOOK_RETRY_MAX_SECONDS (an hour), and
+    never more than a tenth of the delivery's whole window, so a listener that comes back gets
+    the event within a tenth of it: 3 minutes of a scheduled campaign's 30-minute lead (whose
+    deadline is the execution), not an hour later, past the point of approving anything."""
+    started = work.run_started_at or deadline
+    window = (deadline - started).total_seconds()
+    return max(settings.job_retry_base_seconds,
+               min(settings.webhook_retry_max_seconds, window / 10))
+
+
 def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
             settings: Settings) -> repo.AttemptResult:
     """What one send means for the delivery and its outbox job."""
@@ -539,7 +550,7 @@ def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
         else:
             new_status, job_status = DeliveryStatus.PENDING, "pending"
             delay = backoff_seconds(work.job_attempts, base=settings.job_retry_base_seconds,
-                                    maximum=settings.job_retry_max_seconds)
+                                    maximum=_longest_wait(work, deadline, settings))
             # Never announce a retry past the deadline (it would only go DEAD unsent): the
             # last one is made a second before it, so a listener back in time still gets it.
             retry_at = min(sent.finished_at + timedelta(seconds=delay),

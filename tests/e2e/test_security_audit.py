@@ -839,6 +839,7 @@ async def test_promo_serve_and_worker_at_debug_never_print_a_secret(
         PROMO_SMTP_PASSWORD=password, PROMO_SMTP_FROM="alerts@promo.example.com",
         PROMO_SMTP_STARTTLS="false", PROMO_SWEEPER_INTERVAL_SECONDS="1",
         PROMO_JOB_RETRY_BASE_SECONDS="0.05", PROMO_JOB_RETRY_MAX_SECONDS="0.5",
+        PROMO_WEBHOOK_RETRY_MAX_SECONDS="0.5",
         PROMO_SHUTDOWN_GRACE_SECONDS="1")
     relay = Relay()
     logins: list[str] = []

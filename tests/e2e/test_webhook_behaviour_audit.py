@@ -343,7 +343,7 @@ async def test_a_misbehaving_listener_gets_the_documented_outcome_and_holds_up_n
     case = CASES[name]
     tuned = settings.model_copy(update={"webhook_timeout_seconds": 1.0,
                                         "job_retry_base_seconds": 10.0,
-                                        "job_retry_max_seconds": 80.0})
+                                        "webhook_retry_max_seconds": 80.0})
     raw = await RawListener(case.behaviour, read_request=case.read_request,
                             scheme=case.scheme).start()
     try:
@@ -482,13 +482,14 @@ async def test_no_retry_is_announced_after_the_deadline(
         listener: WebhookListener) -> None:
     """docs/webhooks.md: a delivery is given up "once its deadline passes" (for type 5 the
     campaign's execution time: "approving after it is pointless"); PENDING means "waiting for
-    its first or next attempt; next_attempt_time says when". With the documented default backoff
-    (base 1 s, cap 300 s) and a listener down for the whole window of a 10-minute deadline,
+    its first or next attempt; next_attempt_time says when". With the default backoff (base
+    1 s, cap 300 s as it was; the cap is an hour now) and a listener down for the whole window of
+    a 10-minute deadline,
     no PENDING state may announce a next attempt at or after the deadline: no attempt is ever
     made then (the delivery turns DEAD without a request), so the listener gets no last try
     before the deadline and the delivery log promises an attempt that will not happen."""
     tuned = settings.model_copy(update={"job_retry_base_seconds": 1.0,
-                                        "job_retry_max_seconds": 300.0})
+                                        "webhook_retry_max_seconds": 300.0})
     listener.default = 503
     listener_id = await add_listener(pool, listener.url, clock.now())
     deliver_by = clock.now() + timedelta(minutes=10)
@@ -513,16 +514,21 @@ async def test_no_retry_is_announced_after_the_deadline(
         f"after {row.attempts} attempts, with no attempt in the last {late[0][1]:.0f} s")
 
 
-async def test_the_default_retry_schedule_gives_up_long_before_the_default_deadline(
+async def test_the_default_retry_schedule_spans_hours_within_the_default_deadline(
         settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
         listener: WebhookListener) -> None:
-    """docs/webhooks.md defaults: 12 attempts, backoff 1 s x 2^(n-1) capped at 300 s, times
-    0.5-1.0, and a 24 h deadline. The 11 waits add up to at most 1,111 s: a listener answering
-    503 (a deploy, a maintenance window) for 19 minutes loses the event for good (DEAD), 23.7 h
-    before the documented deadline."""
-    tuned = settings.model_copy(update={"job_retry_base_seconds": 1.0,
-                                        "job_retry_max_seconds": 300.0})
-    assert (tuned.webhook_max_attempts, tuned.webhook_deadline_seconds) == (12, 86400)
+    """docs/webhooks.md defaults: 30 attempts, backoff 1 s x 2^(n-1) capped at an hour, times
+    0.5-1.0, and a 24 h deadline: the 29 waits add up to 9.1-18.1 hours, so a listener answering
+    503 through a deploy or a night's outage still gets the event, and the deliveries end DEAD
+    before the deadline. (The old defaults, 12 attempts capped at 300 s, gave up after at most
+    1,111 s: a listener down for 19 minutes lost the event, 23.7 h before the deadline.)"""
+    defaults = Settings.model_fields
+    tuned = settings.model_copy(update={
+        "job_retry_base_seconds": defaults["job_retry_base_seconds"].default,
+        "webhook_retry_max_seconds": defaults["webhook_retry_max_seconds"].default})
+    assert (tuned.job_retry_base_seconds, tuned.webhook_max_attempts,
+            tuned.webhook_deadline_seconds, tuned.webhook_retry_max_seconds) == (
+        1.0, 30, 86400, 3600)
     listener.default = 503
     listener_id = await add_listener(pool, listener.url, clock.now())
     start = clock.now()
@@ -534,9 +540,42 @@ async def test_the_default_retry_schedule_gives_up_long_before_the_default_deadl
             await next_attempt(ctx, pool, clock, row.id)
             row = await delivery_of(pool, listener_id)
     span = (clock.now() - start).total_seconds()
-    assert (row.status.value, row.attempts) == ("DEAD", 12)
-    assert 555.5 <= span <= 1111, span
-    assert len(listener.received) == 12
+    full = sum(min(3600, 2 ** n) for n in range(29))  # 65,295 s: 18.1 h
+    assert (row.status.value, row.attempts) == ("DEAD", 30)
+    assert full / 2 <= span <= full, span
+    assert span < 86400
+    assert len(listener.received) == 30
+
+
+async def test_a_short_deadline_keeps_every_wait_to_a_tenth_of_it(
+        settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
+        listener: WebhookListener) -> None:
+    """The scheduled-campaign event's deadline is the execution, 30 minutes after it is emitted.
+    With the hour-long default cap a listener back after 20 minutes would wait for a retry
+    announced past the deadline (made a second before it: no time left to approve); the waits
+    are therefore capped at a tenth of the delivery's window, 3 minutes here, and the listener
+    gets the event within 3 minutes of coming back."""
+    tuned = settings.model_copy(update={"job_retry_base_seconds": 1.0,
+                                        "webhook_retry_max_seconds": 3600.0})
+    listener.default = 503
+    listener_id = await add_listener(pool, listener.url, clock.now())
+    start = clock.now()
+    back_at = start + timedelta(minutes=20)
+    emitted = await emit(pool, clock, deliver_by=start + timedelta(minutes=30))
+    waits: list[float] = []
+    async with worker_ctx(tuned, pool, clock) as ctx:
+        await run_outbox_job(ctx, emitted.outbox_job_ids[0])
+        row = await delivery_of(pool, listener_id)
+        while row.status.value == "PENDING":
+            assert row.next_attempt_at is not None
+            waits.append((row.next_attempt_at - clock.now()).total_seconds())
+            if row.next_attempt_at >= back_at:
+                listener.default = 200
+            await next_attempt(ctx, pool, clock, row.id)
+            row = await delivery_of(pool, listener_id)
+    assert row.status.value == "DELIVERED", row
+    assert max(waits) <= 180, waits
+    assert back_at <= clock.now() <= back_at + timedelta(minutes=3), clock.now() - start
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,6 +312,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
                PROMO_LOG_LEVEL="WARNING", PROMO_DB_POOL_MIN_SIZE="1",
                PROMO_JOB_LEASE_SECONDS="5", PROMO_SWEEPER_INTERVAL_SECONDS="1",
                PROMO_JOB_RETRY_BASE_SECONDS="0.05", PROMO_JOB_RETRY_MAX_SECONDS="0.5",
+        PROMO_WEBHOOK_RETRY_MAX_SECONDS="0.5",
                PROMO_API_KEYS=API_KEYS_JSON)
     env.update(extra)
     return env

@@ -271,9 +271,9 @@ async def test_backoff_is_base_times_two_to_the_attempt_capped_with_jitter(
         settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
         hook: WebhookListener) -> None:
     """Doc: PROMO_JOB_RETRY_BASE_SECONDS x 2^(attempt-1), capped at
-    PROMO_JOB_RETRY_MAX_SECONDS, times 0.5-1.0."""
+    PROMO_WEBHOOK_RETRY_MAX_SECONDS, times 0.5-1.0."""
     tuned = settings.model_copy(update={"job_retry_base_seconds": 10.0,
-                                        "job_retry_max_seconds": 80.0})
+                                        "webhook_retry_max_seconds": 80.0})
     hook.default = 503
     await add_listener(pool, hook.url, now=clock.now())
     emitted = await emit(pool, clock)
@@ -290,11 +290,11 @@ async def test_backoff_is_base_times_two_to_the_attempt_capped_with_jitter(
     assert len(hook.received) == 7
 
 
-async def test_dead_after_twelve_attempts_by_default(settings: Settings, pool: asyncpg.Pool,
-                                                     clock: FixedClock,
-                                                     hook: WebhookListener) -> None:
-    """Doc: a delivery is given up (DEAD) after PROMO_WEBHOOK_MAX_ATTEMPTS (default 12)."""
-    assert settings.webhook_max_attempts == 12
+async def test_dead_after_thirty_attempts_by_default(settings: Settings, pool: asyncpg.Pool,
+                                                      clock: FixedClock,
+                                                      hook: WebhookListener) -> None:
+    """Doc: a delivery is given up (DEAD) after PROMO_WEBHOOK_MAX_ATTEMPTS (default 30)."""
+    assert settings.webhook_max_attempts == 30
     hook.default = 500
     await add_listener(pool, hook.url, now=clock.now())
     emitted = await emit(pool, clock)
@@ -303,11 +303,11 @@ async def test_dead_after_twelve_attempts_by_default(settings: Settings, pool: a
         row = await delivery(pool)
         while row.status.value == "PENDING":
             row = await next_attempt(ctx, pool, clock, row.id)
-    assert (row.status.value, row.attempts) == ("DEAD", 12)
-    assert row.last_error is not None and "gave up after 12 attempts" in row.last_error
-    assert len(hook.received) == 12
+    assert (row.status.value, row.attempts) == ("DEAD", 30)
+    assert row.last_error is not None and "gave up after 30 attempts" in row.last_error
+    assert len(hook.received) == 30
     assert [r.headers["promo-delivery-attempt"] for r in hook.received] == [
-        str(n) for n in range(1, 13)]
+        str(n) for n in range(1, 31)]
     assert {r.event_id for r in hook.received} == {emitted.event_id}
     assert len({r.body for r in hook.received}) == 1  # the same bytes on every attempt
 
