@@ -312,12 +312,13 @@ async def _campaign_customers(conn: asyncpg.Connection, campaign_pk: int) -> lis
 
 
 async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
+                               now: datetime,
                                check_customers: bool = True) -> tuple[int, int | None]:
     """The definition's and the campaign's pks; every one the schedule names must exist (the
     listed customers too, unless they were checked before: up to 100,000 of them), and the
     definition's period must not be empty at every run."""
     definition = await get_definition(conn, schedule.definition_id)
-    check_schedule_period(schedule, definition.definition.period,
+    check_schedule_period(schedule, definition.definition.period, now=now,
                           reads_transactions=_reads_transactions(definition))
     campaign_pk = None
     if schedule.campaign_id:
@@ -336,7 +337,7 @@ async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
 
 async def insert_schedule(conn: asyncpg.Connection, schedule: Schedule, *,
                           now: datetime) -> ScheduleRow:
-    definition_pk, campaign_pk = await _schedule_references(conn, schedule)
+    definition_pk, campaign_pk = await _schedule_references(conn, schedule, now=now)
     pk = await conn.fetchval(
         """INSERT INTO bonus_schedules (schedule_id, definition_pk, customer_ids, weekday,
                                         local_time, time_zone, next_run_at, active, create_time,
@@ -372,7 +373,8 @@ async def update_schedule(conn: asyncpg.Connection, current: ScheduleRow, schedu
     (runs missed while paused are not made up); otherwise it stays. Customers, campaign and
     definition apply from the next run."""
     definition_pk, campaign_pk = await _schedule_references(
-        conn, schedule, check_customers=schedule.customer_ids != current.schedule.customer_ids)
+        conn, schedule, now=now,
+        check_customers=schedule.customer_ids != current.schedule.customer_ids)
     next_at = current.next_run_at
     if retime or (schedule.active and not current.schedule.active):
         next_at = next_run(schedule, now)

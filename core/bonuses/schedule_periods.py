@@ -2,22 +2,45 @@
 
 A "today so far" period runs from local midnight until the run. A schedule that runs at 00:00 in
 the period's own zone therefore reads an empty period on every run: refuse it when saved rather
-than skip each run. Only that certain case is refused; where it depends on the customers (a
-period in each customer's zone) or on the date (another zone, whose offset differs part of the
-year), the worker leaves out the customers whose period is empty at a run (logged) and skips
-a run only when it is empty for all of them.
+than skip each run. "The period's own zone" is a matter of clocks, not names: UTC and Etc/UTC,
+Europe/Kiev and Europe/Kyiv, or two zones that keep the same time (Europe/London and
+Europe/Lisbon), are the same zone here when their midnights coincide on every day of the next
+two years. Only that certain case is refused; where it depends on the customers (a period in
+each customer's zone) or on the date (another zone, whose offset differs part of the year), the
+worker leaves out the customers whose period is empty at a run (logged) and skips a run only
+when it is empty for all of them.
 """
 
 from __future__ import annotations
 
-from datetime import time
+from datetime import datetime, time, timedelta
 
 from core.bonuses.rules import Schedule
 from core.errors import InvalidArgument
-from core.periods import Period, RelativeKind, RelativePeriod
+from core.periods import Period, RelativeKind, RelativePeriod, load_time_zone
+
+# How far ahead "every run" is checked: a little over two years of daily runs (zone rules are
+# not known further than their next changes anyway).
+SAME_CLOCK_DAYS = 800
 
 
-def check_schedule_period(schedule: Schedule, period: Period | None, *,
+def midnights_coincide(run_zone_name: str, period_zone_name: str, *, now: datetime) -> bool:
+    """Whether 00:00 in ``run_zone_name`` is 00:00 in ``period_zone_name`` (the two UTC offsets
+    are equal at that instant) on every day from ``now`` for SAME_CLOCK_DAYS days: always for
+    one zone under two names, never for zones whose offsets differ part of the year."""
+    if run_zone_name == period_zone_name:
+        return True
+    run_zone = load_time_zone(run_zone_name)
+    period_zone = load_time_zone(period_zone_name)
+    first = now.astimezone(run_zone).date()
+    for n in range(SAME_CLOCK_DAYS):
+        midnight = datetime.combine(first + timedelta(days=n), time(0), tzinfo=run_zone)
+        if midnight.utcoffset() != midnight.astimezone(period_zone).utcoffset():
+            return False
+    return True
+
+
+def check_schedule_period(schedule: Schedule, period: Period | None, *, now: datetime,
                           reads_transactions: bool = True) -> None:
     """Raise INVALID_ARGUMENT INVALID_PERIOD (field ``local_time``) when every run of the
     active ``schedule`` would find the definition's ``period`` empty; and (field
@@ -34,9 +57,13 @@ def check_schedule_period(schedule: Schedule, period: Period | None, *,
         return  # a paused schedule does not run; the campaign's own period replaces it
     if not isinstance(period, RelativePeriod) or period.kind is not RelativeKind.TODAY_SO_FAR:
         return
-    if period.time_zone == schedule.time_zone and schedule.local_time == time(0):
+    if period.time_zone is None or schedule.local_time != time(0):
+        return  # each customer's own zone, or a run after midnight: something to read
+    if midnights_coincide(schedule.time_zone, period.time_zone, now=now):
+        same = ("" if period.time_zone == schedule.time_zone
+                else f" (the schedule's {schedule.time_zone} keeps the same clock)")
         raise InvalidArgument(
             f"local_time: definition {schedule.definition_id!r} reads today so far in "
-            f"{schedule.time_zone}, which is empty at 00:00 there: every run would read "
+            f"{period.time_zone}{same}, which is empty at 00:00 there: every run would read "
             "nothing; run later in the day (or read the last full day)",
             reason="INVALID_PERIOD", metadata={"field": "local_time"})

@@ -250,6 +250,23 @@ async def test_a_schedule_whose_every_run_reads_an_empty_period_is_refused(api: 
     assert (paused.schedule.local_time, paused.schedule.active) == ("00:00", False)
 
 
+async def test_midnight_in_another_name_of_the_periods_zone_is_refused_too(api: Api) -> None:
+    """Etc/UTC is UTC under another name: its 00:00 runs read nothing either. Compared by name
+    such a schedule used to be accepted and every one of its runs skipped (logged)."""
+    await create(api, definition("today-utc", "sum(bet.amount) * 10%",
+                                 period=_today_so_far("UTC")))
+    await customers(api, ("a1", "EUR", "UTC"))
+    with pytest.raises(grpc.RpcError) as caught:
+        await _create_schedule(api, _schedule("alias", "today-utc", "a1", "00:00", "Etc/UTC"))
+    assert (caught.value.code(), rpc_error_reason(caught.value)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PERIOD")
+    assert caught.value.details() == (
+        "local_time: definition 'today-utc' reads today so far in UTC (the schedule's Etc/UTC "
+        "keeps the same clock), which is empty at 00:00 there: every run would read nothing; "
+        "run later in the day (or read the last full day)")
+    await _create_schedule(api, _schedule("alias-later", "today-utc", "a1", "00:30", "Etc/UTC"))
+
+
 # --- an update of decimals to 0 ----------------------------------------------------------------
 
 
