@@ -125,6 +125,21 @@ def validate_customer_ids(customer_ids: Sequence[str], *, field: str, limit: int
                                   metadata={"field": f"{field}[{index}]"})
 
 
+def check_statuses_agree(customer_ids: Sequence[str], approved: Sequence[bool]) -> None:
+    """One call says one thing per customer. The same status twice is a harmless resend;
+    approved and rejected for one customer in one call is a listener's mistake, refused so that
+    it sees it (CONFLICTING_STATUSES), rather than settled by which came last."""
+    first: dict[str, tuple[int, bool]] = {}
+    for index, (customer_id, flag) in enumerate(zip(customer_ids, approved, strict=True)):
+        seen_at, seen_flag = first.setdefault(customer_id, (index, flag))
+        if seen_flag != flag:
+            raise InvalidArgument(
+                f"statuses[{index}] ({customer_id!r}): approved is {str(flag).lower()} here "
+                f"and {str(seen_flag).lower()} at statuses[{seen_at}]; send one status per "
+                "customer", reason="CONFLICTING_STATUSES",
+                metadata={"field": f"statuses[{index}]", "customer_id": customer_id})
+
+
 def campaign_not_found(campaign_id: str) -> NotFound:
     return NotFound(f"no campaign {campaign_id[:100]!r}", reason="CAMPAIGN_NOT_FOUND",
                     metadata={"campaign_id": campaign_id[:100]})

@@ -240,6 +240,7 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
         ids = [s.customer_id for s in request.statuses]
         domain.validate_customer_ids(ids, field="statuses", limit=domain.MAX_STATUSES_PER_CALL)
         flags = [s.approved for s in request.statuses]
+        domain.check_statuses_agree(ids, flags)
 
         async def work(conn: asyncpg.Connection) -> bytes:
             row = await repo.get(conn, request.campaign_id, lock="FOR SHARE")

@@ -141,7 +141,8 @@ async def targets_page(conn: asyncpg.Connection, campaign_pk: int, *, after: str
 async def set_statuses(conn: asyncpg.Connection, campaign_pk: int, customer_ids: Sequence[str],
                        approved: Sequence[bool], now: datetime) -> list[str]:
     """Apply approvals; returns the customer ids that are not in the target group, in the
-    order given. Within one call the last status given for a customer wins.
+    order given. A customer given twice (with the same status: the server refuses a call that
+    contradicts itself, core.campaigns.check_statuses_agree) is applied once.
 
     The target rows are locked first, in customer id order (SELECT ... ORDER BY ... FOR
     UPDATE: the lock step runs on the sorted rows), then updated; an UPDATE ... FROM alone

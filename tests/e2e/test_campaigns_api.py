@@ -12,6 +12,7 @@ from core.clock import FixedClock
 from promo.v1 import campaigns_pb2 as cpb
 from promo.v1 import campaigns_pb2_grpc as cpb_grpc
 from promo.v1 import rewards_pb2 as rpb
+from server.errors import error_info_of
 from tests.conftest import Api, rpc_error_reason
 from tests.e2e.campaign_helpers import all_customers, create_campaign, set_statuses, ts
 from tests.e2e.promo_helpers import get_reward, promotion, reward_type
@@ -53,8 +54,8 @@ async def test_paging_through_targets_and_adding_chunks(api: Api, clock: FixedCl
                for c in customers)
 
 
-async def test_statuses_last_wins_unknown_reported_and_limit(api: Api,
-                                                             clock: FixedClock) -> None:
+async def test_statuses_latest_call_wins_unknown_reported_and_limit(
+        api: Api, clock: FixedClock) -> None:
     await _setup(api, clock)
     first = await set_statuses(api, "spring", {"c001": True, "c002": True, "ghost": True}, "s1")
     assert (first.updated, list(first.unknown_customer_ids)) == (2, ["ghost"])
@@ -71,6 +72,36 @@ async def test_statuses_last_wins_unknown_reported_and_limit(api: Api,
     assert rpc_error_reason(err.value) == "TOO_MANY_ENTRIES"
     exactly = await set_statuses(api, "spring", {f"n{i}": True for i in range(10_000)}, "s4")
     assert len(exactly.unknown_customer_ids) == 10_000
+
+
+async def test_one_customer_approved_and_rejected_in_one_call_is_refused(
+        api: Api, clock: FixedClock, pool: asyncpg.Pool) -> None:
+    """A customer twice with the same status is a resend (applied once); approved here and
+    rejected there in one call is refused naming both positions, and nothing of the call is
+    applied (it used to be settled by whichever came last)."""
+    await _setup(api, clock)
+    stub = cpb_grpc.ClearanceServiceStub(api.channel)
+
+    def call(request_id: str, *statuses: tuple[str, bool]) -> object:
+        return stub.UpdateCustomerPromotionStatus(cpb.UpdateCustomerPromotionStatusRequest(
+            campaign_id="spring", request_id=request_id, statuses=[
+                cpb.CustomerPromotionStatus(customer_id=c, approved=a) for c, a in statuses]),
+            metadata=api.key("listener"))
+
+    resent = await call("dup", ("c001", True), ("c002", False), ("c001", True))
+    assert (resent.updated, list(resent.unknown_customer_ids)) == (2, [])
+    with pytest.raises(grpc.RpcError) as err:
+        await call("conflict", ("c003", True), ("c004", True), ("c003", False))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == (
+        "statuses[2] ('c003'): approved is false here and true at statuses[0]; send one "
+        "status per customer")
+    info = error_info_of(err.value)
+    assert info is not None and (info.reason, dict(info.metadata)) == (
+        "CONFLICTING_STATUSES", {"field": "statuses[2]", "customer_id": "c003"})
+    statuses = {r["customer_id"]: r["approved"] for r in await pool.fetch(
+        "SELECT customer_id, approved FROM campaign_targets WHERE approved IS NOT NULL")}
+    assert statuses == {"c001": True, "c002": False}  # c004 was not applied either
 
 
 async def test_approvals_close_at_clearance_required_by(api: Api, clock: FixedClock) -> None:

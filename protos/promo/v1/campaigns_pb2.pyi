@@ -629,7 +629,10 @@ Global___CustomerPromotionStatus: _TypeAlias = CustomerPromotionStatus  # noqa: 
 
 @_typing.final
 class UpdateCustomerPromotionStatusRequest(_message.Message):
-    """UpdateCustomerPromotionStatusRequest sends up to 10,000 statuses."""
+    """UpdateCustomerPromotionStatusRequest sends up to 10,000 statuses. A customer may appear
+    more than once with the same status (applied once); approved and not approved for one
+    customer in one call is INVALID_ARGUMENT CONFLICTING_STATUSES, and nothing is applied.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
