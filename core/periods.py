@@ -267,7 +267,7 @@ class ResolvedWindow:
         return self.start <= moment < self.end
 
 
-def _local_midnight(day: date, zone: tzinfo) -> datetime:
+def local_midnight(day: date, zone: tzinfo) -> datetime:
     """The first instant of ``day`` in ``zone`` as UTC (fold=0; a DST gap starts at the jump)."""
     return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
 
@@ -342,8 +342,8 @@ def resolve_period(
         zone = load_time_zone(zone_name, field="default_time_zone")
     today = now_utc.astimezone(zone).date()
     first_day, last_day = _relative_bounds(period.kind, today)
-    start = _local_midnight(first_day, zone)
-    end = now_utc if last_day is None else _local_midnight(last_day, zone)
+    start = local_midnight(first_day, zone)
+    end = now_utc if last_day is None else local_midnight(last_day, zone)
     if end <= start:
         if allow_empty:
             return ResolvedWindow(start, start, zone_name)

@@ -16,6 +16,13 @@ from __future__ import annotations
 NUL = "\x00"
 
 
+def storable(value: str) -> str:
+    """``value`` with every NUL shown as U+FFFD, for text we record rather than receive: a
+    peer's answer quoted in an error (a gzip-compressed error page starts with NUL bytes) must
+    not make the recording of the attempt itself fail."""
+    return value.replace(NUL, "\ufffd") if NUL in value else value
+
+
 def nul_problem(value: str, what: str) -> str | None:
     """Why ``value`` cannot be stored, as "<what> must not contain ...", or None when it can."""
     if NUL in value:

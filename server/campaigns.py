@@ -240,9 +240,11 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
         ids = [s.customer_id for s in request.statuses]
         domain.validate_customer_ids(ids, field="statuses", limit=domain.MAX_STATUSES_PER_CALL)
         flags = [s.approved for s in request.statuses]
-        domain.check_statuses_agree(ids, flags)
 
         async def work(conn: asyncpg.Connection) -> bytes:
+            # Here, not before: a retry of a call stored before this check existed still gets
+            # its first answer.
+            domain.check_statuses_agree(ids, flags)
             row = await repo.get(conn, request.campaign_id, lock="FOR SHARE")
             now = self._deps.clock.now()
             domain.check_clearance_open(row.status, row.campaign_id, row.execute_at, now)

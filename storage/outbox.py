@@ -15,6 +15,8 @@ from typing import Any
 
 import asyncpg
 
+from core.text import storable
+
 
 @dataclass(frozen=True)
 class OutboxJob:
@@ -189,7 +191,7 @@ async def fail_attempt(conn: asyncpg.Connection, job_id: int, *, now: datetime, 
                                      THEN $2::timestamptz END
             WHERE id = $1
         RETURNING status""",
-        job_id, now, error, retry_at)
+        job_id, now, storable(error), retry_at)
     return status
 
 

@@ -9,8 +9,9 @@ dropped on the same thread (``WITH (FORCE)``, as before: a connection a test lea
 hold the drop up).
 
 The thread runs its own event loop with two asyncpg connections to the maintenance database.
-An error there (PostgreSQL down, disk full) is handed to the next test that asks, which fails
-with it; the thread then stops making databases and ``take`` raises for every later test.
+An error there (PostgreSQL down, disk full) is handed to every later test that asks, which
+fails with it; the thread makes no more databases but still drops the ones given back, and a
+name given back after the thread has finished is dropped by ``give_back`` itself.
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ class DatabaseFactory:
         self._stopping = threading.Event()
         self._failed: BaseException | None = None
         self._making = 0  # clones being made (on the thread's loop)
+        # Set (under the lock) once the thread has dropped its last database: a name given back
+        # after that is dropped by give_back itself.
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="test-database-factory",
                                         daemon=True)
         self._thread.start()
 
     def take(self) -> str:
         """The name of a fresh clone, for one test only (give it back with ``give_back``)."""
-        if self._failed is not None and self._ready.empty():
-            raise RuntimeError("the test database factory stopped") from self._failed
+        if self._failed is not None:
+            raise RuntimeError("cloning a test database failed") from self._failed
         try:
             made = self._ready.get(timeout=_TAKE_TIMEOUT_SECONDS)
         except queue.Empty:
@@ -59,8 +64,22 @@ class DatabaseFactory:
         return made
 
     def give_back(self, name: str) -> None:
-        """Drop ``name`` (on the thread, soon)."""
-        self._to_drop.put(name)
+        """Drop ``name``: on the thread, soon; or at once once the thread has finished."""
+        with self._lock:
+            if not self._closed:
+                self._to_drop.put(name)
+                return
+        # On a thread of its own: the caller may be running an event loop of its own.
+        dropper = threading.Thread(target=asyncio.run, args=(self._drop_alone(name),))
+        dropper.start()
+        dropper.join(timeout=_TAKE_TIMEOUT_SECONDS)
+
+    async def _drop_alone(self, name: str) -> None:
+        admin = await asyncpg.connect(self._admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
     def close(self) -> None:
         """Stop making clones, drop every clone made or given back, and wait for the thread."""
@@ -86,13 +105,20 @@ class DatabaseFactory:
         finally:
             if admins:
                 await self._drop_everything_left(admins[0])
+            with self._lock:
+                self._closed = True
+            if admins:  # given back between the last drop and closing
+                await self._drop_given_back(admins[0])
             for admin in admins:
                 await admin.close()
 
     async def _make(self, admin: asyncpg.Connection) -> None:
-        while not self._stopping.is_set() and self._failed is None:
+        # After a failed clone no more are made, but the thread stays until ``close`` to drop
+        # the databases the tests running then give back.
+        while not self._stopping.is_set():
             await self._drop_given_back(admin)
-            if self._ready.qsize() + self._making >= self._ready.maxsize:
+            if self._failed is not None or (
+                    self._ready.qsize() + self._making >= self._ready.maxsize):
                 await asyncio.sleep(0.005)
                 continue
             self._making += 1

@@ -1,5 +1,7 @@
 """The send slots of one worker process: at most ``total`` webhook POSTs or e-mails in flight,
-and at most ``per_listener`` of them to any one listener.
+and at most ``per_listener`` of them to any one listener (the caller's key: a webhook
+listener's host, so that several listeners on one hung host share one share; an e-mail
+listener itself, as every e-mail goes to the same relay).
 
 Why a share per listener: with one plain semaphore, a listener that hangs (accepts the
 connection, never answers) ends up holding every slot with its own deliveries, and every other
@@ -21,11 +23,12 @@ from collections.abc import Hashable
 
 
 def listener_share(total: int) -> int:
-    """How many of ``total`` slots one listener may hold: all but a quarter (at least one) of
-    them from two slots up, the only one of one."""
+    """How many of ``total`` slots one listener may hold: three quarters, rounded down, and at
+    least one (from two slots up that leaves at least one for the others); the only one of
+    one."""
     if total < 2:
         return total
-    return total - max(1, total // 4)
+    return max(1, total * 3 // 4)
 
 
 class SendSlots:

@@ -6,7 +6,8 @@ worker does not make one round trip after another per delivery: the job that run
 PROMO_WEBHOOK_BATCH_SIZE - 1 other due delivery jobs besides its own (FOR UPDATE SKIP LOCKED, one
 statement), logs all their attempts as started (one statement), releases the connection (never
 hold one while calling a peer), sends them concurrently (at most PROMO_WEBHOOK_CONCURRENCY sends
-in flight per worker process, three quarters of them at most to one listener: send_slots.py),
+in flight per worker process, three quarters of them at most to one listener host:
+send_slots.py),
 and records the results as the sends finish, those finishing together in one statement. The arq
 jobs of the deliveries it took along find their job in flight or done and do nothing.
 
@@ -50,6 +51,7 @@ from config.settings import Settings
 from core.clock import Clock
 from core.events import Channel, DeliveryStatus, Outcome, classify_status
 from core.secret_box import SecretBox, SecretBoxError
+from core.text import storable
 from core.webhook_signature import (
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
@@ -465,6 +467,22 @@ async def _send_email(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int
     return result.code, result.error, result.outcome
 
 
+def _slot_key(work: repo.DeliveryWork) -> tuple[str, object]:
+    """Whose share of the send slots a send takes (send_slots.py): a webhook's host (listeners
+    on one hung host share one share), an e-mail listener's own id (all e-mail goes through one
+    relay, so the relay is not the unit)."""
+    if work.channel is Channel.EMAIL or work.listener_url is None:
+        return ("listener", work.listener_id)
+    parts = urlsplit(work.listener_url)
+    try:
+        port = parts.port
+    except ValueError:  # not a URL a send can reach: its own listener, as for e-mail
+        return ("listener", work.listener_id)
+    scheme = parts.scheme.lower()
+    port = port or (443 if scheme == "https" else 80)
+    return ("host", f"{scheme}://{(parts.hostname or '').lower()}:{port}")
+
+
 async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
                 start_by: float) -> _Sent:
     """One attempt over the listener's channel, in one of the worker's send slots. A send that
@@ -476,7 +494,7 @@ async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
     slots: SendSlots = ctx[SLOTS_KEY]
     try:
         async with asyncio.timeout(max(0.0, start_by - time.monotonic())):
-            await slots.acquire(work.listener_id)
+            await slots.acquire(_slot_key(work))
     except TimeoutError:
         return _Sent(None, "not sent: no free send slot in time (the worker is busy); retried",
                      Outcome.RETRY, 0.0, clock.now())
@@ -496,7 +514,7 @@ async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         return _Sent(code, error, outcome, latency_ms, clock.now())
     finally:
-        slots.release(work.listener_id)
+        slots.release(_slot_key(work))
 
 
 def _close(work: repo.DeliveryWork, now: datetime, settings: Settings) -> repo.Closing | None:
@@ -532,7 +550,9 @@ def _longest_wait(work: repo.DeliveryWork, deadline: datetime, settings: Setting
 def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
             settings: Settings) -> repo.AttemptResult:
     """What one send means for the delivery and its outbox job."""
-    error = sent.error
+    # The error may quote the listener's answer, NUL bytes included (a gzip-compressed error
+    # page): PostgreSQL text cannot hold them, and the whole chunk's results would fail to record.
+    error = None if sent.error is None else storable(sent.error)
     retry_at: datetime | None = None
     if sent.outcome is Outcome.DELIVERED:
         new_status, job_status = DeliveryStatus.DELIVERED, "done"
@@ -652,14 +672,16 @@ class _Recorder:
         self._chunk.results.append(result)
         self._waiting.append(result)
         async with self._writing:
-            await self._write()
+            results, closings = await self._write()
+        await self._after(results, closings)
 
     async def close(self) -> None:
         """Write what is left (the closings of a chunk with nothing to send)."""
         async with self._writing:
-            await self._write()
+            results, closings = await self._write()
+        await self._after(results, closings)
 
-    async def _write(self) -> None:
+    async def _write(self) -> tuple[list[repo.AttemptResult], list[repo.Closing]]:
         results, self._waiting = self._waiting, []
         closings, self._closings = self._closings, []
         if results or any(not c.work.own for c in closings):
@@ -667,6 +689,12 @@ class _Recorder:
             async with self._ctx["pool"].acquire() as conn:
                 await repo.finish_batch(conn, now=clock.now(), results=results,
                                         closings=closings)
+        return results, closings
+
+    async def _after(self, results: list[repo.AttemptResult],
+                     closings: list[repo.Closing]) -> None:
+        """Queue the retries and count the results: outside the write lock, so a slow Redis
+        does not hold the next results' statement back."""
         if results:
             await _queue_retries(self._ctx, results)
         if results or closings:

@@ -17,7 +17,7 @@ from datetime import datetime, time, timedelta
 
 from core.bonuses.rules import Schedule
 from core.errors import InvalidArgument
-from core.periods import Period, RelativeKind, RelativePeriod, load_time_zone
+from core.periods import Period, RelativeKind, RelativePeriod, load_time_zone, local_midnight
 
 # How far ahead "every run" is checked: a little over two years of daily runs (zone rules are
 # not known further than their next changes anyway).
@@ -25,17 +25,19 @@ SAME_CLOCK_DAYS = 800
 
 
 def midnights_coincide(run_zone_name: str, period_zone_name: str, *, now: datetime) -> bool:
-    """Whether 00:00 in ``run_zone_name`` is 00:00 in ``period_zone_name`` (the two UTC offsets
-    are equal at that instant) on every day from ``now`` for SAME_CLOCK_DAYS days: always for
-    one zone under two names, never for zones whose offsets differ part of the year."""
+    """Whether a run at 00:00 in ``run_zone_name`` is the start of the day in
+    ``period_zone_name`` (so "today so far" there is empty at the run) on every day from
+    ``now`` for SAME_CLOCK_DAYS days: always for one zone under two names, never for zones
+    whose offsets differ part of the year. Compared as instants, the way the run time and the
+    period are resolved: a 00:00 that a DST jump skips is the instant of the jump in both."""
     if run_zone_name == period_zone_name:
         return True
     run_zone = load_time_zone(run_zone_name)
     period_zone = load_time_zone(period_zone_name)
     first = now.astimezone(run_zone).date()
     for n in range(SAME_CLOCK_DAYS):
-        midnight = datetime.combine(first + timedelta(days=n), time(0), tzinfo=run_zone)
-        if midnight.utcoffset() != midnight.astimezone(period_zone).utcoffset():
+        run_at = local_midnight(first + timedelta(days=n), run_zone)
+        if local_midnight(run_at.astimezone(period_zone).date(), period_zone) != run_at:
             return False
     return True
 

@@ -10,11 +10,14 @@ import pytest
 from workers.send_slots import SendSlots, listener_share
 
 
-@pytest.mark.parametrize(("total", "share"), [(1, 1), (2, 1), (3, 2), (4, 3), (7, 6), (8, 6),
-                                              (32, 24), (1000, 750)])
-def test_one_listener_gets_all_but_a_quarter_at_least_one(total: int, share: int) -> None:
+@pytest.mark.parametrize(("total", "share"), [(1, 1), (2, 1), (3, 2), (4, 3), (5, 3), (6, 4),
+                                              (7, 5), (8, 6), (10, 7), (32, 24), (1000, 750)])
+def test_one_listener_gets_three_quarters_rounded_down_at_least_one(total: int,
+                                                                    share: int) -> None:
     assert listener_share(total) == share
     assert SendSlots(total).per_listener == share
+    assert share <= total * 3 / 4 or total == 1
+    assert share < total or total == 1  # from two slots up, one at least is left to others
 
 
 def test_no_slots_is_refused() -> None:
