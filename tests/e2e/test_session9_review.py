@@ -52,6 +52,7 @@ from tests.e2e.test_webhook_behaviour_audit import (
     job_of,
     worker_ctx,
 )
+from tests.integration.test_database_factory import _databases
 from tests.webhook_listener import WebhookListener
 from workers import webhooks
 from workers.outbox import run_outbox_job
@@ -143,15 +144,6 @@ async def test_a_nul_byte_in_an_error_body_is_recorded_like_any_other_answer(
 # ---------------------------------------------------------------------------------------------
 # 3. tests/database_factory.py after a failed clone (section 4 of the docstring)
 # ---------------------------------------------------------------------------------------------
-
-async def _databases(services: Services, prefix: str) -> set[str]:
-    admin = await asyncpg.connect(services.database_url)
-    try:
-        return {r["datname"] for r in await admin.fetch(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, $1)", prefix)}
-    finally:
-        await admin.close()
-
 
 async def test_the_clone_error_reaches_the_next_test_even_after_the_thread_stopped(
         services: Services) -> None:
