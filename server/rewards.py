@@ -178,22 +178,15 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 verdict = await campaigns_repo.eligibility(
                     conn, request.campaign_id, cached.stored.id, request.customer_id)
             if verdict is not None and verdict != "ELIGIBLE":
-                return pb.GetRewardResponse(denial_reason=pb.DENIAL_REASON_NOT_ELIGIBLE,
-                                            denial_message=verdict)
+                return await self._denied(cached, request, pb.GetRewardResponse(
+                    denial_reason=pb.DENIAL_REASON_NOT_ELIGIBLE, denial_message=verdict))
         computed = await self._computed(cached, request)
         decided = decide_values(promotion, cached.reward_types, computed=computed,
                                 external_values=external)
         now = self._clock.now()
         if isinstance(decided, Denial):
-            # Still answer a retry with its earlier grant: ask the database, charging nothing.
-            async with self._pool.acquire() as conn:
-                existing = await repo.find_existing(
-                    conn, promotion_id=cached.stored.id, customer_id=request.customer_id,
-                    campaign_key=request.campaign_id, request_id=request.request_id)
-            if existing is not None:
-                return existing
-            return pb.GetRewardResponse(denial_reason=_DENIALS[decided.reason],
-                                        denial_message=decided.message)
+            return await self._denied(cached, request, pb.GetRewardResponse(
+                denial_reason=_DENIALS[decided.reason], denial_message=decided.message))
         rewards = [{"reward_type": v.reward_type, "kind": v.kind.value,
                     # Plain notation ("1e2" sent as an external value is "100", not "1E+2").
                     "value": None if v.value is None else format_decimal(v.value)}
@@ -208,6 +201,18 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             customers_start=LIFETIME_START, charges=charges,
             personalized=promotion.code_type is CodeType.PERSONALIZED,
             fallback_code=promotion.fallback_code))
+
+    async def _denied(self, cached: CachedPromotion, request: pb.GetRewardRequest,
+                      denial: pb.GetRewardResponse) -> GrantOutcome | pb.GetRewardResponse:
+        """A denial, unless the request id (or this customer in this campaign) already has a
+        grant: a retry gets its earlier grant back even when the promotion, the campaign or the
+        customer's data would deny it now, and a request id reused for another customer is
+        REQUEST_ID_REUSED, not a denial. Asks the database, charging nothing."""
+        async with self._pool.acquire() as conn:
+            existing = await repo.find_existing(
+                conn, promotion_id=cached.stored.id, customer_id=request.customer_id,
+                campaign_key=request.campaign_id, request_id=request.request_id)
+        return denial if existing is None else existing
 
     async def _existing(self, outcome: GrantOutcome, request: pb.GetRewardRequest,
                         external: Mapping[str, Decimal]) -> GrantOutcome:
