@@ -164,6 +164,9 @@ class AttemptResult:
     job_status: str
     retry_at: datetime | None = None
     job_error: str | None = None  # the outbox row's last_error
+    # False for a send that was never made (no free send slot in time): its logged attempt is
+    # removed and the delivery's and the job's attempt counts are given back.
+    counted: bool = True
 
 
 # Events.
@@ -606,14 +609,20 @@ async def start_batch(conn: asyncpg.Connection, *, now: datetime, attempts: list
 _FINISH_SQL = """
 WITH r AS (
     SELECT * FROM unnest($1::bigint[], $2::integer[], $3::timestamptz[], $4::integer[],
-                         $5::text[], $6::double precision[], $7::text[])
-           AS t(delivery_id, attempt, finished_at, status_code, error, latency_ms, new_status)),
+                         $5::text[], $6::double precision[], $7::text[], $14::boolean[])
+           AS t(delivery_id, attempt, finished_at, status_code, error, latency_ms, new_status,
+                counted)),
 attempts AS (
     UPDATE webhook_attempts a
        SET finished_at = r.finished_at, status_code = r.status_code,
            error = left(r.error, $12), latency_ms = r.latency_ms
       FROM r
-     WHERE a.delivery_id = r.delivery_id AND a.attempt = r.attempt),
+     WHERE a.delivery_id = r.delivery_id AND a.attempt = r.attempt AND r.counted),
+not_made AS (
+    -- A send never made (no free send slot in time) was no attempt: its log line goes.
+    DELETE FROM webhook_attempts a
+     USING r
+     WHERE a.delivery_id = r.delivery_id AND a.attempt = r.attempt AND NOT r.counted),
 deliveries AS (
     -- A delivered answer always wins (it was delivered, even if the listener was unregistered
     -- meanwhile); any other result only moves a delivery that is still pending.
@@ -622,6 +631,8 @@ deliveries AS (
                          THEN r.new_status ELSE d.status END,
            delivered_at = CASE WHEN r.new_status = 'DELIVERED' THEN r.finished_at
                                ELSE d.delivered_at END,
+           attempts = CASE WHEN r.counted OR d.attempts <> r.attempt THEN d.attempts
+                           ELSE d.attempts - 1 END,
            last_status_code = r.status_code, last_error = left(r.error, $12),
            last_latency_ms = r.latency_ms, update_time = r.finished_at
       FROM r
@@ -632,10 +643,16 @@ jobs AS (
            due_at = coalesce(s.retry_at, j.due_at),
            locked_until = NULL,
            last_error = CASE WHEN s.status = 'done' THEN NULL ELSE left(s.error, 2000) END,
-           finished_at = CASE WHEN s.status = 'pending' THEN NULL ELSE $11::timestamptz END
-      FROM unnest($8::bigint[], $9::text[], $10::text[], $13::timestamptz[])
-           AS s(job_id, status, error, retry_at)
-     WHERE j.id = s.job_id AND j.status = 'pending')
+           finished_at = CASE WHEN s.status = 'pending' THEN NULL ELSE $11::timestamptz END,
+           attempts = greatest(j.attempts - s.given_back, 0)
+      FROM unnest($8::bigint[], $9::text[], $10::text[], $13::timestamptz[], $15::integer[])
+           AS s(job_id, status, error, retry_at, given_back)
+     WHERE j.id = s.job_id AND j.status = 'pending'),
+own AS (
+    -- The caller's own job, when its send was never made: the attempt its outbox runner
+    -- counted is given back too (the runner settles its status afterwards).
+    UPDATE outbox_jobs j SET attempts = greatest(j.attempts - 1, 0)
+     WHERE j.id = ANY($16::bigint[]) AND j.status = 'pending')
 SELECT 1
 """
 
@@ -645,16 +662,18 @@ async def finish_batch(conn: asyncpg.Connection, *, now: datetime,
     """Record every send's result (attempt log and delivery) and settle the outbox rows of the
     claimed jobs other than the caller's own (done, dead, or pending again at their retry
     time), in one statement."""
-    settle: list[tuple[int, str, str | None, datetime | None]] = [
-        (r.work.job_id, r.job_status, r.job_error, r.retry_at) for r in results
-        if not r.work.own]
-    settle += [(c.work.job_id, c.job_status, c.error, None) for c in closings if not c.work.own]
+    settle: list[tuple[int, str, str | None, datetime | None, int]] = [
+        (r.work.job_id, r.job_status, r.job_error, r.retry_at, 0 if r.counted else 1)
+        for r in results if not r.work.own]
+    settle += [(c.work.job_id, c.job_status, c.error, None, 0)
+               for c in closings if not c.work.own]
     await conn.execute(
         _FINISH_SQL,
         [r.work.delivery_id for r in results], [r.attempt for r in results],
         [r.finished_at for r in results], [r.status_code for r in results],
         [r.error for r in results], [r.latency_ms for r in results],
         [r.new_status.value for r in results],
-        [job for job, *_ in settle], [status for _, status, _, _ in settle],
-        [error for _, _, error, _ in settle], now, MAX_ERROR_LENGTH,
-        [retry_at for *_, retry_at in settle])
+        [s[0] for s in settle], [s[1] for s in settle], [s[2] for s in settle], now,
+        MAX_ERROR_LENGTH, [s[3] for s in settle], [r.counted for r in results],
+        [s[4] for s in settle],
+        [r.work.job_id for r in results if r.work.own and not r.counted])

@@ -424,6 +424,9 @@ class _Sent:
     outcome: Outcome
     latency_ms: float
     finished_at: datetime
+    # False when no request was made (no free send slot in time): not an attempt, so it is not
+    # counted towards PROMO_WEBHOOK_MAX_ATTEMPTS and leaves no line in the attempt log.
+    made: bool = True
 
 
 async def _send_webhook(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
@@ -486,8 +489,9 @@ def _slot_key(work: repo.DeliveryWork) -> tuple[str, object]:
 async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
                 start_by: float) -> _Sent:
     """One attempt over the listener's channel, in one of the worker's send slots. A send that
-    gets no slot before ``start_by`` (monotonic) is not made: it is recorded as a retryable
-    failure, so a batch always ends well within its lease."""
+    gets no slot before ``start_by`` (monotonic) is not made, so a batch always ends well within
+    its lease: the delivery is retried shortly, and the attempt it was logged as is taken back
+    (the listener did nothing wrong: other hosts' sends held the slots)."""
     clock: Clock = ctx["clock"]
     if SLOTS_KEY not in ctx:
         await setup(ctx)
@@ -496,8 +500,7 @@ async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
         async with asyncio.timeout(max(0.0, start_by - time.monotonic())):
             await slots.acquire(_slot_key(work))
     except TimeoutError:
-        return _Sent(None, "not sent: no free send slot in time (the worker is busy); retried",
-                     Outcome.RETRY, 0.0, clock.now())
+        return _Sent(None, NOT_SENT_ERROR, Outcome.RETRY, 0.0, clock.now(), made=False)
     try:
         sent_at = clock.now()
         started = time.perf_counter()
@@ -515,6 +518,10 @@ async def _send(ctx: dict[str, Any], work: repo.DeliveryWork, attempt: int,
         return _Sent(code, error, outcome, latency_ms, clock.now())
     finally:
         slots.release(_slot_key(work))
+
+
+NOT_SENT_ERROR = ("not sent: no free send slot in time (the worker is busy); retried, not "
+                  "counted as an attempt")
 
 
 def _close(work: repo.DeliveryWork, now: datetime, settings: Settings) -> repo.Closing | None:
@@ -558,6 +565,17 @@ def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
         new_status, job_status = DeliveryStatus.DELIVERED, "done"
     elif sent.outcome is Outcome.REJECTED:
         new_status, job_status = DeliveryStatus.FAILED, "dead"
+    elif not sent.made:
+        # No request was made: retried soon (the slots free up as sends finish), uncounted. The
+        # deadline still bounds it.
+        deadline = _deadline(work, settings)
+        if sent.finished_at >= deadline:
+            new_status, job_status = DeliveryStatus.DEAD, "dead"
+            error = f"{error} (deadline {deadline.isoformat()} passed)"
+        else:
+            new_status, job_status = DeliveryStatus.PENDING, "pending"
+            retry_at = min(sent.finished_at + timedelta(seconds=settings.job_retry_base_seconds),
+                           max(deadline - timedelta(seconds=1), sent.finished_at))
     else:
         limit = min(work.job_max_attempts, settings.webhook_max_attempts)
         deadline = _deadline(work, settings)
@@ -582,7 +600,7 @@ def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
     return repo.AttemptResult(
         work=work, attempt=attempt, finished_at=sent.finished_at, status_code=sent.status_code,
         error=error, latency_ms=sent.latency_ms, new_status=new_status, job_status=job_status,
-        retry_at=retry_at, job_error=job_error)
+        retry_at=retry_at, job_error=job_error, counted=sent.made)
 
 
 def _own_outcome(result: repo.AttemptResult | repo.Closing) -> Exception | None:
@@ -791,7 +809,8 @@ def _log_batch(job: OutboxJob, chunks: list[_Chunk], began: float) -> None:
             failed = result.new_status is not DeliveryStatus.DELIVERED
             level = logging.WARNING if failed else logging.DEBUG
             if log.isEnabledFor(level):
-                log.log(level, "delivery attempt", extra={
+                log.log(level, "delivery attempt" if result.counted else "delivery not sent",
+                        extra={
                     "delivery_id": result.work.delivery_id, "event_id": result.work.event_id,
                     "attempt": result.attempt, "listener_id": result.work.listener_id,
                     "channel": result.work.channel.value, "status_code": result.status_code,
