@@ -59,6 +59,7 @@ from server.auth import current_principal
 from server.convert import read_timestamp, required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.formulas import RELATIVE_FROM_PB, period_from_pb
+from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import ROUNDING_FROM_PB, ROUNDING_TO_PB
 from storage import bonus_triggers as triggers_repo
@@ -362,10 +363,9 @@ class TriggerServicer:
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await triggers_repo.list_rules(conn, after_id=after, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, rules, more = fit_page(rows[:size], len(rows) > size, rule_to_pb)
         token = encode_page_token([page[-1].rule.rule_id], {}) if more else ""
-        return pb.ListBonusRulesResponse(rules=[rule_to_pb(r) for r in page],
-                                         next_page_token=token)
+        return pb.ListBonusRulesResponse(rules=rules, next_page_token=token)
 
     async def UpdateBonusRule(self, request: pb.UpdateBonusRuleRequest,
                               context: aio.ServicerContext) -> pb.UpdateBonusRuleResponse:
@@ -428,10 +428,9 @@ class TriggerServicer:
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await triggers_repo.list_schedules(conn, after_id=after, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, schedules, more = fit_page(rows[:size], len(rows) > size, schedule_to_pb)
         token = encode_page_token([page[-1].schedule.schedule_id], {}) if more else ""
-        return pb.ListBonusSchedulesResponse(schedules=[schedule_to_pb(r) for r in page],
-                                             next_page_token=token)
+        return pb.ListBonusSchedulesResponse(schedules=schedules, next_page_token=token)
 
 
 class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
@@ -476,10 +475,10 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await repo.list_definitions(conn, after_id=after, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, definitions, more = fit_page(rows[:size], len(rows) > size,
+                                           lambda r: to_pb(r.definition))
         token = encode_page_token([page[-1].definition.definition_id], {}) if more else ""
-        return pb.ListBonusDefinitionsResponse(definitions=[to_pb(r.definition) for r in page],
-                                               next_page_token=token)
+        return pb.ListBonusDefinitionsResponse(definitions=definitions, next_page_token=token)
 
     async def UpdateBonusDefinition(self, request: pb.UpdateBonusDefinitionRequest,
                                     context: aio.ServicerContext
@@ -595,10 +594,9 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                                         customer_id=request.customer_id or None,
                                         calculated_after=after, calculated_before=before),
                 before_pk=before_pk, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, results, more = fit_page(rows[:size], len(rows) > size, result_to_pb)
         token = encode_page_token([page[-1].pk], filters) if more else ""
-        return pb.ListBonusResultsResponse(results=[result_to_pb(r) for r in page],
-                                           next_page_token=token)
+        return pb.ListBonusResultsResponse(results=results, next_page_token=token)
 
     async def GetBonusResult(self, request: pb.GetBonusResultRequest,
                              context: aio.ServicerContext) -> pb.GetBonusResultResponse:

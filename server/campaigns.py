@@ -26,6 +26,7 @@ from promo.v1 import campaigns_pb2 as pb
 from promo.v1 import campaigns_pb2_grpc as pb_grpc
 from server.convert import read_timestamp, required_id, run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import PERIOD_TO_PB
 from storage import campaigns as repo
@@ -163,10 +164,10 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
         async with self._deps.pool.acquire() as conn:
             rows = await repo.list_page(conn, after=str(cursor.after[0]) if cursor else None,
                                         limit=size + 1, statuses=statuses)
-        token = encode_page_token([rows[size - 1].campaign_id], {"statuses": statuses}) \
-            if len(rows) > size else ""
-        return pb.ListCampaignsResponse(campaigns=[campaign_to_pb(r) for r in rows[:size]],
-                                        next_page_token=token)
+        page, campaigns, more = fit_page(rows[:size], len(rows) > size, campaign_to_pb)
+        token = encode_page_token([page[-1].campaign_id], {"statuses": statuses}) \
+            if more else ""
+        return pb.ListCampaignsResponse(campaigns=campaigns, next_page_token=token)
 
     async def CancelCampaign(self, request: pb.CancelCampaignRequest,
                              context: aio.ServicerContext) -> pb.CancelCampaignResponse:
@@ -219,15 +220,20 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
             targets = await repo.targets_page(
                 conn, row.id, after=str(cursor.after[0]) if cursor else None, limit=size + 1)
         codes = list(row.promotion_codes)
-        response = pb.GetProcessedCampaignCustomersResponse(
-            clearance_required_by=timestamp(row.execute_at), target_count=row.target_count)
-        for target in targets[:size]:
-            customer = response.customers.add(customer_id=target["customer_id"],
-                                              promotion_codes=codes)
+
+        def customer(target: asyncpg.Record) -> pb.CampaignCustomer:
+            found = pb.CampaignCustomer(customer_id=target["customer_id"],
+                                         promotion_codes=codes)
             if target["approved"] is not None:
-                customer.approved = target["approved"]
-        if len(targets) > size:
-            response.next_page_token = encode_page_token([targets[size - 1]["customer_id"]],
+                found.approved = target["approved"]
+            return found
+
+        page, customers, more = fit_page(targets[:size], len(targets) > size, customer)
+        response = pb.GetProcessedCampaignCustomersResponse(
+            clearance_required_by=timestamp(row.execute_at), target_count=row.target_count,
+            customers=customers)
+        if more:
+            response.next_page_token = encode_page_token([page[-1]["customer_id"]],
                                                          {"campaign": request.campaign_id})
         return response
 

@@ -21,6 +21,7 @@ from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp, timestamp_problem
 from server.deps import Dependencies
+from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
 from storage import bonus_triggers as triggers_repo
 from storage import customers as customers_repo
@@ -147,10 +148,9 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
         after = str(cursor.after[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await customers_repo.list_page(conn, after_id=after, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, customers, more = fit_page(rows[:size], len(rows) > size, customer_to_pb)
         token = encode_page_token([page[-1].customer_id], {}) if more else ""
-        return pb.ListCustomersResponse(customers=[customer_to_pb(c) for c in page],
-                                        next_page_token=token)
+        return pb.ListCustomersResponse(customers=customers, next_page_token=token)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest,
                            context: aio.ServicerContext) -> pb.RecordEventsResponse:
@@ -216,13 +216,12 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
                 await customers_repo.get(conn, request.customer_id)
             rows = await events_repo.list_for_customer(
                 conn, request.customer_id, kinds=kinds, before=before, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, events, more = fit_page(rows[:size], len(rows) > size, event_to_pb)
         token = ""
         if more:
             last = page[-1]
             token = encode_page_token([last.occurred_at.isoformat(), last.event_id], filters)
-        return pb.ListCustomerEventsResponse(events=[event_to_pb(e) for e in page],
-                                             next_page_token=token)
+        return pb.ListCustomerEventsResponse(events=events, next_page_token=token)
 
 
 def _check_customer_id(customer_id: str) -> None:

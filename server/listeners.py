@@ -38,6 +38,7 @@ from promo.v1 import listeners_pb2 as pb
 from promo.v1 import listeners_pb2_grpc as pb_grpc
 from server.convert import run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
 from server.secret_fingerprint import listener_request_fingerprints
 from storage import webhooks as repo
@@ -258,10 +259,9 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
         async with self._deps.pool.acquire() as conn:
             rows = await repo.list_listeners(conn, event_type=filters["event_type"],
                                              after_id=after, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, listeners, more = fit_page(rows[:size], len(rows) > size, listener_to_pb)
         token = encode_page_token([page[-1].id], filters) if more else ""
-        return pb.ListListenersResponse(listeners=[listener_to_pb(r) for r in page],
-                                        next_page_token=token)
+        return pb.ListListenersResponse(listeners=listeners, next_page_token=token)
 
     async def UpdateListener(self, request: pb.UpdateListenerRequest,
                              context: aio.ServicerContext) -> pb.UpdateListenerResponse:
@@ -374,10 +374,9 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
             rows = await repo.list_deliveries(
                 conn, listener_id=listener_id, event_id=event_id, event_type=type_number,
                 statuses=wanted, before_id=before, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, deliveries, more = fit_page(rows[:size], len(rows) > size, delivery_to_pb)
         token = encode_page_token([page[-1].id], filters) if more else ""
-        return pb.ListDeliveriesResponse(deliveries=[delivery_to_pb(r) for r in page],
-                                         next_page_token=token)
+        return pb.ListDeliveriesResponse(deliveries=deliveries, next_page_token=token)
 
     async def GetDelivery(self, request: pb.GetDeliveryRequest,
                           context: aio.ServicerContext) -> pb.GetDeliveryResponse:

@@ -24,6 +24,7 @@ from promo.v1 import products_pb2 as pb
 from promo.v1 import products_pb2_grpc as pb_grpc
 from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
 from storage import products as repo
 
@@ -196,10 +197,10 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
             rows = await repo.list_promotions(
                 conn, search=request.search, lock_after_first_apply=lock,
                 after_id=str(cursor.after[0]) if cursor else None, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, promotions, more = fit_page(rows[:size], len(rows) > size, promotion_to_pb)
         token = encode_page_token([page[-1].backend_id], filters) if more else ""
         return pb.ListPersonalizedPromotionsResponse(
-            personalized_promotions=[promotion_to_pb(p) for p in page], next_page_token=token)
+            personalized_promotions=promotions, next_page_token=token)
 
     async def UpdatePersonalizedPromotion(
             self, request: pb.UpdatePersonalizedPromotionRequest,
@@ -293,10 +294,10 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
             rows = await repo.list_lists(conn, promotion_id,
                                          after_id=str(cursor.after[0]) if cursor else None,
                                          limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, lists, more = fit_page(rows[:size], len(rows) > size,
+                                     lambda lst: entry_to_pb(promotion, lst))
         token = encode_page_token([page[-1].customer_id], filters) if more else ""
-        return pb.ListProductListsResponse(
-            product_lists=[entry_to_pb(promotion, lst) for lst in page], next_page_token=token)
+        return pb.ListProductListsResponse(product_lists=lists, next_page_token=token)
 
     # product-set discounts
 
@@ -332,10 +333,10 @@ class ProductPromotionServicer(pb_grpc.ProductPromotionServiceServicer):
             rows = await repo.list_discounts(
                 conn, promotion_id=request.personalized_promotion_id,
                 after_id=str(cursor.after[0]) if cursor else None, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+        page, discounts, more = fit_page(rows[:size], len(rows) > size, discount_to_pb)
         token = encode_page_token([page[-1].discount_id], filters) if more else ""
-        return pb.ListProductSetDiscountsResponse(
-            product_set_discounts=[discount_to_pb(d) for d in page], next_page_token=token)
+        return pb.ListProductSetDiscountsResponse(product_set_discounts=discounts,
+                                                  next_page_token=token)
 
     async def UpdateProductSetDiscount(
             self, request: pb.UpdateProductSetDiscountRequest,

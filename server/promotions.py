@@ -27,6 +27,7 @@ from promo.v1 import promotions_pb2_grpc as pb_grpc
 from server.code_alerts import AlertDispatcher
 from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
+from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import (
     KIND_FROM_PB,
@@ -181,10 +182,10 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
             rows = await repo.list_page(conn, after_code=str(cursor.after[0]) if cursor else None,
                                         limit=size + 1, search=request.search,
                                         statuses=statuses, kinds=kinds)
-            page = await with_usage_many(conn, rows[:size], now)
-        token = encode_page_token([rows[size - 1].promotion.code], filters) \
-            if len(rows) > size else ""
-        return pb.ListPromotionsResponse(promotions=page, next_page_token=token)
+            messages = await with_usage_many(conn, rows[:size], now)
+        kept, promotions, more = fit_page(messages, len(rows) > size, lambda m: m)
+        token = encode_page_token([kept[-1].code], filters) if more else ""
+        return pb.ListPromotionsResponse(promotions=promotions, next_page_token=token)
 
     async def UpdatePromotion(self, request: pb.UpdatePromotionRequest,
                               context: aio.ServicerContext) -> pb.UpdatePromotionResponse:

@@ -387,7 +387,10 @@ def _check_depth(tree: Tree[Token]) -> None:
     stack: list[tuple[Tree[Token], int]] = [(tree, 0)]
     while stack:
         node, depth = stack.pop()
-        level = depth if node.data in _STRUCTURAL else depth + 1
+        # A leaf (a number, a name, an aggregate's words: no subtree) nests nothing: "-1" is
+        # one level, "abs(-1)" two, so the limit counts operations, as formulas.proto says.
+        leaf = all(not isinstance(child, Tree) for child in node.children)
+        level = depth if node.data in _STRUCTURAL or leaf else depth + 1
         if level > MAX_NESTING_DEPTH:
             meta = node.meta
             position = Position(getattr(meta, "line", 1) or 1, getattr(meta, "column", 1) or 1)

@@ -419,9 +419,13 @@ def test_deep_nesting_is_a_clear_error_not_a_recursion_error(source: str) -> Non
 
 
 def test_nesting_at_the_limit_is_fine() -> None:
-    compile_formula("abs(" * (MAX_NESTING_DEPTH - 1) + "1" + ")" * (MAX_NESTING_DEPTH - 1))
+    """formulas.proto: 50 levels of nesting, counted in operations (the innermost number is
+    not a level: it was, and 50 nested operations were refused)."""
+    compile_formula("abs(" * MAX_NESTING_DEPTH + "1" + ")" * MAX_NESTING_DEPTH)
+    compile_formula("-" * MAX_NESTING_DEPTH + "1")
     error = error_of("abs(" * (MAX_NESTING_DEPTH + 1) + "1" + ")" * (MAX_NESTING_DEPTH + 1))
     assert error.metadata["line"] == "1"
+    assert error_of("-" * (MAX_NESTING_DEPTH + 1) + "1").reason == "FORMULA_INVALID"
 
 
 def test_redundant_parentheses_do_not_count_as_nesting() -> None:

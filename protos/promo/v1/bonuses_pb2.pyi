@@ -1367,7 +1367,9 @@ class BonusSchedule(_message.Message):
     """
     @_builtins.property
     def customer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """1 to 100,000 customers (or campaign_id)."""
+        """1 to 100,000 customers whose ids take at most 3 MiB in all (each answer about the
+        schedule carries them: 100,000 ids of up to 29 characters), or campaign_id.
+        """
 
     @_builtins.property
     def next_run_time(self) -> _timestamp_pb2.Timestamp:
