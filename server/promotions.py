@@ -184,7 +184,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
                                         statuses=statuses, kinds=kinds)
             messages = await with_usage_many(conn, rows[:size], now)
         kept, promotions, more = fit_page(messages, len(rows) > size, lambda m: m)
-        token = encode_page_token([kept[-1].code], filters) if more else ""
+        token = encode_page_token([rows[len(kept) - 1].promotion.code], filters) if more else ""
         return pb.ListPromotionsResponse(promotions=promotions, next_page_token=token)
 
     async def UpdatePromotion(self, request: pb.UpdatePromotionRequest,
