@@ -26,6 +26,7 @@ from core.formula import (
     FormulaInputs,
     Outcome,
     ResultOptions,
+    SkipReason,
     compile_formula,
 )
 from core.money import plain
@@ -150,6 +151,10 @@ def evaluate_reward(formula: RewardFormula, *, aggregates: Mapping[str, Aggregat
             wide = Context(prec=max(28, amount.adjusted() + 8))  # 10^22 and up need more
             return plain(amount.quantize(MONEY_STEP, rounding=ROUND_HALF_UP, context=wide))
         return evaluation.amount
+    if evaluation.skip_reason is SkipReason.AMOUNT_TOO_LARGE and evaluation.raw_value is not None:
+        # Far beyond any amount, so not rounded (core.formula.evaluator): the reward's max_value
+        # cuts it, or it is denied (core.rewards.apply_bounds), as any value past the largest.
+        return evaluation.raw_value
     reason = evaluation.skip_reason.name if evaluation.skip_reason else "NO_RESULT"
     detail = f" ({evaluation.skip_detail})" if evaluation.skip_detail else ""
     return Denial("NOT_ELIGIBLE", f"{formula.reward_type}: no reward, {reason}{detail}")

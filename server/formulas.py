@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from grpc import aio
 
+from core.bonuses.definitions import MAX_VARIABLES
 from core.errors import InvalidArgument
 from core.formula import (
     FORMULA_LANGUAGE_VERSION,
@@ -17,7 +18,7 @@ from core.formula import (
     VariableValue,
     compile_formula,
 )
-from core.money import format_decimal, parse_decimal, plain
+from core.money import format_decimal, parse_decimal, shown_number
 from core.periods import (
     FixedPeriod,
     Period,
@@ -61,6 +62,11 @@ def _variables(messages: list[pb.FormulaVariable]) -> dict[str, VariableValue]:
     (never both): either mistake would otherwise drop a value silently. A value that starts
     like a number (a digit, sign or point) is a decimal read by core.money.parse_decimal, so
     "1_000" is refused rather than read as 1000; any other value is text (a template name)."""
+    if len(messages) > MAX_VARIABLES:
+        # As a bonus definition's: the compiler's "did you mean" hint compares an unknown name
+        # with every variable, and 2,500 of them held the event loop for 2.5 s.
+        raise InvalidArgument(f"variables: at most {MAX_VARIABLES}, got {len(messages)}",
+                              reason="INVALID_VARIABLE", metadata={"field": "variables"})
     found: dict[str, VariableValue] = {}
     for index, variable in enumerate(messages):
         field = f"variables[{index}]"
@@ -169,8 +175,9 @@ class FormulaServicer(pb_grpc.FormulaServiceServicer):
         response.template = evaluation.template or ""
         response.skip_reason = evaluation.skip_reason.name if evaluation.skip_reason else ""
         response.skip_detail = evaluation.skip_detail or ""
-        response.raw_value = format_decimal(plain(evaluation.raw_value)
-                                            if evaluation.raw_value is not None else None)
+        # Scientific past 28 integer digits (10^983045 was a 6 MB answer).
+        response.raw_value = ("" if evaluation.raw_value is None
+                              else shown_number(evaluation.raw_value))
         response.value_after_rounding = format_decimal(evaluation.value_after_rounding)
         response.value_after_cap = format_decimal(evaluation.value_after_cap)
         response.branch = evaluation.branch or ""

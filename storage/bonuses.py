@@ -65,7 +65,7 @@ from core.formula import (
     SkipReason,
 )
 from core.formula.memory import EventRecord, filter_matches
-from core.money import plain
+from core.money import shown_number
 from core.periods import MAX_PERIOD, describe_length, resolve_period
 from core.rounding import RoundingMode
 from storage import aggregates as aggregates_repo
@@ -611,7 +611,8 @@ def _described(compiled: CompiledFormula) -> list[tuple[str, str]]:
 
 
 def _raw(evaluation: Evaluation) -> str | None:
-    return None if evaluation.raw_value is None else format(plain(evaluation.raw_value), "f")
+    # Scientific past 28 integer digits: 10^983045 was 1 MB of text per stored result.
+    return None if evaluation.raw_value is None else shown_number(evaluation.raw_value)
 
 
 @dataclass

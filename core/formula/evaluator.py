@@ -59,6 +59,7 @@ from decimal import (
 from core.errors import InvalidArgument
 from core.formula import ast
 from core.formula.model import AggregateSpec, AggregateValue, FormulaInputs
+from core.money import HUGE_DIGITS
 from core.rounding import RoundingMode, apply_rounding, validate_rounding
 
 EVAL_CONTEXT = Context(
@@ -167,12 +168,12 @@ class Evaluation:
             for key, value in self.aggregates_used.items():
                 label = self.aggregate_labels.get(key, key)
                 events = f"{value.count} event{'s' if value.count != 1 else ''}"
-                shown = "no value" if value.value is None else str(value.value)
+                shown = "no value" if value.value is None else _bounded(value.value)
                 lines.append(f"  {label} = {shown} ({events})")
         elif self.outcome is not Outcome.TEMPLATE:
             lines.append("No aggregates were read.")
         if self.raw_value is not None:
-            lines.append(f"Calculated value: {self.raw_value}.")
+            lines.append(f"Calculated value: {_bounded(self.raw_value)}.")
         options = self.options
         if self.value_after_rounding is not None and options is not None:
             if options.rounding is RoundingMode.NONE:
@@ -186,11 +187,20 @@ class Evaluation:
             if options.cap_amount is not None and self.value_after_cap != (
                 self.value_after_rounding
             ):
+                if self.value_after_rounding is None:
+                    lines.append("Not rounded: far more than any amount.")
                 lines.append(f"Capped at {options.cap_amount}: {self.value_after_cap}.")
             if options.min_allowed is not None:
                 verdict = "below it" if self.skip_reason is SkipReason.BELOW_MINIMUM else "reached"
                 lines.append(f"Minimum allowed {options.min_allowed}: {verdict}.")
         return "\n".join(lines)
+
+
+def _bounded(value: Decimal) -> str:
+    """A value in an explanation: as Decimal writes it, scientific from HUGE_DIGITS integer
+    digits on (10^983045 written out was 1 MB per mention)."""
+    return str(value) if not value.is_finite() or value.adjusted() < HUGE_DIGITS \
+        else f"{value:.6E}"
 
 
 # --- runtime values and signals ----------------------------------------------------------
@@ -718,7 +728,22 @@ def evaluate_program(
     raw = value
     if raw <= 0:
         return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
-                        f"the calculated value {raw} is not positive", raw_value=raw)
+                        f"the calculated value {_bounded(raw)} is not positive",
+                        raw_value=raw)
+    if raw.adjusted() >= HUGE_DIGITS:
+        # No amount is this large (results hold 14 integer digits); rounding it would only
+        # write out its digits (or overflow). A cap still applies: it is what would be given.
+        if options.cap_amount is None:
+            return _skipped(runner, ctx, options, SkipReason.AMOUNT_TOO_LARGE,
+                            f"the calculated value {_bounded(raw)} is far more than any "
+                            "amount", raw_value=raw)
+        capped = options.cap_amount
+        if options.min_allowed is not None and capped < options.min_allowed:
+            return _skipped(runner, ctx, options, SkipReason.BELOW_MINIMUM,
+                            f"{capped} is below the minimum allowed amount "
+                            f"{options.min_allowed}", raw_value=raw, value_after_cap=capped)
+        return _done(runner, ctx, options, Outcome.AMOUNT, amount=capped, raw_value=raw,
+                     value_after_cap=capped)
     rounded = apply_rounding(raw, options.rounding, options.decimals, options.factor)
     if rounded <= 0:
         return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,

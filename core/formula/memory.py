@@ -77,6 +77,28 @@ def _equal(actual: object, expected: FilterValue) -> bool:
     return number is not None and number == expected
 
 
+# Per value list (kept with the list, so an id is never reused while its entry lives): its texts
+# and its numbers as sets. A rule filter may list thousands of values, and RecordEvents checks
+# every event against it: comparing one by one took 2.4 s for 800 events at 4,900 values.
+_VALUE_SETS: dict[int, tuple[Sequence[FilterValue], frozenset[str], frozenset[Decimal]]] = {}
+
+
+def _member(actual: object, values: Sequence[FilterValue]) -> bool:
+    """``any(_equal(actual, v) for v in values)`` in constant time (equal Decimals hash
+    equally: 1.0 and 1 are one member, as == has them)."""
+    found = _VALUE_SETS.get(id(values))
+    if found is None or found[0] is not values:
+        if len(_VALUE_SETS) > 1000:
+            _VALUE_SETS.clear()
+        found = _VALUE_SETS[id(values)] = (
+            values, frozenset(v for v in values if isinstance(v, str)),
+            frozenset(v for v in values if isinstance(v, Decimal)))
+    if isinstance(actual, str):
+        return actual in found[1]
+    number = _number(actual)
+    return number is not None and number in found[2]
+
+
 def filter_matches(flt: Filter, event: EventRecord) -> bool:
     """Whether one filter matches one event (missing attribute: only != and not in match)."""
     actual = _attribute(event, flt.attribute)
@@ -86,9 +108,9 @@ def filter_matches(flt: Filter, event: EventRecord) -> bool:
     if op == "!=":
         return not _equal(actual, flt.values[0])
     if op == "in":
-        return any(_equal(actual, v) for v in flt.values)
+        return _member(actual, flt.values)
     if op == "not in":
-        return not any(_equal(actual, v) for v in flt.values)
+        return not _member(actual, flt.values)
     number = _number(actual)
     bound = flt.values[0]
     if number is None or not isinstance(bound, Decimal):

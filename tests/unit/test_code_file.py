@@ -47,11 +47,21 @@ def test_the_first_ten_problems_are_listed_and_the_rest_counted() -> None:
     data = b"\n".join(f"C{i},x".encode() for i in range(1, 26))
     with pytest.raises(CodeFileRejected) as caught:
         parse_code_file(data)
-    assert len(caught.value.errors) == 25
+    # Only the reported ones are described (describing five million bad lines took 14 s).
+    assert (len(caught.value.errors), caught.value.count) == (10, 25)
     assert caught.value.metadata["lines"] == ",".join(str(i) for i in range(1, 11))
     assert caught.value.message.startswith(
         "the code file was rejected, nothing was added: 25 problem lines: line 1:")
     assert caught.value.message.endswith("; and 15 more")
+
+
+def test_undecodable_and_bad_lines_are_listed_in_line_order_and_all_counted() -> None:
+    lines = [b"\xff%d" % i if i % 2 else b"C%d,x" % i for i in range(1, 31)]
+    with pytest.raises(CodeFileRejected) as caught:
+        parse_code_file(b"\n".join(lines))
+    assert caught.value.count == 30
+    assert caught.value.metadata["lines"] == ",".join(str(i) for i in range(1, 11))
+    assert caught.value.message.endswith("; and 20 more")
 
 
 def test_a_file_over_10_mb_is_rejected() -> None:

@@ -634,6 +634,10 @@ class BonusResult(_message.Message):
     """
     skip_detail: _builtins.str
     raw_value: _builtins.str
+    """The formula's value before rounding; in scientific notation (1.000000E+40) from 28 integer
+    digits on, where it is no amount (such a value is not rounded: SKIPPED AMOUNT_TOO_LARGE,
+    or the cap when one is set).
+    """
     currency: _builtins.str
     branch: _builtins.str
     explanation: _builtins.str

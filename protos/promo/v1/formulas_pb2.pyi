@@ -280,7 +280,9 @@ class ValidateFormulaRequest(_message.Message):
     VARIABLES_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     @_builtins.property
-    def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___FormulaVariable]: ...
+    def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___FormulaVariable]:
+        """At most 50 (INVALID_VARIABLE), as a bonus definition's."""
+
     def __init__(
         self,
         *,
@@ -358,7 +360,9 @@ class DryRunFormulaRequest(_message.Message):
     min_allowed: _builtins.str
     """See rounding_factor."""
     @_builtins.property
-    def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___FormulaVariable]: ...
+    def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___FormulaVariable]:
+        """At most 50 (INVALID_VARIABLE)."""
+
     @_builtins.property
     def period(self) -> Global___TransactionPeriod:
         """Required unless the formula reads no transactions."""
@@ -442,7 +446,9 @@ class DryRunFormulaResponse(_message.Message):
     """e.g. ZERO_OR_NEGATIVE, NO_MATCHING_TRANSACTIONS, BELOW_MINIMUM."""
     skip_detail: _builtins.str
     raw_value: _builtins.str
-    """See amount."""
+    """See amount; in scientific notation (1.000000E+40) from 28 integer digits on (such a value
+    is not rounded: SKIPPED AMOUNT_TOO_LARGE, or the cap when one is set).
+    """
     value_after_rounding: _builtins.str
     """See amount."""
     value_after_cap: _builtins.str
