@@ -64,22 +64,23 @@ def parse_decimal(text: str, *, field: str, allow_negative: bool = False,
 
 
 LARGEST_AMOUNT = Decimal("99999999999999.999999")
+"""The largest amount stored anywhere (numeric(20,6): 14 integer digits): a computed value
+beyond it is refused where it is computed (a grant denied, a bonus skipped), never stored."""
+
 HUGE_DIGITS = 100
-"""Values of this many integer digits or more are written in scientific notation wherever they
-are shown or stored (``shown_number``), and are not rounded (core.formula.evaluator): a
-formula can compute 10^983045 in 300 characters, and writing it out was 6 MB of answer and
-3 MB of stored result per customer. Below it every digit is kept (a formula's exact 40-digit
-value stays exact)."""
+"""Values from 10^HUGE_DIGITS on (more than this many integer digits) are written in scientific
+notation wherever they are shown or stored (``shown_number``), and are not rounded
+(core.formula.evaluator): a formula can compute 10^983045 in 300 characters, and writing it out
+was 6 MB of answer and 3 MB of stored result per customer. Below it every digit is kept (a
+formula's exact 40-digit value stays exact)."""
 
 
 def shown_number(value: Decimal) -> str:
-    """A value as text: plain below HUGE_DIGITS integer digits, else scientific with 7
-    significant digits (1.000000E+40), which core.money.parse_decimal reads back."""
+    """A value as text: plain below 10^HUGE_DIGITS, else scientific with 7 significant digits
+    (1.000000E+100), which core.money.parse_decimal reads back."""
     if not value.is_finite() or value.adjusted() < HUGE_DIGITS:
         return format(plain(value), "f") if value.is_finite() else str(value)
     return f"{value:.6E}"
-"""The largest amount stored anywhere (numeric(20,6): 14 integer digits): a computed value
-beyond it is refused where it is computed (a grant denied, a bonus skipped), never stored."""
 
 
 def format_decimal(value: Decimal | None) -> str:

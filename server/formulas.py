@@ -175,7 +175,7 @@ class FormulaServicer(pb_grpc.FormulaServiceServicer):
         response.template = evaluation.template or ""
         response.skip_reason = evaluation.skip_reason.name if evaluation.skip_reason else ""
         response.skip_detail = evaluation.skip_detail or ""
-        # Scientific from 100 integer digits on (10^983045 was a 6 MB answer).
+        # Scientific from 10^100 on (10^983045 was a 6 MB answer).
         response.raw_value = ("" if evaluation.raw_value is None
                               else shown_number(evaluation.raw_value))
         response.value_after_rounding = format_decimal(evaluation.value_after_rounding)

@@ -611,7 +611,7 @@ def _described(compiled: CompiledFormula) -> list[tuple[str, str]]:
 
 
 def _raw(evaluation: Evaluation) -> str | None:
-    # Scientific from 100 integer digits on: 10^983045 was 1 MB of text per stored result.
+    # Scientific from 10^100 on: 10^983045 was 1 MB of text per stored result.
     return None if evaluation.raw_value is None else shown_number(evaluation.raw_value)
 
 

@@ -197,8 +197,8 @@ class Evaluation:
 
 
 def _bounded(value: Decimal) -> str:
-    """A value in an explanation: as Decimal writes it, scientific from HUGE_DIGITS integer
-    digits on (10^983045 written out was 1 MB per mention)."""
+    """A value in an explanation: as Decimal writes it, scientific from 10^HUGE_DIGITS on
+    (10^983045 written out was 1 MB per mention)."""
     return str(value) if not value.is_finite() or value.adjusted() < HUGE_DIGITS \
         else f"{value:.6E}"
 

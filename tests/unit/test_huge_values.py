@@ -1,4 +1,4 @@
-"""Values far beyond any amount (100 integer digits and more, core.money.HUGE_DIGITS): not
+"""Values far beyond any amount (from 10^100 on, core.money.HUGE_DIGITS): not
 rounded, never written out in full. Found by tests/unit/test_formula_audit.py's generated
 formulas (a sum of 1E+999999 with MROUND raised "cannot round" instead of skipping) and by
 tests/e2e/test_expensive_inputs_audit.py (10^983045 was a 6 MB DryRun answer)."""

@@ -634,8 +634,8 @@ class BonusResult(_message.Message):
     """
     skip_detail: _builtins.str
     raw_value: _builtins.str
-    """The formula's value before rounding; in scientific notation (1.000000E+100) from 100 integer
-    digits on, where it is no amount (such a value is not rounded: SKIPPED AMOUNT_TOO_LARGE,
+    """The formula's value before rounding; in scientific notation (1.000000E+100) from 10^100 on,
+    where it is no amount (such a value is not rounded: SKIPPED AMOUNT_TOO_LARGE,
     or the cap when one is set).
     """
     currency: _builtins.str
