@@ -60,6 +60,9 @@ def parse_decimal(text: str, *, field: str, allow_negative: bool = False,
     if value < 0 and not allow_negative:
         raise InvalidArgument(f"{field} must not be negative, got {text!r}",
                               reason="INVALID_DECIMAL", metadata={"field": field})
+    if value.is_zero() and exponent > 0:
+        # "0e999999" is zero, but as Decimal('0E+999999') the database driver cannot encode it.
+        return Decimal(0)
     return value
 
 

@@ -769,6 +769,4 @@ def _constant_text(node: ast.Node) -> str | None:
 def _count(low: int, high: int) -> str:
     if low == high:
         return f"exactly {low} value{'s' if low != 1 else ''}"
-    if high >= 1_000:
-        return f"at least {low} values"
-    return f"{low} to {high} values"
+    return f"{low} to {high:,} values"

@@ -291,7 +291,7 @@ STATIC_ERRORS = [
     ),
     (
         "min(5)",
-        1, 1, "line 1, column 1: min takes at least 2 values: min(a, b, ...) or "
+        1, 1, "line 1, column 1: min takes 2 to 1,000 values: min(a, b, ...) or "
         "min(deposit.amount)",
     ),
     (

@@ -15,7 +15,7 @@ from core.formula import (
     SkipReason,
     compile_formula,
 )
-from core.money import shown_number
+from core.money import parse_decimal, shown_number
 from core.rounding import RoundingMode
 
 SUM = compile_formula("sum(bet.amount)")
@@ -59,3 +59,11 @@ def test_below_100_digits_every_digit_is_kept_and_rounded() -> None:
     assert result.outcome is Outcome.AMOUNT and result.amount == D("9" * 99 + ".4")
     assert shown_number(value) == "9" * 99 + ".44"
     assert shown_number(D("1E+100")) == "1.000000E+100"
+
+
+def test_a_zero_with_a_huge_exponent_is_read_as_plain_zero() -> None:
+    """asyncpg cannot encode Decimal('0E+999999'): a zero written with an exponent is 0."""
+    for text in ("0e999999", "-0E+99", "0.0e5"):
+        value = parse_decimal(text, field="amount", allow_negative=True)
+        assert value == 0 and value.as_tuple().exponent == 0, (text, value)
+    assert parse_decimal("0.00", field="amount") == D("0.00")
