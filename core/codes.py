@@ -159,8 +159,9 @@ def parse_code_file(data: bytes) -> CodeFile:
         text = data.decode("utf-8")
         lines = text.split("\n")
         errors: list[LineError] = []
+        undecodable = 0
     except UnicodeDecodeError:
-        lines, errors = _decode_lines(data)
+        lines, errors, undecodable = _decode_lines(data)
     if lines and lines[0].startswith(_UTF8_BOM):
         lines[0] = lines[0][1:]
     if not errors:
@@ -173,8 +174,6 @@ def parse_code_file(data: bytes) -> CodeFile:
     # Only the first problems are described (the answer names REPORTED_LINE_ERRORS of them);
     # the rest are counted. Describing each of a 10 MiB file's five million bad lines took 14 s
     # and 870 MB. Both kinds of error come in line order, so the first of each are enough.
-    undecodable = len(errors)
-    errors = errors[:REPORTED_LINE_ERRORS]
     count = undecodable
     for number, raw in enumerate(lines, start=1):
         code = raw.strip()
@@ -218,18 +217,30 @@ def _all_valid(lines: list[str]) -> CodeFile | None:
     return CodeFile(codes, stripped)
 
 
-def _decode_lines(data: bytes) -> tuple[list[str], list[LineError]]:
-    """Line by line, for a file that is not valid UTF-8 as a whole: bad lines become errors
-    (and blank placeholders, so that line numbers still count)."""
-    lines: list[str] = []
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape keeps them
+
+
+def _decode_lines(data: bytes) -> tuple[list[str], list[LineError], int]:
+    """For a file that is not valid UTF-8 as a whole: its lines, bad ones blanked (so that line
+    numbers still count); the first REPORTED_LINE_ERRORS bad ones described, all counted. One
+    decoding pass in C: a strict decode per line, and an error built for each, took 33 s and
+    1.1 GB for a 10 MiB file of bad lines."""
+    lines = data.decode("utf-8", errors="surrogateescape").split("\n")
     errors: list[LineError] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            errors.append(LineError(number, f"is not valid UTF-8 (byte {exc.start + 1})"))
-            lines.append("")
-    return lines, errors
+    count = 0
+    for index, line in enumerate(lines):
+        if _ESCAPED.search(line) is None:
+            continue
+        count += 1
+        if len(errors) < REPORTED_LINE_ERRORS:
+            try:
+                line.encode("utf-8", errors="surrogateescape").decode("utf-8")
+                start = 0  # pragma: no cover - a line with an escaped byte never decodes
+            except UnicodeDecodeError as exc:
+                start = exc.start
+            errors.append(LineError(index + 1, f"is not valid UTF-8 (byte {start + 1})"))
+        lines[index] = ""
+    return lines, errors, count
 
 
 def _problem(code: str) -> str:

@@ -79,11 +79,19 @@ formula's exact 40-digit value stays exact)."""
 
 
 def shown_number(value: Decimal) -> str:
-    """A value as text: plain below 10^HUGE_DIGITS, else scientific with 7 significant digits
-    (1.000000E+100), which core.money.parse_decimal reads back."""
-    if not value.is_finite() or value.adjusted() < HUGE_DIGITS:
-        return format(plain(value), "f") if value.is_finite() else str(value)
-    return f"{value:.6E}"
+    """A value as text: plain from 10^-HUGE_DIGITS to 10^HUGE_DIGITS, else scientific with 7
+    significant digits (1.000000E+100), which core.money.parse_decimal reads back."""
+    if not value.is_finite():
+        return str(value)
+    if far_from_amounts(value):
+        return f"{value:.6E}"
+    return format(plain(value), "f")
+
+
+def far_from_amounts(value: Decimal) -> bool:
+    """From 10^HUGE_DIGITS on, or nonzero below 10^-HUGE_DIGITS: no amount, and too many digits
+    to write out (1 / 10^983045 has as many as 10^983045)."""
+    return value.is_finite() and not value.is_zero() and abs(value.adjusted()) >= HUGE_DIGITS
 
 
 def format_decimal(value: Decimal | None) -> str:

@@ -22,13 +22,22 @@ log = logging.getLogger("promo.queue")
 OUTBOX_JOB_FUNCTION = "run_outbox_job"
 
 
-def outbox_job_id(queue_name: str, job_id: int, attempts: int) -> str:
-    """arq job ids are global to a Redis database, so they carry the queue name too."""
-    return f"{queue_name}/outbox/{job_id}/{attempts}"
+def outbox_job_id(queue_name: str, job_id: int, attempts: int, arming: str = "") -> str:
+    """arq job ids are global to a Redis database, so they carry the queue name too.
+    ``arming`` tells apart two armings at the same attempt count (a webhook send that was not
+    made gives its attempt back, so the retry would otherwise reuse the running job's id)."""
+    suffix = f"/{arming}" if arming else ""
+    return f"{queue_name}/outbox/{job_id}/{attempts}{suffix}"
+
+
+def fresh_arming(due_at: datetime) -> str:
+    """An ``arming`` for outbox_job_id when the attempt count repeats (a webhook send that was
+    not made gave its attempt back): the due time, unique per arming."""
+    return f"rearmed-{round(due_at.timestamp() * 1_000_000)}"
 
 
 async def queue_outbox_job(redis: ArqRedis, *, job_id: int, attempts: int, due_at: datetime,
-                           queue_name: str) -> bool:
+                           queue_name: str, arming: str = "") -> bool:
     """Queue the row for a worker; False if arq already has that job id (nothing to do).
 
     A row already due is queued without ``_defer_until``: arq keeps a job's key for
@@ -37,7 +46,7 @@ async def queue_outbox_job(redis: ArqRedis, *, job_id: int, attempts: int, due_a
     this does too (not the service's clock).
     """
     defer_until = due_at if due_at > datetime.now(UTC) else None
-    arq_id = outbox_job_id(queue_name, job_id, attempts)
+    arq_id = outbox_job_id(queue_name, job_id, attempts, arming)
     job = await redis.enqueue_job(OUTBOX_JOB_FUNCTION, job_id, _job_id=arq_id,
                                   _defer_until=defer_until, _queue_name=queue_name)
     if job is None and not await redis.exists(job_key_prefix + arq_id) \

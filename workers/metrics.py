@@ -49,8 +49,10 @@ def record_deliveries(results: Iterable[repo.AttemptResult],
     """Count one chunk's attempt results and its closings that changed a delivery."""
     for result in results:
         channel = result.work.channel.value.lower()
-        if not result.counted and result.new_status is DeliveryStatus.PENDING:
-            DELIVERIES.labels(channel, "not_sent").inc()  # no slot in time: no request made
+        if not result.counted:  # no slot in time: no request made, so no duration either
+            outcome = ("not_sent" if result.new_status is DeliveryStatus.PENDING
+                       else _OUTCOME[result.new_status])
+            DELIVERIES.labels(channel, outcome).inc()
             continue
         DELIVERIES.labels(channel, _OUTCOME[result.new_status]).inc()
         ATTEMPT_SECONDS.labels(channel).observe(result.latency_ms / 1000)

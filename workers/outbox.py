@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 from config.settings import Settings
 from core.clock import Clock
 from storage import outbox
-from storage.queue import queue_outbox_job
+from storage.queue import fresh_arming, queue_outbox_job
 from workers.registry import HANDLERS, SWEEP_HOOKS, PermanentJobError
 
 log = logging.getLogger("promo.worker")
@@ -82,8 +82,12 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
             "outbox_job_id": job.id, "kind": job.kind, "attempt": job.attempts,
             "status": status, "retry_in_s": round(delay, 3), "error": repr(exc)})
         if status == "pending" and ctx.get("redis") is not None:
+            # A webhook send that was not made gave its attempt back: the count repeats, so
+            # the retry gets an id of its own (this run's id is still taken).
+            arming = fresh_arming(retry_at) if getattr(exc, "not_made", False) else ""
             await queue_outbox_job(ctx["redis"], job_id=job.id, attempts=job.attempts,
-                                   due_at=retry_at, queue_name=settings.queue_name)
+                                   due_at=retry_at, queue_name=settings.queue_name,
+                                   arming=arming)
         return status
     async with pool.acquire() as conn:
         await outbox.finish_job(conn, job.id, now=clock.now())

@@ -62,7 +62,7 @@ from core.webhook_signature import (
 from storage import webhooks as repo
 from storage.listener_secrets import LISTENER_SECRET_PURPOSE
 from storage.outbox import OutboxJob
-from storage.queue import queue_outbox_job
+from storage.queue import fresh_arming, queue_outbox_job
 from workers import email, metrics
 from workers.outbox import JobAlreadyRunning, backoff_seconds, job_lease
 from workers.registry import PermanentJobError, handler
@@ -97,9 +97,13 @@ class DeliveryRetry(Exception):
     """A transient failure; the outbox records it and retries at ``retry_at`` (the backoff,
     kept before the delivery's deadline), or with its own backoff when that is None."""
 
-    def __init__(self, message: str | None, retry_at: datetime | None = None) -> None:
+    def __init__(self, message: str | None, retry_at: datetime | None = None, *,
+                 not_made: bool = False) -> None:
         super().__init__(message)
         self.retry_at = retry_at
+        # No request was made and the attempt was given back: the retry is queued under an id
+        # of its own (storage.queue.outbox_job_id's ``arming``), not this run's.
+        self.not_made = not_made
 
 
 async def setup(ctx: dict[str, Any]) -> Http11Client | httpx.AsyncClient:
@@ -613,7 +617,7 @@ def _own_outcome(result: repo.AttemptResult | repo.Closing) -> Exception | None:
         return PermanentJobError(f"listener refused the delivery: {result.error}")
     if result.new_status is DeliveryStatus.DEAD:
         return PermanentJobError(result.error or "")
-    return DeliveryRetry(result.error, retry_at=result.retry_at)
+    return DeliveryRetry(result.error, retry_at=result.retry_at, not_made=not result.counted)
 
 
 async def _queue_retries(ctx: dict[str, Any], results: list[repo.AttemptResult]) -> None:
@@ -628,7 +632,9 @@ async def _queue_retries(ctx: dict[str, Any], results: list[repo.AttemptResult])
         try:
             await queue_outbox_job(redis, job_id=result.work.job_id,
                                    attempts=result.work.job_attempts, due_at=result.retry_at,
-                                   queue_name=settings.queue_name)
+                                   queue_name=settings.queue_name,
+                                   arming="" if result.counted else fresh_arming(
+                                       result.retry_at))
         except Exception:
             log.warning("could not queue a webhook retry; the sweeper will", exc_info=True,
                         extra={"outbox_job_id": result.work.job_id})

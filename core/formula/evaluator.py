@@ -59,7 +59,7 @@ from decimal import (
 from core.errors import InvalidArgument
 from core.formula import ast
 from core.formula.model import AggregateSpec, AggregateValue, FormulaInputs
-from core.money import HUGE_DIGITS
+from core.money import HUGE_DIGITS, far_from_amounts
 from core.rounding import RoundingMode, apply_rounding, validate_rounding
 
 EVAL_CONTEXT = Context(
@@ -197,10 +197,9 @@ class Evaluation:
 
 
 def _bounded(value: Decimal) -> str:
-    """A value in an explanation: as Decimal writes it, scientific from 10^HUGE_DIGITS on
+    """A value in an explanation: as Decimal writes it, scientific when far from amounts
     (10^983045 written out was 1 MB per mention)."""
-    return str(value) if not value.is_finite() or value.adjusted() < HUGE_DIGITS \
-        else f"{value:.6E}"
+    return f"{value:.6E}" if far_from_amounts(value) else str(value)
 
 
 # --- runtime values and signals ----------------------------------------------------------
@@ -730,6 +729,12 @@ def evaluate_program(
         return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
                         f"the calculated value {_bounded(raw)} is not positive",
                         raw_value=raw)
+    if raw.adjusted() <= -HUGE_DIGITS:
+        # Positive, but nothing of it survives any rounding an amount has (it would only be
+        # written out: 1 / 10^983045 has 983,045 digits).
+        return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
+                        f"the calculated value {_bounded(raw)} is 0 at any precision an "
+                        "amount has", raw_value=raw)
     if raw.adjusted() >= HUGE_DIGITS:
         # No amount is this large (results hold 14 integer digits); rounding it would only
         # write out its digits (or overflow). A cap still applies: it is what would be given.
@@ -747,7 +752,8 @@ def evaluate_program(
     rounded = apply_rounding(raw, options.rounding, options.decimals, options.factor)
     if rounded <= 0:
         return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
-                        f"the calculated value {raw} rounds to {rounded}", raw_value=raw,
+                        f"the calculated value {_bounded(raw)} rounds to {rounded}",
+                        raw_value=raw,
                         value_after_rounding=rounded)
     capped = rounded
     if options.cap_amount is not None and capped > options.cap_amount:

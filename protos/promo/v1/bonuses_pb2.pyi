@@ -634,9 +634,9 @@ class BonusResult(_message.Message):
     """
     skip_detail: _builtins.str
     raw_value: _builtins.str
-    """The formula's value before rounding; in scientific notation (1.000000E+100) from 10^100 on,
-    where it is no amount (such a value is not rounded: SKIPPED AMOUNT_TOO_LARGE,
-    or the cap when one is set).
+    """The formula's value before rounding; in scientific notation (1.000000E+100) from 10^100 on
+    and below 10^-100, where it is no amount (not rounded: SKIPPED AMOUNT_TOO_LARGE or,
+    above, the cap when one is set; ZERO_OR_NEGATIVE below).
     """
     currency: _builtins.str
     branch: _builtins.str

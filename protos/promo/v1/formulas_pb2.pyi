@@ -446,8 +446,9 @@ class DryRunFormulaResponse(_message.Message):
     """e.g. ZERO_OR_NEGATIVE, NO_MATCHING_TRANSACTIONS, BELOW_MINIMUM."""
     skip_detail: _builtins.str
     raw_value: _builtins.str
-    """See amount; in scientific notation (1.000000E+100) from 10^100 on (such a value
-    is not rounded: SKIPPED AMOUNT_TOO_LARGE, or the cap when one is set).
+    """See amount; in scientific notation (1.000000E+100) from 10^100 on and below 10^-100 (such
+    a value is not rounded: SKIPPED AMOUNT_TOO_LARGE or, above, the cap when one is set;
+    ZERO_OR_NEGATIVE below).
     """
     value_after_rounding: _builtins.str
     """See amount."""
