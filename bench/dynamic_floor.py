@@ -39,6 +39,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -157,10 +158,18 @@ async def measure(pool: asyncpg.Pool, n_customers: int, rounds: int) -> dict[str
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    return await run_floor(args, f"promo_bench_floor_{os.getpid()}", measure)
+
+
+async def run_floor(args: argparse.Namespace, database: str,
+                    measure: Callable[[asyncpg.Pool, int, int], Awaitable[dict[str, Any]]]
+                    ) -> dict[str, Any]:
+    """A floor bench's run (also bench/dynamic_redesign_floor.py's): the formula benchmark's
+    data in a scratch database ``database``, then ``measure(pool, requests, rounds)``."""
     n_customers = args.customers or (10_000 if args.quick else 100_000)
     n_events = args.events or (500_000 if args.quick else 5_000_000)
     rounds = args.rounds or (3 if args.quick else 5)
-    async with scratch_database(args.dsn, f"promo_bench_floor_{os.getpid()}") as dsn:
+    async with scratch_database(args.dsn, database) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await load(conn, n_customers, n_events)

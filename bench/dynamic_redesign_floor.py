@@ -44,10 +44,10 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import dynamic_bench_parser, scratch_database
+from bench.common import dynamic_bench_parser
 from bench.dynamic_batch import prepare, reset
-from bench.formula_batch import DAYS, T0, WINDOW, bare_sql, load
-from storage.db import create_pool
+from bench.dynamic_floor import run_floor
+from bench.formula_batch import BARE_SQL, DAYS, T0, WINDOW, bare_sql
 
 SLIM_TABLE = """
 CREATE TABLE IF NOT EXISTS slim_results (
@@ -66,26 +66,17 @@ CREATE INDEX IF NOT EXISTS slim_results_queue ON slim_results (definition_pk, st
 CREATE INDEX IF NOT EXISTS slim_results_customer ON slim_results (customer_id, id);
 """
 
-# The formula benchmark's formula (bench/formula_batch.py FORMULA) written as SQL: net of bets
-# and wins outside Roulette, deposits counted, tiers; rounded to 2 places, skipped when not
-# positive (the definition's automatic approval issues the rest).
-AGGREGATE_SQL = """
+# The formula benchmark's formula (bench/formula_batch.py FORMULA) written as SQL over the bare
+# SQL's own aggregate (net of bets and wins outside Roulette, deposits counted), tiers; rounded
+# to 2 places, skipped when not positive (the definition's automatic approval issues the rest).
+AGGREGATE_SQL = f"""
 CREATE TEMPORARY TABLE window_values ON COMMIT DROP AS
 SELECT r.id AS request_pk, r.customer_id, a.bets, a.wins, a.deposits,
        CASE WHEN a.deposits > 5 AND a.bets - a.wins > 500 THEN (a.bets - a.wins) * 0.05
             WHEN a.bets - a.wins > 300 THEN (a.bets - a.wins) * 0.03
             ELSE (a.bets - a.wins) * 0.01 END AS raw_value
   FROM bonus_requests r
-  LEFT JOIN (
-    SELECT customer_id,
-           coalesce(sum(amount) FILTER (WHERE kind = 'bet'
-                    AND (attributes ->> 'game_category') IS DISTINCT FROM 'Roulette'), 0) AS bets,
-           coalesce(sum(amount) FILTER (WHERE kind = 'win'
-                    AND (attributes ->> 'game_category') IS DISTINCT FROM 'Roulette'), 0) AS wins,
-           count(*) FILTER (WHERE kind = 'deposit') AS deposits
-      FROM events
-     WHERE occurred_at >= $1 AND occurred_at < $2
-     GROUP BY customer_id) a USING (customer_id)
+  LEFT JOIN ({BARE_SQL}) a USING (customer_id)
  WHERE r.definition_pk = $3 AND r.status = 'PENDING'
 """
 
@@ -173,20 +164,7 @@ async def measure(pool: asyncpg.Pool, n_customers: int, rounds: int) -> dict[str
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    n_customers = args.customers or (10_000 if args.quick else 100_000)
-    n_events = args.events or (500_000 if args.quick else 5_000_000)
-    rounds = args.rounds or (3 if args.quick else 5)
-    async with scratch_database(args.dsn, f"promo_bench_redesign_{os.getpid()}") as dsn:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await load(conn, n_customers, n_events)
-        finally:
-            await conn.close()
-        pool = await create_pool(dsn, min_size=2, max_size=4)
-        try:
-            return await measure(pool, n_customers, rounds)
-        finally:
-            await pool.close()
+    return await run_floor(args, f"promo_bench_redesign_{os.getpid()}", measure)
 
 
 def main() -> None:
