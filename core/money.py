@@ -90,8 +90,10 @@ def shown_number(value: Decimal) -> str:
 
 def far_from_amounts(value: Decimal) -> bool:
     """From 10^HUGE_DIGITS on, or nonzero below 10^-HUGE_DIGITS: no amount, and too many digits
-    to write out (1 / 10^983045 has as many as 10^983045)."""
-    return value.is_finite() and not value.is_zero() and abs(value.adjusted()) >= HUGE_DIGITS
+    to write out (1 / 10^983045 has as many as 10^983045). 10^-HUGE_DIGITS itself is near."""
+    if not value.is_finite() or value.is_zero():
+        return False
+    return value.adjusted() >= HUGE_DIGITS or value.adjusted() < -HUGE_DIGITS
 
 
 def format_decimal(value: Decimal | None) -> str:

@@ -177,21 +177,22 @@ async def finish_job(conn: asyncpg.Connection, job_id: int, *, now: datetime) ->
 
 
 async def fail_attempt(conn: asyncpg.Connection, job_id: int, *, now: datetime, error: str,
-                       retry_at: datetime | None) -> str:
+                       retry_at: datetime | None, lease_until: datetime | None = None) -> str:
     """Record a failed attempt: back to pending at ``retry_at``, or dead when out of attempts
-    (or when retry_at is None). Returns the new status."""
+    (or when retry_at is None). Returns the new status. ``lease_until`` keeps the sweeper off
+    the row until then (a retry the caller queued under an id the sweeper cannot know)."""
     status: str = await conn.fetchval(
         """UPDATE outbox_jobs
               SET status = CASE WHEN $4::timestamptz IS NULL OR attempts >= max_attempts
                                 THEN 'dead' ELSE 'pending' END,
                   due_at = coalesce($4::timestamptz, due_at),
-                  locked_until = NULL,
+                  locked_until = $5::timestamptz,
                   last_error = left($3::text, 2000),
                   finished_at = CASE WHEN $4::timestamptz IS NULL OR attempts >= max_attempts
                                      THEN $2::timestamptz END
             WHERE id = $1
         RETURNING status""",
-        job_id, now, storable(error), retry_at)
+        job_id, now, storable(error), retry_at, lease_until)
     return status
 
 

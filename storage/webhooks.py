@@ -641,10 +641,13 @@ jobs AS (
     UPDATE outbox_jobs j
        SET status = s.status,
            due_at = coalesce(s.retry_at, j.due_at),
-           locked_until = NULL,
            last_error = CASE WHEN s.status = 'done' THEN NULL ELSE left(s.error, 2000) END,
            finished_at = CASE WHEN s.status = 'pending' THEN NULL ELSE $11::timestamptz END,
-           attempts = greatest(j.attempts - s.given_back, 0)
+           attempts = greatest(j.attempts - s.given_back, 0),
+           -- A retry after a send not made is queued under an id the sweeper cannot know
+           -- (workers.webhooks._queue_retries): the row stays leased past its retry time.
+           locked_until = CASE WHEN s.given_back > 0 AND s.status = 'pending'
+                               THEN s.retry_at + $17::interval END
       FROM unnest($8::bigint[], $9::text[], $10::text[], $13::timestamptz[], $15::integer[])
            AS s(job_id, status, error, retry_at, given_back)
      WHERE j.id = s.job_id AND j.status = 'pending'),
@@ -658,7 +661,8 @@ SELECT 1
 
 
 async def finish_batch(conn: asyncpg.Connection, *, now: datetime,
-                       results: list[AttemptResult], closings: list[Closing]) -> None:
+                       results: list[AttemptResult], closings: list[Closing],
+                       lease: timedelta) -> None:
     """Record every send's result (attempt log and delivery) and settle the outbox rows of the
     claimed jobs other than the caller's own (done, dead, or pending again at their retry
     time), in one statement."""
@@ -676,4 +680,4 @@ async def finish_batch(conn: asyncpg.Connection, *, now: datetime,
         [s[0] for s in settle], [s[1] for s in settle], [s[2] for s in settle], now,
         MAX_ERROR_LENGTH, [s[3] for s in settle], [r.counted for r in results],
         [s[4] for s in settle],
-        [r.work.job_id for r in results if r.work.own and not r.counted])
+        [r.work.job_id for r in results if r.work.own and not r.counted], lease)

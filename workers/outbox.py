@@ -74,17 +74,19 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
             delay = backoff_seconds(job.attempts, base=settings.job_retry_base_seconds,
                                     maximum=settings.job_retry_max_seconds)
             retry_at = clock.now() + timedelta(seconds=delay)
+        # A webhook send that was not made gave its attempt back: its retry is queued under an
+        # id of its own (the count repeats), which the sweeper cannot know, so the row stays
+        # leased past the retry time and the sweeper does not queue a second copy.
+        rearmed = getattr(exc, "not_made", False)
         async with pool.acquire() as conn:
-            status = await outbox.fail_attempt(conn, job.id, now=clock.now(),
-                                               error=f"{type(exc).__name__}: {exc}",
-                                               retry_at=retry_at)
+            status = await outbox.fail_attempt(
+                conn, job.id, now=clock.now(), error=f"{type(exc).__name__}: {exc}",
+                retry_at=retry_at, lease_until=retry_at + job_lease(settings) if rearmed else None)
         log.warning("outbox job attempt failed", extra={
             "outbox_job_id": job.id, "kind": job.kind, "attempt": job.attempts,
             "status": status, "retry_in_s": round(delay, 3), "error": repr(exc)})
         if status == "pending" and ctx.get("redis") is not None:
-            # A webhook send that was not made gave its attempt back: the count repeats, so
-            # the retry gets an id of its own (this run's id is still taken).
-            arming = fresh_arming(retry_at) if getattr(exc, "not_made", False) else ""
+            arming = fresh_arming(retry_at) if rearmed else ""
             await queue_outbox_job(ctx["redis"], job_id=job.id, attempts=job.attempts,
                                    due_at=retry_at, queue_name=settings.queue_name,
                                    arming=arming)

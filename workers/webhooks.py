@@ -712,7 +712,8 @@ class _Recorder:
             clock: Clock = self._ctx["clock"]
             async with self._ctx["pool"].acquire() as conn:
                 await repo.finish_batch(conn, now=clock.now(), results=results,
-                                        closings=closings)
+                                        closings=closings,
+                                        lease=job_lease(self._ctx["settings"]))
         return results, closings
 
     async def _after(self, results: list[repo.AttemptResult],

@@ -729,9 +729,10 @@ def evaluate_program(
         return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
                         f"the calculated value {_bounded(raw)} is not positive",
                         raw_value=raw)
-    if raw.adjusted() <= -HUGE_DIGITS:
-        # Positive, but nothing of it survives any rounding an amount has (it would only be
-        # written out: 1 / 10^983045 has 983,045 digits).
+    if raw.adjusted() < -HUGE_DIGITS and options.rounding is not RoundingMode.ROUND_UP:
+        # Positive, but nothing of it survives the rounding an amount has (it would only be
+        # written out: 1 / 10^983045 has 983,045 digits). ROUND_UP makes it the smallest
+        # amount (0.01 with 2 decimals), at once, so it goes on.
         return _skipped(runner, ctx, options, SkipReason.ZERO_OR_NEGATIVE,
                         f"the calculated value {_bounded(raw)} is 0 at any precision an "
                         "amount has", raw_value=raw)
