@@ -29,7 +29,7 @@ from core.formula import (
     SkipReason,
     compile_formula,
 )
-from core.money import plain
+from core.money import plain, shown_number
 from core.rewards import Denial
 from core.rounding import RoundingMode, parse_rounding_mode
 
@@ -149,7 +149,15 @@ def evaluate_reward(formula: RewardFormula, *, aggregates: Mapping[str, Aggregat
             # without trailing zeros (10, not 10.00000000).
             amount = evaluation.amount
             wide = Context(prec=max(28, amount.adjusted() + 8))  # 10^22 and up need more
-            return plain(amount.quantize(MONEY_STEP, rounding=ROUND_HALF_UP, context=wide))
+            kept = plain(amount.quantize(MONEY_STEP, rounding=ROUND_HALF_UP, context=wide))
+            if kept <= 0:
+                # As a bonus result: no reward of 0 (it was granted, and took the customer's
+                # cap for nothing).
+                shown = shown_number(amount)
+                return Denial("NOT_ELIGIBLE", f"{formula.reward_type}: no reward, "
+                                              f"ZERO_OR_NEGATIVE (the calculated value {shown} "
+                                              "is 0 at 6 decimal places)")
+            return kept
         return evaluation.amount
     if evaluation.skip_reason is SkipReason.AMOUNT_TOO_LARGE and evaluation.raw_value is not None:
         # Far beyond any amount, so not rounded (core.formula.evaluator): the reward's max_value

@@ -192,3 +192,28 @@ async def test_a_computed_value_beyond_the_largest_amount_is_not_handed_out(
         "cashback: computed value 1.000000E+15 is beyond the largest amount "
         "99999999999999.999999; give the reward or its type a max_value")
     assert await _value(api, "rich", "CUT") == "500"
+
+
+async def test_an_unrounded_value_of_0_at_6_places_is_no_reward(api: Api,
+                                                                 clock: FixedClock) -> None:
+    """Rounding NONE keeps 6 places: 10% of a deposit of 0.000004 is 0.0000004, 0 there. That
+    was granted as a reward of "0" and used up the customer's cap (customer_cap 1); now it is
+    denied NOT_ELIGIBLE, as a bonus result is SKIPPED ZERO_OR_NEGATIVE, and the customer can
+    still get the reward for a real deposit."""
+    await reward_type(api)
+    await promotion(api, "TINY", rewards=[ppb.PromotionReward(
+        reward_type="cashback", kind=ppb.REWARD_KIND_CALCULATED,
+        formula="last(deposit.amount) * 10%")], customer_cap=1)
+    await _customer(api, "c1", clock, events=[("deposit", "0.000004", 1)])
+    denied = await get_reward(api, "c1", "TINY")
+    assert not denied.HasField("grant"), denied
+    assert denied.denial_reason == rpb.DENIAL_REASON_NOT_ELIGIBLE
+    assert denied.denial_message == (
+        "cashback: no reward, ZERO_OR_NEGATIVE (the calculated value 0.0000004 is 0 at 6 "
+        "decimal places)")
+    await cpb_grpc.CustomerServiceStub(api.channel).RecordEvents(cpb.RecordEventsRequest(
+        request_id="e-c1-real", events=[cpb.Event(
+            external_id="c1-real", customer_id="c1", kind="deposit", amount="50",
+            currency="USD", occurred_at=ts(clock.now() - timedelta(minutes=1)))]),
+        metadata=api.key())
+    assert await _value(api, "c1", "TINY") == "5"
