@@ -569,21 +569,13 @@ def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
         new_status, job_status = DeliveryStatus.DELIVERED, "done"
     elif sent.outcome is Outcome.REJECTED:
         new_status, job_status = DeliveryStatus.FAILED, "dead"
-    elif not sent.made:
-        # No request was made: retried soon (the slots free up as sends finish), uncounted. The
-        # deadline still bounds it.
-        deadline = _deadline(work, settings)
-        if sent.finished_at >= deadline:
-            new_status, job_status = DeliveryStatus.DEAD, "dead"
-            error = f"{error} (deadline {deadline.isoformat()} passed)"
-        else:
-            new_status, job_status = DeliveryStatus.PENDING, "pending"
-            retry_at = min(sent.finished_at + timedelta(seconds=settings.job_retry_base_seconds),
-                           max(deadline - timedelta(seconds=1), sent.finished_at))
     else:
+        # A send never made (no free slot in time) is no attempt: it cannot exhaust the
+        # attempts, and it is retried soon, uncounted (the slots free up as sends finish). The
+        # deadline bounds every retry.
         limit = min(work.job_max_attempts, settings.webhook_max_attempts)
         deadline = _deadline(work, settings)
-        if work.job_attempts >= limit:
+        if sent.made and work.job_attempts >= limit:
             new_status, job_status = DeliveryStatus.DEAD, "dead"
             error = f"{error} (gave up after {work.job_attempts} attempts)"
         elif sent.finished_at >= deadline:
@@ -591,8 +583,9 @@ def _result(work: repo.DeliveryWork, attempt: int, sent: _Sent,
             error = f"{error} (deadline {deadline.isoformat()} passed)"
         else:
             new_status, job_status = DeliveryStatus.PENDING, "pending"
-            delay = backoff_seconds(work.job_attempts, base=settings.job_retry_base_seconds,
-                                    maximum=_longest_wait(work, deadline, settings))
+            delay = (backoff_seconds(work.job_attempts, base=settings.job_retry_base_seconds,
+                                     maximum=_longest_wait(work, deadline, settings))
+                     if sent.made else settings.job_retry_base_seconds)
             # Never announce a retry past the deadline (it would only go DEAD unsent): the
             # last one is made a second before it, so a listener back in time still gets it.
             retry_at = min(sent.finished_at + timedelta(seconds=delay),
