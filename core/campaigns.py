@@ -157,7 +157,25 @@ def check_targets_open(status: CampaignStatus, campaign_id: str) -> None:
     if status is not CampaignStatus.SCHEDULED:
         raise FailedPrecondition(
             f"campaign {campaign_id} is {status.value}; targets can only be added while it is "
-            "SCHEDULED", reason="CAMPAIGN_NOT_SCHEDULED", metadata={"campaign_id": campaign_id})
+            "SCHEDULED", reason="CAMPAIGN_NOT_SCHEDULED",
+            metadata={"campaign_id": campaign_id, "status": status.value})
+
+
+def clearance_dedup_key(campaign_pk: int) -> str:
+    """The key of a campaign's one clearance announcement (event type 5): emitted once, and
+    its pending deliveries cancelled with the campaign."""
+    return f"campaign:{campaign_pk}:clearance"
+
+
+def check_conditional(conditional: bool, campaign_id: str) -> None:
+    """Statuses only matter under conditional execution: without it the whole target group
+    gets the campaign, so a listener's rejection could never take effect. Accepting it would
+    tell the compliance system it was applied."""
+    if not conditional:
+        raise FailedPrecondition(
+            f"campaign {campaign_id} has no conditional execution: every target customer gets "
+            "it, so approvals and rejections are not used",
+            reason="CAMPAIGN_NOT_CONDITIONAL", metadata={"campaign_id": campaign_id})
 
 
 def check_clearance_open(status: CampaignStatus, campaign_id: str, execute_at: datetime,
@@ -167,11 +185,12 @@ def check_clearance_open(status: CampaignStatus, campaign_id: str, execute_at: d
         raise FailedPrecondition(
             f"campaign {campaign_id} no longer takes approvals: ClearanceRequiredBy was "
             f"{execute_at.isoformat()} and the campaign is {status.value}",
-            reason="CLEARANCE_CLOSED", metadata={"campaign_id": campaign_id})
+            reason="CLEARANCE_CLOSED",
+            metadata={"campaign_id": campaign_id, "status": status.value})
 
 
 def check_cancellable(status: CampaignStatus, campaign_id: str) -> None:
     if status not in OPEN_STATUSES:
         raise FailedPrecondition(f"campaign {campaign_id} is {status.value} and cannot be "
                                  "cancelled", reason="CAMPAIGN_NOT_OPEN",
-                                 metadata={"campaign_id": campaign_id})
+                                 metadata={"campaign_id": campaign_id, "status": status.value})

@@ -15,7 +15,7 @@ import asyncpg
 from grpc import aio
 
 from core import campaigns as domain
-from core.campaigns import CampaignSpec, CampaignStatus
+from core.campaigns import CampaignSpec, CampaignStatus, clearance_dedup_key
 from core.cap_state import windows
 from core.catalogue.promotions import PromotionStatus
 from core.errors import FailedPrecondition, InvalidArgument
@@ -32,6 +32,7 @@ from server.promotion_convert import PERIOD_TO_PB
 from storage import campaigns as repo
 from storage import outbox
 from storage import promotions as promotions_repo
+from storage import webhooks as webhooks_repo
 from storage.campaigns import CampaignRow
 from storage.queue import queue_after_commit
 
@@ -175,10 +176,15 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
         async def work(conn: asyncpg.Connection) -> bytes:
             row = await repo.get(conn, request.campaign_id, lock="FOR UPDATE")
             domain.check_cancellable(row.status, row.campaign_id)
-            await repo.set_status(conn, row.id, CampaignStatus.CANCELLED,
-                                  now=self._deps.clock.now())
+            now = self._deps.clock.now()
+            await repo.set_status(conn, row.id, CampaignStatus.CANCELLED, now=now)
+            # An announcement not yet delivered would ask listeners to clear a campaign that
+            # will never run.
+            stale = await webhooks_repo.cancel_pending_deliveries(
+                conn, clearance_dedup_key(row.id), now=now, why="campaign cancelled")
             log.info("campaign cancelled", extra={"campaign_id": row.campaign_id,
-                                                  "was": row.status.value})
+                                                  "was": row.status.value,
+                                                  "deliveries_cancelled": stale})
             row = await repo.get(conn, request.campaign_id)
             return pb.CancelCampaignResponse(campaign=campaign_to_pb(row)).SerializeToString()
 
@@ -253,6 +259,7 @@ class ClearanceServicer(pb_grpc.ClearanceServiceServicer):
             domain.check_statuses_agree(ids, flags)
             row = await repo.get(conn, request.campaign_id, lock="FOR SHARE")
             now = self._deps.clock.now()
+            domain.check_conditional(row.conditional, row.campaign_id)
             domain.check_clearance_open(row.status, row.campaign_id, row.execute_at, now)
             unknown = await repo.set_statuses(conn, row.id, ids, flags, now)
             return pb.UpdateCustomerPromotionStatusResponse(

@@ -12,7 +12,8 @@ import asyncpg
 from google.protobuf.message import Message
 from grpc import aio
 
-from core.cap_state import availability, cap_states, windows
+from core.cap_state import CUSTOMERS_SCOPE, availability, cap_states, windows
+from core.caps import LIFETIME_START
 from core.catalogue import promotions as domain
 from core.catalogue.promotions import CapPeriod, Promotion, PromotionStatus
 from core.catalogue.reward_types import RewardType
@@ -27,6 +28,7 @@ from promo.v1 import promotions_pb2_grpc as pb_grpc
 from server.code_alerts import AlertDispatcher
 from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
+from server.grant_batcher import DEADLOCK_ATTEMPTS
 from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import (
@@ -127,7 +129,10 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
                 **({"fields": ",".join(sorted(fields))} if fields else {})})
             return response_type(promotion=promotion).SerializeToString()  # type: ignore[call-arg]
 
-        raw = await run_request_once(self._pool, scope, request, run)
+        # A cap recount (UpdatePromotion) can meet a grant batch's counter locks in the other
+        # order; PostgreSQL aborts one side, and the whole transaction simply runs again.
+        raw = await run_request_once(self._pool, scope, request, run,
+                                     deadlock_attempts=DEADLOCK_ATTEMPTS)
         return response_type.FromString(raw)
 
     async def _sync_codes(self, conn: asyncpg.Connection, stored: StoredPromotion,
@@ -143,6 +148,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
         status = PromotionStatus.ACTIVE if request.activate else PromotionStatus.DRAFT
 
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
+            raised.clear()  # an attempt aborted by a deadlock raised nothing
             promotion = domain.validate_promotion(draft, await _reward_types(conn, draft))
             stored = await repo.insert(conn, replace(promotion, status=status),
                                        formulas=stored_forms(compile_rewards(promotion)))
@@ -204,6 +210,7 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
         patch = promotion_from_pb(request.promotion)
 
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
+            raised.clear()  # an attempt aborted by a deadlock raised nothing
             stored = await repo.get(conn, request.promotion.promotion_code, for_update=True)
             domain.check_editable(stored.promotion)
             merged = replace(stored.promotion, **{p: getattr(patch, p) for p in paths})
@@ -260,8 +267,23 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
         async with self._pool.acquire() as conn:
             stored = await repo.get(conn, request.promotion_code)
             rows = await repo.reconciliation(conn, stored.id)
+            customers = await repo.customer_reconciliation(conn, stored.id)
         limits = {(c.reward_type, c.period.value): c.limit for c in stored.promotion.budget_caps}
         response = pb.GetPromotionReconciliationResponse()
+        cap = stored.promotion.customer_cap
+        if customers["granted_count"] and (cap is not None
+                                           or customers["counter_used"] is not None):
+            # The customer cap's one window: customers granted, customers whose every grant
+            # was revoked, and the live customers against the "#customers" counter.
+            granted, revoked = customers["granted_count"], customers["revoked_count"]
+            counter = customers["counter_used"]
+            out = response.rows.add(
+                scope=CUSTOMERS_SCOPE, period=PERIOD_TO_PB[CapPeriod.LIFETIME],
+                granted_count=granted, granted_amount=str(granted), revoked_count=revoked,
+                revoked_amount=str(revoked), net_amount=str(granted - revoked),
+                limit="" if cap is None else str(cap),
+                counter_matches=counter is not None and counter == granted - revoked)
+            out.period_start.CopyFrom(timestamp(LIFETIME_START))
         for row in rows:
             net = row["granted_amount"] - row["revoked_amount"]
             counter = row["counter_used"]

@@ -301,11 +301,13 @@ _SCHEDULE_SELECT = """SELECT s.*, d.definition_id, c.campaign_id FROM bonus_sche
 
 async def _campaign_customers(conn: asyncpg.Connection, campaign_pk: int) -> list[str]:
     """A campaign's target group as it stands: every target of an unconditional campaign, the
-    approved ones of a conditional campaign; customers not known here are left out."""
+    approved ones of a conditional campaign; customers not known here are left out. A
+    cancelled campaign has nobody (it never runs)."""
     rows = await conn.fetch(
         """SELECT t.customer_id FROM campaign_targets t
              JOIN campaigns c ON c.id = t.campaign_id
-            WHERE t.campaign_id = $1 AND (NOT c.conditional OR t.approved)
+            WHERE t.campaign_id = $1 AND c.status <> 'CANCELLED'
+              AND (NOT c.conditional OR t.approved)
               AND EXISTS (SELECT 1 FROM customers k WHERE k.customer_id = t.customer_id)
             ORDER BY t.customer_id""", campaign_pk)
     return [r["customer_id"] for r in rows]
@@ -322,11 +324,19 @@ async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
                           reads_transactions=_reads_transactions(definition))
     campaign_pk = None
     if schedule.campaign_id:
-        campaign_pk = await conn.fetchval("SELECT id FROM campaigns WHERE campaign_id = $1",
-                                          schedule.campaign_id)
-        if campaign_pk is None:
+        campaign = await conn.fetchrow("SELECT id, status FROM campaigns WHERE campaign_id = $1",
+                                       schedule.campaign_id)
+        if campaign is None:
             raise NotFound(f"no campaign {schedule.campaign_id!r}", reason="CAMPAIGN_NOT_FOUND",
                            metadata={"campaign_id": schedule.campaign_id})
+        if campaign["status"] == "CANCELLED":
+            # A cancelled campaign never runs and has nobody in it (_campaign_customers).
+            raise FailedPrecondition(
+                f"campaign {schedule.campaign_id} is CANCELLED: its target group will never "
+                "get it; name another campaign or list the customers",
+                reason="CAMPAIGN_CANCELLED",
+                metadata={"campaign_id": schedule.campaign_id, "status": "CANCELLED"})
+        campaign_pk = campaign["id"]
     unknown = sorted(set(schedule.customer_ids) - (await known_customers(
         conn, schedule.customer_ids, properties=False)).keys()) if check_customers else []
     if unknown:

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from core.cap_state import CUSTOMERS_SCOPE, windows
+from core.caps import LIFETIME_START
 from core.catalogue.promotions import (
     BudgetCap,
     CapPeriod,
@@ -511,6 +512,22 @@ async def get_grant(conn: asyncpg.Connection, grant_id: int) -> asyncpg.Record |
     return await conn.fetchrow(
         """SELECT g.*, p.code AS promotion_code FROM grants g
              JOIN promotions p ON p.id = g.promotion_id WHERE g.id = $1""", grant_id)
+
+
+async def customer_reconciliation(conn: asyncpg.Connection,
+                                  promotion_id: int) -> asyncpg.Record:
+    """The customer cap's side: customers ever granted, customers whose every grant is revoked,
+    and the live ``#customers`` counter (NULL when no customer cap ever counted)."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS granted_count,
+                  count(*) FILTER (WHERE pc.live_grants <= 0) AS revoked_count,
+                  (SELECT u.used FROM cap_usage u
+                    WHERE u.promotion_id = $1 AND u.scope = $2 AND u.period = 'LIFETIME'
+                      AND u.period_start = $3) AS counter_used
+             FROM promotion_customers pc WHERE pc.promotion_id = $1""",
+        promotion_id, CUSTOMERS_SCOPE, LIFETIME_START)
+    assert row is not None
+    return row
 
 
 async def reconciliation(conn: asyncpg.Connection, promotion_id: int) -> list[asyncpg.Record]:

@@ -369,6 +369,23 @@ async def delete_listener(conn: asyncpg.Connection, listener_id: int, *, now: da
     return cancelled
 
 
+async def cancel_pending_deliveries(conn: asyncpg.Connection, dedup_key: str, *, now: datetime,
+                                    why: str) -> int:
+    """Cancel the still pending deliveries of the event emitted under ``dedup_key`` (its news
+    went stale, e.g. a campaign cancelled while awaiting clearance); returns how many. Their
+    outbox jobs stay: the worker finds the delivery cancelled and does nothing."""
+    cancelled: int = await conn.fetchval(
+        """WITH c AS (
+               UPDATE webhook_deliveries d
+                  SET status = 'CANCELLED', update_time = $2,
+                      last_error = coalesce(d.last_error || ' / ', '') || $3
+                 FROM webhook_events e
+                WHERE e.dedup_key = $1 AND d.event_id = e.id AND d.status = 'PENDING'
+               RETURNING 1)
+           SELECT count(*) FROM c""", dedup_key, now, why)
+    return cancelled
+
+
 # Deliveries.
 
 _DELIVERY_SELECT = """

@@ -11,7 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from core.campaigns import EXECUTE_JOB_KIND, NOTIFY_JOB_KIND, OPEN_STATUSES, CampaignStatus
+from core.campaigns import (
+    EXECUTE_JOB_KIND,
+    NOTIFY_JOB_KIND,
+    OPEN_STATUSES,
+    CampaignStatus,
+    clearance_dedup_key,
+)
 from core.clock import Clock
 from core.events import EventType
 from storage import campaigns as repo
@@ -51,10 +57,19 @@ async def notify_listeners(ctx: dict[str, Any], job: OutboxJob) -> None:
             log.info("clearance notification skipped", extra={
                 "campaign_id": campaign.campaign_id, "status": campaign.status.value})
             return
+        if now >= campaign.execute_at:
+            # Workers were down across T - lead and T: approvals are already closed
+            # (core.campaigns.check_clearance_open), so an announcement now could not be acted
+            # on. The campaign stays SCHEDULED and its execution runs it as usual.
+            log.warning("clearance notification too late: ClearanceRequiredBy has passed, "
+                        "listeners are not notified", extra={
+                            "campaign_id": campaign.campaign_id,
+                            "clearance_required_by": campaign.execute_at.isoformat()})
+            return
         await repo.set_status(conn, campaign.id, CampaignStatus.AWAITING_CLEARANCE, now=now)
         emitted = await emit_event(
             conn, event_type=EventType.SCHEDULED_CAMPAIGN, now=now,
-            dedup_key=f"campaign:{campaign.id}:clearance", deliver_by=campaign.execute_at,
+            dedup_key=clearance_dedup_key(campaign.id), deliver_by=campaign.execute_at,
             payload={"campaign_id": campaign.campaign_id, "name": campaign.name,
                      "promotion_codes": list(campaign.promotion_codes),
                      "clearance_required_by": campaign.execute_at.isoformat(),

@@ -1362,7 +1362,8 @@ class BonusSchedule(_message.Message):
     """Output only on create (a new schedule is active); changed with UpdateBonusSchedule."""
     campaign_id: _builtins.str
     """Instead of customer_ids: the campaign's target group at each run (for a conditional
-    campaign, its approved customers).
+    campaign, its approved customers; nobody once it is cancelled). A CANCELLED campaign is
+    FAILED_PRECONDITION CAMPAIGN_CANCELLED.
     """
     since_campaign_entrance: _builtins.bool
     """With campaign_id: each run reads events from the campaign's execution (the customers'

@@ -363,6 +363,8 @@ class ClearanceServiceServicer:
     def UpdateCustomerPromotionStatus(self, request, context):
         """Approves or rejects customers (at most 10,000 per call; call it any number of times until
         ClearanceRequiredBy; the last status wins; a customer never approved counts as rejected).
+        A campaign without conditional execution takes no statuses: FAILED_PRECONDITION
+        CAMPAIGN_NOT_CONDITIONAL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

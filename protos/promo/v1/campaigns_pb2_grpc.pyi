@@ -135,6 +135,8 @@ class ClearanceServiceStub:
     UpdateCustomerPromotionStatus: _grpc.UnaryUnaryMultiCallable[_campaigns_pb2.UpdateCustomerPromotionStatusRequest, _campaigns_pb2.UpdateCustomerPromotionStatusResponse]
     """Approves or rejects customers (at most 10,000 per call; call it any number of times until
     ClearanceRequiredBy; the last status wins; a customer never approved counts as rejected).
+    A campaign without conditional execution takes no statuses: FAILED_PRECONDITION
+    CAMPAIGN_NOT_CONDITIONAL.
     """
     ForecastCampaign: _grpc.UnaryUnaryMultiCallable[_campaigns_pb2.ForecastCampaignRequest, _campaigns_pb2.ForecastCampaignResponse]
     """What the approvals would cost against each promotion's remaining caps, before approving."""
@@ -149,6 +151,8 @@ class ClearanceServiceAsyncStub(ClearanceServiceStub):
     UpdateCustomerPromotionStatus: _aio.UnaryUnaryMultiCallable[_campaigns_pb2.UpdateCustomerPromotionStatusRequest, _campaigns_pb2.UpdateCustomerPromotionStatusResponse]  # type: ignore[assignment]
     """Approves or rejects customers (at most 10,000 per call; call it any number of times until
     ClearanceRequiredBy; the last status wins; a customer never approved counts as rejected).
+    A campaign without conditional execution takes no statuses: FAILED_PRECONDITION
+    CAMPAIGN_NOT_CONDITIONAL.
     """
     ForecastCampaign: _aio.UnaryUnaryMultiCallable[_campaigns_pb2.ForecastCampaignRequest, _campaigns_pb2.ForecastCampaignResponse]  # type: ignore[assignment]
     """What the approvals would cost against each promotion's remaining caps, before approving."""
@@ -172,6 +176,8 @@ class ClearanceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_campaigns_pb2.UpdateCustomerPromotionStatusResponse, _abc.Awaitable[_campaigns_pb2.UpdateCustomerPromotionStatusResponse]]:
         """Approves or rejects customers (at most 10,000 per call; call it any number of times until
         ClearanceRequiredBy; the last status wins; a customer never approved counts as rejected).
+        A campaign without conditional execution takes no statuses: FAILED_PRECONDITION
+        CAMPAIGN_NOT_CONDITIONAL.
         """
 
     @_abc_1.abstractmethod
