@@ -21,7 +21,7 @@ from server.metrics import MetricsEndpoint
 from server.promotion_metrics import register_promotions_collector
 from storage.db import create_pool
 from storage.migrate import migrate_dsn
-from workers.main import build_worker
+from workers.main import WorkerRunner
 from workers.metrics import register_outbox_collector
 
 log = logging.getLogger("promo.cli")
@@ -47,6 +47,20 @@ def start_metrics(settings: Settings, port: int | None, *,
     return endpoint
 
 
+async def _arq_client(redis_url: str) -> ArqRedis:
+    """The server's client for queueing outbox jobs after commit. When Redis does not answer at
+    the start, a client that connects on first use instead (redis-py reconnects on every
+    command): queueing is best effort either way (storage.queue.queue_after_commit), and work
+    committed meanwhile waits for the workers' sweeper, but once Redis answers jobs are queued
+    at once again, as for a server whose Redis went away after its start."""
+    try:
+        return await create_arq_pool(RedisSettings.from_dsn(redis_url))
+    except Exception as exc:
+        log.warning("Redis unreachable: outbox jobs wait for the workers' sweeper until it "
+                    "answers", extra={"error": str(exc)})
+        return ArqRedis.from_url(redis_url)
+
+
 def _stop_event() -> asyncio.Event:
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,7 +80,7 @@ async def run_server(settings: Settings, *,
                              max_size=settings.db_pool_max_size,
                              command_timeout=settings.db_command_timeout_seconds)
     worker_task: asyncio.Task[None] | None = None
-    worker = None
+    worker_stop = asyncio.Event()
     endpoint: MetricsEndpoint | None = None
     redis: ArqRedis | None = None
     try:
@@ -76,18 +90,14 @@ async def run_server(settings: Settings, *,
         if settings.migrate_on_start:  # its own connection: see migrate_dsn
             await migrate_dsn(settings.database_url)
         if settings.redis_url:  # queue outbox jobs at once; without it they wait for the sweeper
-            try:
-                redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-            except Exception as exc:  # best effort, as queue_after_commit: the sweeper catches up
-                log.warning("Redis unreachable: outbox jobs wait for the workers' sweeper",
-                            extra={"error": str(exc)})
+            redis = await _arq_client(settings.redis_url)
         running = await start_server(settings, Dependencies(pool=pool, redis=redis))
         if endpoint is not None:
             register_promotions_collector(asyncio.get_running_loop(), lambda: pool)
         if with_worker:
             register_outbox_collector(asyncio.get_running_loop(), lambda: pool)
-            worker = build_worker(settings, handle_signals=False)
-            worker_task = asyncio.create_task(worker.async_run(), name="promo-worker")
+            worker_task = asyncio.create_task(WorkerRunner(settings).run(worker_stop),
+                                              name="promo-worker-runner")
         if on_ready is not None:
             on_ready(running)
         waiter = asyncio.create_task(stop.wait())
@@ -102,11 +112,8 @@ async def run_server(settings: Settings, *,
         if worker_task is not None and worker_task in done:
             worker_task.result()
     finally:
-        if worker is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker.close()
+        worker_stop.set()  # the runner closes its worker and returns
         if worker_task is not None and not worker_task.done():
-            worker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker_task
         if endpoint is not None:
@@ -118,22 +125,14 @@ async def run_server(settings: Settings, *,
 
 async def run_worker(settings: Settings) -> None:
     stop = _stop_event()
-    worker = build_worker(settings, handle_signals=False)
+    runner = WorkerRunner(settings)
     endpoint = start_metrics(settings, settings.worker_metrics_port)
     if endpoint is not None:
-        register_outbox_collector(asyncio.get_running_loop(), lambda: worker.ctx.get("pool"))
-    task = asyncio.create_task(worker.async_run(), name="promo-worker")
-    waiter = asyncio.create_task(stop.wait())
+        register_outbox_collector(
+            asyncio.get_running_loop(),
+            lambda: runner.worker.ctx.get("pool") if runner.worker is not None else None)
     try:
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
+        await runner.run(stop)
     finally:
-        waiter.cancel()
-        await worker.close()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if endpoint is not None:
             endpoint.close()

@@ -10,6 +10,7 @@
 | Unauthenticated      | UNAUTHENTICATED     |
 | ResourceExhausted    | RESOURCE_EXHAUSTED  |
 | Aborted              | ABORTED             |
+| database unreachable | UNAVAILABLE (DATABASE_UNAVAILABLE; logged without a traceback) |
 | anything else        | INTERNAL (logged with its traceback, never shown to the caller) |
 
 Two safety nets apply to every RPC. A NUL character (U+0000) that reaches PostgreSQL (which no
@@ -22,8 +23,18 @@ sees the ErrorInfo, not RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import socket
+
 import grpc
-from asyncpg.exceptions import CharacterNotInRepertoireError, UntranslatableCharacterError
+from asyncpg.exceptions import (
+    AdminShutdownError,
+    CannotConnectNowError,
+    CharacterNotInRepertoireError,
+    CrashShutdownError,
+    PostgresConnectionError,
+    TooManyConnectionsError,
+    UntranslatableCharacterError,
+)
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -33,6 +44,21 @@ from core import errors
 from core.text import NUL
 
 ERROR_DOMAIN = "promo.engine"
+
+# PostgreSQL could not be reached or went away mid-call (refused, reset, restarting, shut down,
+# out of connections): a transient condition that clients retry (UNAVAILABLE), not a bug.
+_DATABASE_UNREACHABLE = (ConnectionError, socket.gaierror, PostgresConnectionError,
+                         CannotConnectNowError, AdminShutdownError, CrashShutdownError,
+                         TooManyConnectionsError)
+DATABASE_UNAVAILABLE_MESSAGE = ("the database is unreachable; retry later with the same "
+                                "request_id (a retry never applies a change twice)")
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """True for the errors of a PostgreSQL outage. Not a TimeoutError: a statement over
+    PROMO_DB_COMMAND_TIMEOUT_SECONDS stays INTERNAL. Redis is never on a call's path (queueing
+    after commit is best effort), so a ConnectionError here is the database's."""
+    return isinstance(exc, _DATABASE_UNREACHABLE)
 
 _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

@@ -124,9 +124,13 @@ class GrantBatcher:
                     outcomes = [await repo.grant(conn, batch[0][0])]
                 else:
                     outcomes = await repo.grant_many(conn, [r for r, _ in batch])
-        except asyncio.CancelledError as exc:  # shutting down: no waiter may hang
+        except asyncio.CancelledError:
+            # Shutting down, or a lone grant's own call was cancelled (its deadline fired while
+            # the database held it): no waiter may hang. Cancelled, not given the exception: a
+            # future nobody awaits any more (the cancelled call's own) would make asyncio log
+            # "Future exception was never retrieved" at ERROR.
             for _, future in batch:
-                _settle(future, exc)
+                future.cancel()
             raise
         except Exception as exc:  # every waiter must get an answer
             if len(batch) == 1:

@@ -19,7 +19,13 @@ from grpc import aio
 
 from core.errors import DomainError
 from server.auth import ANONYMOUS, Authenticator, Principal, current_principal
-from server.errors import domain_status, stored_text_error, to_status
+from server.errors import (
+    DATABASE_UNAVAILABLE_MESSAGE,
+    database_unreachable,
+    domain_status,
+    stored_text_error,
+    to_status,
+)
 from server.logs import call_context
 
 log = logging.getLogger("promo.rpc")
@@ -86,6 +92,12 @@ class ServiceInterceptor(aio.ServerInterceptor):
             status = domain_status(exc)
             log.info("rpc failed", extra={"code": status.code.name, "reason": exc.reason,
                                           "ms": _ms(started)})
+        elif database_unreachable(exc):
+            status = to_status(grpc.StatusCode.UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE,
+                               "DATABASE_UNAVAILABLE")
+            log.error("rpc failed: database unreachable", extra={
+                "code": "UNAVAILABLE", "reason": "DATABASE_UNAVAILABLE", "ms": _ms(started),
+                "error": f"{type(exc).__name__}: {exc}"})
         else:
             status = to_status(grpc.StatusCode.INTERNAL,
                                "internal error; the server log has the details for this "

@@ -331,6 +331,14 @@ async def add_requests(conn: asyncpg.Connection, row: DefinitionRow,
             """INSERT INTO bonus_batches (definition_pk, window_start, window_end)
                VALUES ($1, $2, $3) ON CONFLICT (definition_pk, window_start) DO NOTHING""",
             row.pk, start, end)
+        # A window whose batch has run gets work again (a late schedule run, a straggler):
+        # its record is unfinished until the batch runs again, so the retention purge, which
+        # takes finished records only, cannot delete it under that batch. Only such a record
+        # is locked: an open window's (finish_time NULL) is not touched.
+        await conn.execute(
+            """UPDATE bonus_batches SET finish_time = NULL
+                WHERE definition_pk = $1 AND window_start = $2 AND finish_time IS NOT NULL""",
+            row.pk, start)
         job_id = await _ensure_batch_job(conn, row.pk, start, end, now=now)
     return Accepted(window_start=start, due_at=end, accepted=int(accepted),
                     outbox_job_id=job_id, omitted=tuple(omitted))
@@ -453,12 +461,7 @@ class Computed(NamedTuple):
     currency: str | None
     period_start: datetime | None
     period_end: datetime | None
-
-
-@dataclass
-class Cost:
-    customers: int = 0
-    events_read: int = 0
+    events_read: int  # the events its aggregates counted (the batch's recorded cost)
 
 
 def _rounds(pending: Sequence[_Pending]) -> list[list[_Pending]]:
@@ -477,8 +480,8 @@ def _rounds(pending: Sequence[_Pending]) -> list[list[_Pending]]:
 
 def _computed(p: _Pending, customer: _Customer | None,
               aggregates: Mapping[str, AggregateValue], compiled: CompiledFormula,
-              approval: ApprovalMode, options: ResultOptions) -> Computed:
-    """One request's evaluation and decision."""
+              approval: ApprovalMode, options: ResultOptions, read: int) -> Computed:
+    """One request's evaluation and decision; ``read``: the events its aggregates counted."""
     currency = customer.currency if customer else None
     if p.period_start is not None and p.period_end is not None and (
             p.period_end <= p.period_start):
@@ -503,20 +506,19 @@ def _computed(p: _Pending, customer: _Customer | None,
             aggregates=aggregates, properties=customer.properties if customer else {},
             currency=currency), options)
     return Computed(p.pk, p.customer_id, evaluation, decide(evaluation, approval, options),
-                    currency, p.period_start, p.period_end)
+                    currency, p.period_start, p.period_end, read)
 
 
 async def _compute(conn: asyncpg.Connection, row: DefinitionRow, compiled: CompiledFormula,
-                   pending: Sequence[_Pending], approval: ApprovalMode,
-                   cost: Cost) -> AsyncGenerator[list[Computed], None]:
+                   pending: Sequence[_Pending],
+                   approval: ApprovalMode) -> AsyncGenerator[list[Computed], None]:
     """Every request's result, in request order, one aggregate chunk at a time: aggregates in
     one pass per round (the database computes chunk k+1 while this evaluates chunk k), then one
-    evaluation each. ``cost`` is filled in as the chunks go."""
+    evaluation each."""
     d = row.definition
     options = d.options
     customers = await known_customers(conn, (p.customer_id for p in pending),
                                  properties=bool(compiled.properties_used))
-    cost.customers = len(customers)
     rounds = _rounds(pending)
     streamed = (compiled.aggregates and d.data_mode is DataMode.TRANSACTIONS_AND_PROPERTIES
                 and len(rounds) == 1
@@ -542,14 +544,13 @@ async def _compute(conn: asyncpg.Connection, row: DefinitionRow, compiled: Compi
                 batch = pending[offset:offset + len(values)]
                 offset += len(batch)
                 out = []
-                read = 0
                 for p in batch:
                     aggregates = values.get(p.customer_id, no_values)
+                    read = 0
                     for v in aggregates.values():
                         read += v.count
                     out.append(_computed(p, find_customer(p.customer_id), aggregates, compiled,
-                                         approval, options))
-                cost.events_read += read
+                                         approval, options, read))
                 yield out
         assert offset == len(pending), (offset, len(pending))
         return
@@ -567,13 +568,15 @@ async def _compute(conn: asyncpg.Connection, row: DefinitionRow, compiled: Compi
                 values = await aggregates_repo.aggregate_for_windows(
                     conn, compiled.aggregates, windows)  # type: ignore[arg-type]
             for p in batch:
-                aggregates = values.get(p.customer_id, {})
-                found[p.pk] = aggregates
-                cost.events_read += sum(v.count for v in aggregates.values())
+                found[p.pk] = values.get(p.customer_id, {})
     for offset in range(0, len(pending), aggregates_repo.DEFAULT_CHUNK_SIZE):
-        yield [_computed(p, customers.get(p.customer_id), found.get(p.pk, {}), compiled,
-                         approval, options)
-               for p in pending[offset:offset + aggregates_repo.DEFAULT_CHUNK_SIZE]]
+        chunk = []
+        for p in pending[offset:offset + aggregates_repo.DEFAULT_CHUNK_SIZE]:
+            aggregates = found.get(p.pk, {})
+            chunk.append(_computed(p, customers.get(p.customer_id), aggregates, compiled,
+                                   approval, options,
+                                   sum(v.count for v in aggregates.values())))
+        yield chunk
 
 
 def _aggregates_json(compiled: CompiledFormula, evaluation: Evaluation) -> str:
@@ -620,11 +623,26 @@ class BatchReport:
     batch_pk: int | None = None
     definition_id: str | None = None  # None: the definition was deleted before the batch ran
     requests: int = 0
-    customers: int = 0
+    # Counted from the results this run wrote (not from what it computed: a pass dropped after
+    # an edit computed some of them twice).
+    customer_ids: set[str] = field(default_factory=set)
     events_read: int = 0
     duration_ms: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     outbox_job_ids: list[int] = field(default_factory=list)
+
+    @property
+    def customers(self) -> int:
+        return len(self.customer_ids)
+
+    def add(self, written: _Written) -> None:
+        """A committed chunk's results."""
+        self.outbox_job_ids += written.outbox_job_ids
+        self.requests += written.requests
+        self.customer_ids |= written.customer_ids
+        self.events_read += written.events_read
+        for status, count in written.statuses.items():
+            self.statuses[status] = self.statuses.get(status, 0) + count
 
 
 class BatchBusy(Exception):
@@ -691,35 +709,29 @@ async def _compute_and_write(pool: asyncpg.Pool, conn: asyncpg.Connection, row: 
     if not pending:
         return
     compiled = row.compiled()
-    cost = Cost()
-    try:
-        # Each writer needs a connection besides this one.
-        writers = min(PARALLEL_WRITERS if len(pending) >= PARALLEL_WRITES_FROM else 1,
-                      pool.get_max_size() - 1)
-        if writers < 1:  # a one-connection pool: compute everything, then write here
-            await _compute_then_write(conn, row, compiled, pending, cost, now=now,
-                                      report=report)
-            return
-        async with _Writer(pool, row, compiled, now=now, batch_pk=report.batch_pk,
-                           report=report, writers=writers) as writer:
-            buffered: list[Computed] = []
-            async with contextlib.aclosing(_compute(
-                    conn, row, compiled, pending, row.definition.approval_mode,
-                    cost)) as chunks:
-                async for chunk in chunks:
-                    buffered += chunk
-                    while len(buffered) >= WRITE_CHUNK:
-                        await writer.put(buffered[:WRITE_CHUNK])
-                        del buffered[:WRITE_CHUNK]
-            if buffered:
-                await writer.put(buffered)
-    finally:
-        report.customers += cost.customers
-        report.events_read += cost.events_read
+    # Each writer needs a connection besides this one.
+    writers = min(PARALLEL_WRITERS if len(pending) >= PARALLEL_WRITES_FROM else 1,
+                  pool.get_max_size() - 1)
+    if writers < 1:  # a one-connection pool: compute everything, then write here
+        await _compute_then_write(conn, row, compiled, pending, now=now, report=report)
+        return
+    async with _Writer(pool, row, compiled, now=now, batch_pk=report.batch_pk,
+                       report=report, writers=writers) as writer:
+        buffered: list[Computed] = []
+        async with contextlib.aclosing(_compute(
+                conn, row, compiled, pending, row.definition.approval_mode)) as chunks:
+            async for chunk in chunks:
+                buffered += chunk
+                while len(buffered) >= WRITE_CHUNK:
+                    await writer.put(buffered[:WRITE_CHUNK])
+                    del buffered[:WRITE_CHUNK]
+        if buffered:
+            await writer.put(buffered)
 
 
 class DefinitionChanged(RuntimeError):
-    """The definition got a new revision or approval mode while its batch was computing."""
+    """The definition got a new revision, approval mode or message while its batch was
+    computing."""
 
 
 async def _check_definition(conn: asyncpg.Connection, row: DefinitionRow) -> None:
@@ -727,32 +739,33 @@ async def _check_definition(conn: asyncpg.Connection, row: DefinitionRow) -> Non
     results were computed with. FOR SHARE holds an edit (UPDATE bonus_definitions) until this
     chunk commits, so an edit either comes after the chunk (and a recalculation covers it) or
     before it (and the chunk is computed again): never a result of a replaced formula, nor one
-    issued automatically after the operator switched to manual approval."""
+    issued automatically after the operator switched to manual approval, nor an event with a
+    message the operator already replaced (the chunk's events are rendered before its
+    transaction, from the definition as read)."""
     current = await conn.fetchrow(
-        "SELECT revision, approval_mode FROM bonus_definitions WHERE id = $1 FOR SHARE", row.pk)
+        """SELECT revision, approval_mode, skipped_message, calculated_message, issued_message
+             FROM bonus_definitions WHERE id = $1 FOR SHARE""", row.pk)
     d = row.definition
-    if current is None or (current["revision"], current["approval_mode"]) != (
-            d.revision, d.approval_mode.value):
+    if current is None or tuple(current) != (
+            d.revision, d.approval_mode.value, d.skipped_message, d.calculated_message,
+            d.issued_message):
         raise DefinitionChanged(f"bonus definition {d.definition_id!r} changed while its batch "
                                 "was computing")
 
 
 async def _compute_then_write(conn: asyncpg.Connection, row: DefinitionRow,
-                              compiled: CompiledFormula, pending: Sequence[_Pending], cost: Cost,
+                              compiled: CompiledFormula, pending: Sequence[_Pending],
                               *, now: datetime, report: BatchReport) -> None:
     """run_batch on a single connection (a pool of one): no overlap, same transactions."""
     computed = [c async for chunk in _compute(conn, row, compiled, pending,
-                                              row.definition.approval_mode, cost)
+                                              row.definition.approval_mode)
                 for c in chunk]
     for offset in range(0, len(computed), WRITE_CHUNK):
         async with conn.transaction():
             written = await _write_results(conn, row, compiled,
                                            computed[offset:offset + WRITE_CHUNK], now=now,
                                            batch_pk=report.batch_pk)
-        report.outbox_job_ids += written.outbox_job_ids
-        report.requests += written.requests
-        for status, count in written.statuses.items():
-            report.statuses[status] = report.statuses.get(status, 0) + count
+        report.add(written)
 
 
 class _WritersStopped(RuntimeError):
@@ -848,10 +861,7 @@ class _Writer:
                 except BaseException:
                     self._failed = True
                     raise
-                report.outbox_job_ids += written.outbox_job_ids
-                report.requests += written.requests
-                for status, count in written.statuses.items():
-                    report.statuses[status] = report.statuses.get(status, 0) + count
+                report.add(written)
 
 
 def _event(d: BonusDefinition, *, bonus_id: str, customer_id: str, status: BonusStatus,
@@ -954,6 +964,8 @@ async def _ledger(conn: asyncpg.Connection, d: BonusDefinition, result: ResultRo
 @dataclass
 class _Written:
     requests: int = 0
+    customer_ids: set[str] = field(default_factory=set)
+    events_read: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     outbox_job_ids: list[int] = field(default_factory=list)
 
@@ -1075,6 +1087,8 @@ async def _write_results(conn: asyncpg.Connection, row: DefinitionRow,
     for c in todo:
         status = c.decision.status.value
         written.statuses[status] = written.statuses.get(status, 0) + 1
+        written.events_read += c.events_read
+    written.customer_ids = {c.customer_id for c in todo}
     if issued:
         await conn.execute(
             """INSERT INTO bonus_ledger (bonus_id, customer_id, definition_id, result_type,
@@ -1303,8 +1317,7 @@ async def recalculate(conn: asyncpg.Connection, row: DefinitionRow, *,
     by_request = {r["request_pk"]: r for r in results}
     pending = await _current_windows(conn, row.definition, [
         {**dict(r), "id": r["request_pk"]} for r in results])
-    computed = [c async for chunk in _compute(conn, row, compiled, pending, ApprovalMode.MANUAL,
-                                              Cost())
+    computed = [c async for chunk in _compute(conn, row, compiled, pending, ApprovalMode.MANUAL)
                 for c in chunk]
     d = row.definition
     counts = {BonusStatus.CALCULATED: 0, BonusStatus.SKIPPED: 0}

@@ -11,7 +11,10 @@ row is queued now rather than after the result expires and the sweeper's lease r
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import weakref
 from datetime import UTC, datetime
 
 from arq.connections import ArqRedis
@@ -20,6 +23,14 @@ from arq.constants import job_key_prefix, result_key_prefix
 log = logging.getLogger("promo.queue")
 
 OUTBOX_JOB_FUNCTION = "run_outbox_job"
+
+# Queueing after commit waits at most this long for Redis: a Redis that accepts connections
+# but does not answer (a frozen process, a partition) must not hold an answer whose change has
+# committed. After such a timeout the client is left alone for a while, so that one call
+# queueing several jobs (or many calls at once) pays the wait once, not once per job.
+QUEUE_TIMEOUT_SECONDS = 1.0
+QUIET_AFTER_TIMEOUT_SECONDS = 5.0
+_quiet_until: weakref.WeakKeyDictionary[ArqRedis, float] = weakref.WeakKeyDictionary()
 
 
 def outbox_job_id(queue_name: str, job_id: int, attempts: int, arming: str = "") -> str:
@@ -62,12 +73,23 @@ async def queue_outbox_job(redis: ArqRedis, *, job_id: int, attempts: int, due_a
 
 async def queue_after_commit(redis: ArqRedis | None, *, job_id: int | None, due_at: datetime,
                              queue_name: str) -> None:
-    """Best effort: if Redis is down, the sweeper queues the row later. Never raises."""
+    """Best effort: if Redis is down or does not answer within QUEUE_TIMEOUT_SECONDS, the
+    sweeper queues the row later. Never raises."""
     if redis is None or job_id is None:
         return
+    if _quiet_until.get(redis, 0.0) > time.monotonic():
+        log.info("outbox job not queued: Redis did not answer a moment ago; the sweeper will",
+                 extra={"outbox_job_id": job_id})
+        return
     try:
-        await queue_outbox_job(redis, job_id=job_id, attempts=0, due_at=due_at,
-                               queue_name=queue_name)
+        await asyncio.wait_for(queue_outbox_job(redis, job_id=job_id, attempts=0,
+                                                due_at=due_at, queue_name=queue_name),
+                               QUEUE_TIMEOUT_SECONDS)
+    except TimeoutError:
+        _quiet_until[redis] = time.monotonic() + QUIET_AFTER_TIMEOUT_SECONDS
+        log.warning("could not queue outbox job: Redis did not answer in time; the sweeper "
+                    "will", extra={"outbox_job_id": job_id,
+                                   "timeout_s": QUEUE_TIMEOUT_SECONDS})
     except Exception:  # the row is safe in PostgreSQL; the sweeper will find it
         log.warning("could not queue outbox job; the sweeper will", exc_info=True,
                     extra={"outbox_job_id": job_id})

@@ -252,8 +252,10 @@ async def purge_idempotency_keys(conn: asyncpg.Connection, *, now: datetime, day
 # Bonus history. bonus_results and bonus_requests have indexes on their age columns (migration
 # 0009): deleted oldest first. A result's request goes once the result has gone (a request
 # recalculated later keeps its newer result, and so itself). Batch records are one row per
-# definition and window: few, no index needed; results pointing at a deleted batch lose the
-# reference, as the dropped foreign key's ON DELETE SET NULL did (migration 0013).
+# definition and window: few, no index needed. A batch record goes once no result points at it
+# (a result skipped because an approval holds it keeps its batch until the next run), so the
+# purge never writes to, nor waits on, a result row; a record with work pending again is
+# unfinished (storage.bonuses.add_requests) and stays.
 
 _BONUS_RESULTS_SQL = """
 WITH doomed AS (
@@ -275,10 +277,11 @@ SELECT count(*) FROM gone
 
 _BONUS_BATCHES_SQL = """
 WITH doomed AS (
-    SELECT id FROM bonus_batches WHERE finish_time < $1
+    SELECT id FROM bonus_batches b
+     WHERE finish_time < $1
+       AND NOT EXISTS (SELECT 1 FROM bonus_results r WHERE r.batch_pk = b.id)
      ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
-gone AS (DELETE FROM bonus_batches b USING doomed WHERE b.id = doomed.id RETURNING b.id),
-unlinked AS (UPDATE bonus_results SET batch_pk = NULL WHERE batch_pk IN (SELECT id FROM gone))
+gone AS (DELETE FROM bonus_batches b USING doomed WHERE b.id = doomed.id RETURNING b.id)
 SELECT count(*) FROM gone
 """
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
 from config.settings import Settings
 from core.clock import Clock, SystemClock
@@ -30,6 +31,11 @@ from workers.outbox import run_outbox_job, sweep_once
 
 log = logging.getLogger("promo.worker")
 
+# What a lost or restarted Redis raises (redis-py's ConnectionError and TimeoutError are
+# RedisErrors; a refused or reset socket can surface as a bare OSError).
+REDIS_ERRORS = (RedisError, OSError)
+_STOPPED = "promo_stopped"  # set in ctx once on_shutdown has run
+
 
 class PromoWorker(Worker):
     """arq's Worker with a shutdown that cannot fail on its own cancelled jobs.
@@ -40,7 +46,8 @@ class PromoWorker(Worker):
     and ended `promo worker` with a traceback and exit code 1 on SIGTERM. Here the tasks are
     cancelled and waited for without raising first, then forgotten, and arq closes as usual.
     An interrupted outbox job is not lost: its row stays pending and is queued again when its
-    lease runs out.
+    lease runs out. A Redis that is gone does not stop the shutdown either (arq's close first
+    deletes its health-check key there): ``on_shutdown`` still runs.
     """
 
     async def close(self) -> None:
@@ -58,7 +65,17 @@ class PromoWorker(Worker):
                 if not task.cancelled() and task.exception() is not None:
                     log.error("job task failed while the worker stopped",
                               exc_info=task.exception())
-        await super().close()
+        try:
+            await super().close()
+        except REDIS_ERRORS as exc:
+            log.warning("Redis unreachable while the worker stopped; stopping without it",
+                        extra={"error": str(exc) or type(exc).__name__})
+            if self.on_shutdown is not None and not self.ctx.get(_STOPPED):
+                await self.on_shutdown(self.ctx)
+            if self._pool is not None:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._pool.close(close_connection_pool=True)
+                self._pool = None
 
 
 async def _sweeper_loop(ctx: dict[str, Any], interval: float) -> None:
@@ -106,6 +123,7 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
         pool = ctx.pop("pool", None)
         if pool is not None:
             await pool.close()
+        ctx[_STOPPED] = True
         log.info("worker stopped")
 
     return PromoWorker(
@@ -126,3 +144,57 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
         keep_result=60,
         poll_delay=0.2,
     )
+
+
+class WorkerRunner:
+    """Runs the arq worker until ``stop`` is set, through Redis outages.
+
+    arq's poll loop raises when Redis goes away (a restart, a failover), which ended
+    `promo worker` (and `promo up` with it). A worker that has started and then loses Redis is
+    closed (its jobs in flight are cancelled: their outbox rows stay leased and run again after
+    the lease) and a new one is started, after 1, 2, 4 ... up to 30 s, until Redis answers.
+    Nothing is lost meanwhile: the work waits in PostgreSQL, and the servers' queueing is best
+    effort. A worker that cannot reach Redis at its very first start still fails at once, so a
+    wrong PROMO_REDIS_URL is an error, not an endless wait.
+    """
+
+    MAX_DELAY_SECONDS = 30.0
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+        self._settings = settings
+        self._clock = clock
+        self.worker: Worker | None = None  # the current one (metrics read its pool)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        connected_before = False
+        while not stop.is_set():
+            worker = build_worker(self._settings, clock=self._clock, handle_signals=False)
+            self.worker = worker
+            task = asyncio.create_task(worker.async_run(), name="promo-worker")
+            waiter = asyncio.create_task(stop.wait())
+            try:
+                done, _ = await asyncio.wait({task, waiter},
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            error = task.exception() if task in done and not task.cancelled() else None
+            started = "settings" in worker.ctx  # on_startup ran: Redis answered
+            await worker.close()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if task not in done or error is None:
+                return  # stopped, or a burst worker that finished
+            if not isinstance(error, REDIS_ERRORS) or not (started or connected_before):
+                raise error
+            if started:
+                delay = 1.0
+            connected_before = True
+            log.warning("worker lost Redis; starting again when it answers",
+                        extra={"error": str(error) or type(error).__name__,
+                               "retry_in_s": delay})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, self.MAX_DELAY_SECONDS)

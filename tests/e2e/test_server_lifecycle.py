@@ -79,6 +79,9 @@ async def test_a_crashed_worker_stops_promo_up_gracefully_then_raises(
     import cli.runtime as runtime
 
     class CrashingWorker:
+        def __init__(self) -> None:
+            self.ctx: dict[str, object] = {}
+
         async def async_run(self) -> None:
             await asyncio.sleep(0)
             raise RuntimeError("the worker fell over")
@@ -93,7 +96,9 @@ async def test_a_crashed_worker_stops_promo_up_gracefully_then_raises(
         stops.append(grace)
         await original_stop(self, grace)
 
-    monkeypatch.setattr(runtime, "build_worker", lambda *a, **k: CrashingWorker())
+    import workers.main as worker_main
+
+    monkeypatch.setattr(worker_main, "build_worker", lambda *a, **k: CrashingWorker())
     monkeypatch.setattr(RunningServer, "stop", recorded_stop)
     ready: list[RunningServer] = []
     quiet = settings.model_copy(update={"metrics_port": 0, "redis_url": None})

@@ -57,6 +57,7 @@ from server.app import Dependencies, start_server
 from storage import bonuses as bonus_repo
 from storage import customers as customers_repo
 from storage import events as events_repo
+from storage import queue as queue_module
 from storage import webhooks as webhook_repo
 from storage.queue import outbox_job_id, queue_after_commit
 from tests.conftest import ADMIN_KEY, LISTENER_KEY, RUNTIME_KEY, Api
@@ -522,7 +523,9 @@ async def test_a_webhook_retry_redis_lost_is_sent_at_its_retry_time_by_the_sweep
 
 class _HangingRedis:
     """An arq pool whose enqueue never returns: the server process is stuck (then killed)
-    right after its transaction committed, before it queued anything or replied."""
+    right after its transaction committed, before it queued anything or replied. (Queueing
+    after commit gives up after storage.queue.QUEUE_TIMEOUT_SECONDS; the tests that use this
+    raise that limit, so the process stays stuck as a hung one would.)"""
 
     def __init__(self) -> None:
         self.called = asyncio.Event()
@@ -534,7 +537,8 @@ class _HangingRedis:
 
 async def test_an_approval_committed_before_the_server_died_is_kept_and_announced_once(
         settings: Settings, pool: asyncpg.Pool, arq_redis: ArqRedis, clock: FixedClock,
-        listener: WebhookListener) -> None:
+        listener: WebhookListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queue_module, "QUEUE_TIMEOUT_SECONDS", 3600.0)
     row = await _seed_bonus(pool, _definition("manual", approval=ApprovalMode.MANUAL), 3,
                             clock.now())
     accepted = await _request_bonuses(pool, row, ["b0", "b1", "b2"], "m1", clock.now())
@@ -604,10 +608,11 @@ async def test_a_code_pool_alert_left_by_a_dead_server_is_sent_once_by_the_sweep
 
 async def test_a_campaign_created_just_before_the_server_died_is_still_announced_once(
         settings: Settings, pool: asyncpg.Pool, arq_redis: ArqRedis, clock: FixedClock,
-        listener: WebhookListener) -> None:
+        listener: WebhookListener, monkeypatch: pytest.MonkeyPatch) -> None:
     """CreateCampaign commits (campaign, targets, both outbox jobs), then the server hangs and
     dies before queueing them or replying. The retry with the same request id answers the same
     campaign and adds no job; the sweeper announces it once."""
+    monkeypatch.setattr(queue_module, "QUEUE_TIMEOUT_SECONDS", 3600.0)
     lead = settings.model_copy(update={"clearance_lead_seconds": 120})
     await _add_listener(pool, listener.url, EventType.SCHEDULED_CAMPAIGN, clock.now())
     execute_at = clock.now() + timedelta(seconds=180)
