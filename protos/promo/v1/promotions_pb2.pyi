@@ -734,7 +734,9 @@ class UpdatePromotionRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Paths among name, description, properties, time_zone, rewards, customer_cap, budget_caps."""
+        """Paths among name, description, properties, time_zone, rewards, customer_cap, budget_caps,
+        code_type, fallback_code, code_alerts; any other is INVALID_ARGUMENT INVALID_UPDATE_MASK.
+        """
 
     def __init__(
         self,

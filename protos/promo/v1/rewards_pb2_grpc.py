@@ -54,9 +54,10 @@ class RewardServiceServicer:
     """
 
     def GetReward(self, request, context):
-        """Grants the promotion's reward(s) to a customer, or says why not. One grant per customer,
-        promotion and campaign: a retry, or a second call for the same customer, returns the same
-        grant and charges nothing. Every cap is charged in one transaction, all or nothing.
+        """Grants the promotion's reward(s) to a customer, or says why not. One live grant per
+        customer, promotion and campaign: a retry, or a second call for the same customer, returns
+        the same grant and charges nothing; after RevokeGrant the customer's next call (under a new
+        request id) makes a new grant. Every cap is charged in one transaction, all or nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

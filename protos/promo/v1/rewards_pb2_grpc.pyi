@@ -36,9 +36,10 @@ class RewardServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RewardServiceAsyncStub: ...
     GetReward: _grpc.UnaryUnaryMultiCallable[_rewards_pb2.GetRewardRequest, _rewards_pb2.GetRewardResponse]
-    """Grants the promotion's reward(s) to a customer, or says why not. One grant per customer,
-    promotion and campaign: a retry, or a second call for the same customer, returns the same
-    grant and charges nothing. Every cap is charged in one transaction, all or nothing.
+    """Grants the promotion's reward(s) to a customer, or says why not. One live grant per
+    customer, promotion and campaign: a retry, or a second call for the same customer, returns
+    the same grant and charges nothing; after RevokeGrant the customer's next call (under a new
+    request id) makes a new grant. Every cap is charged in one transaction, all or nothing.
     """
     RevokeGrant: _grpc.UnaryUnaryMultiCallable[_rewards_pb2.RevokeGrantRequest, _rewards_pb2.RevokeGrantResponse]
     """Takes a grant back (the promotion system could not credit it): its budget and its customer
@@ -53,9 +54,10 @@ class RewardServiceAsyncStub(RewardServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetReward: _aio.UnaryUnaryMultiCallable[_rewards_pb2.GetRewardRequest, _rewards_pb2.GetRewardResponse]  # type: ignore[assignment]
-    """Grants the promotion's reward(s) to a customer, or says why not. One grant per customer,
-    promotion and campaign: a retry, or a second call for the same customer, returns the same
-    grant and charges nothing. Every cap is charged in one transaction, all or nothing.
+    """Grants the promotion's reward(s) to a customer, or says why not. One live grant per
+    customer, promotion and campaign: a retry, or a second call for the same customer, returns
+    the same grant and charges nothing; after RevokeGrant the customer's next call (under a new
+    request id) makes a new grant. Every cap is charged in one transaction, all or nothing.
     """
     RevokeGrant: _aio.UnaryUnaryMultiCallable[_rewards_pb2.RevokeGrantRequest, _rewards_pb2.RevokeGrantResponse]  # type: ignore[assignment]
     """Takes a grant back (the promotion system could not credit it): its budget and its customer
@@ -73,9 +75,10 @@ class RewardServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rewards_pb2.GetRewardRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rewards_pb2.GetRewardResponse, _abc.Awaitable[_rewards_pb2.GetRewardResponse]]:
-        """Grants the promotion's reward(s) to a customer, or says why not. One grant per customer,
-        promotion and campaign: a retry, or a second call for the same customer, returns the same
-        grant and charges nothing. Every cap is charged in one transaction, all or nothing.
+        """Grants the promotion's reward(s) to a customer, or says why not. One live grant per
+        customer, promotion and campaign: a retry, or a second call for the same customer, returns
+        the same grant and charges nothing; after RevokeGrant the customer's next call (under a new
+        request id) makes a new grant. Every cap is charged in one transaction, all or nothing.
         """
 
     @_abc_1.abstractmethod
