@@ -24,6 +24,7 @@ class CapForecast:
     limit: Decimal
     used: Decimal
     projected: Decimal
+    grants: int = 0  # the grants that would be charged to this cap
 
     @property
     def remaining_after(self) -> Decimal:
@@ -31,6 +32,10 @@ class CapForecast:
 
     @property
     def fits(self) -> bool:
+        """A cap that has met its limit takes no grant at all, not even one charged 0 (an
+        EXTERNAL reward, projected as 0 because it is not estimated)."""
+        if self.grants > 0 and self.used >= self.limit:
+            return False
         return self.remaining_after >= 0
 
 
@@ -59,9 +64,10 @@ def forecast(promotion: Promotion, *, at: datetime, customers: int, new_customer
             not_estimated.append(reward.reward_type)
     caps = []
     for scope, period, _start, _end, limit in windows(promotion, at):
-        amount = Decimal(new_customers) if scope == CUSTOMERS_SCOPE \
-            else projected.get(scope, Decimal(0))
+        is_customers = scope == CUSTOMERS_SCOPE
+        amount = Decimal(new_customers) if is_customers else projected.get(scope, Decimal(0))
         caps.append(CapForecast(scope, period, limit, usage.get((scope, period.value),
-                                                               Decimal(0)), amount))
+                                                               Decimal(0)), amount,
+                                new_customers if is_customers else customers))
     return PromotionForecast(promotion.code, customers, projected, tuple(not_estimated),
                              tuple(caps))

@@ -23,6 +23,7 @@ sees the ErrorInfo, not RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import grpc
@@ -50,6 +51,7 @@ ERROR_DOMAIN = "promo.engine"
 _DATABASE_UNREACHABLE = (ConnectionError, socket.gaierror, PostgresConnectionError,
                          CannotConnectNowError, AdminShutdownError, CrashShutdownError,
                          TooManyConnectionsError)
+_UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 DATABASE_UNAVAILABLE_MESSAGE = ("the database is unreachable; retry later with the same "
                                 "request_id (a retry never applies a change twice)")
 
@@ -58,7 +60,8 @@ def database_unreachable(exc: BaseException) -> bool:
     """True for the errors of a PostgreSQL outage. Not a TimeoutError: a statement over
     PROMO_DB_COMMAND_TIMEOUT_SECONDS stays INTERNAL. Redis is never on a call's path (queueing
     after commit is best effort), so a ConnectionError here is the database's."""
-    return isinstance(exc, _DATABASE_UNREACHABLE)
+    return isinstance(exc, _DATABASE_UNREACHABLE) or (
+        isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS)
 
 _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

@@ -271,17 +271,18 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
         limits = {(c.reward_type, c.period.value): c.limit for c in stored.promotion.budget_caps}
         response = pb.GetPromotionReconciliationResponse()
         cap = stored.promotion.customer_cap
-        if customers["granted_count"] and (cap is not None
-                                           or customers["counter_used"] is not None):
+        if customers["granted_count"] and cap is not None:
             # The customer cap's one window: customers granted, customers whose every grant
-            # was revoked, and the live customers against the "#customers" counter.
+            # was revoked, and the live customers against the "#customers" counter. Only while
+            # a customer cap is set: without one the counter is not kept (README "Caps after an
+            # edit"), so comparing it would raise a false alarm.
             granted, revoked = customers["granted_count"], customers["revoked_count"]
             counter = customers["counter_used"]
             out = response.rows.add(
                 scope=CUSTOMERS_SCOPE, period=PERIOD_TO_PB[CapPeriod.LIFETIME],
                 granted_count=granted, granted_amount=str(granted), revoked_count=revoked,
                 revoked_amount=str(revoked), net_amount=str(granted - revoked),
-                limit="" if cap is None else str(cap),
+                limit=str(cap),
                 counter_matches=counter is not None and counter == granted - revoked)
             out.period_start.CopyFrom(timestamp(LIFETIME_START))
         for row in rows:

@@ -314,8 +314,8 @@ async def _campaign_customers(conn: asyncpg.Connection, campaign_pk: int) -> lis
 
 
 async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
-                               now: datetime,
-                               check_customers: bool = True) -> tuple[int, int | None]:
+                               now: datetime, check_customers: bool = True,
+                               refuse_cancelled: bool = True) -> tuple[int, int | None]:
     """The definition's and the campaign's pks; every one the schedule names must exist (the
     listed customers too, unless they were checked before: up to 100,000 of them), and the
     definition's period must not be empty at every run."""
@@ -329,7 +329,7 @@ async def _schedule_references(conn: asyncpg.Connection, schedule: Schedule, *,
         if campaign is None:
             raise NotFound(f"no campaign {schedule.campaign_id!r}", reason="CAMPAIGN_NOT_FOUND",
                            metadata={"campaign_id": schedule.campaign_id})
-        if campaign["status"] == "CANCELLED":
+        if refuse_cancelled and campaign["status"] == "CANCELLED":
             # A cancelled campaign never runs and has nobody in it (_campaign_customers).
             raise FailedPrecondition(
                 f"campaign {schedule.campaign_id} is CANCELLED: its target group will never "
@@ -384,7 +384,10 @@ async def update_schedule(conn: asyncpg.Connection, current: ScheduleRow, schedu
     definition apply from the next run."""
     definition_pk, campaign_pk = await _schedule_references(
         conn, schedule, now=now,
-        check_customers=schedule.customer_ids != current.schedule.customer_ids)
+        check_customers=schedule.customer_ids != current.schedule.customer_ids,
+        # Only naming a cancelled campaign is refused: a schedule whose campaign was cancelled
+        # later can still be paused or edited otherwise (it requests nobody meanwhile).
+        refuse_cancelled=schedule.campaign_id != current.schedule.campaign_id)
     next_at = current.next_run_at
     if retime or (schedule.active and not current.schedule.active):
         next_at = next_run(schedule, now)

@@ -1334,7 +1334,8 @@ async def recalculate(conn: asyncpg.Connection, row: DefinitionRow, *,
                       aggregate_kinds = $9, branch = $10, explanation = $11,
                       definition_revision = $12, calculation_count = $13, calculate_time = $14,
                       result_type = $15, points_target = $16, currency = $17,
-                      period_start = $18, period_end = $19
+                      period_start = $18, period_end = $19,
+                      batch_pk = NULL  -- computed here, not by a batch (storage.retention)
                 WHERE id = $1""",
             current["id"], status.value, c.decision.amount, c.decision.template,
             c.decision.skip_reason, c.decision.skip_detail, _raw(c.evaluation),

@@ -31,6 +31,16 @@ OUTBOX_JOB_FUNCTION = "run_outbox_job"
 QUEUE_TIMEOUT_SECONDS = 1.0
 QUIET_AFTER_TIMEOUT_SECONDS = 5.0
 _quiet_until: weakref.WeakKeyDictionary[ArqRedis, float] = weakref.WeakKeyDictionary()
+# Enqueues given up on: they run on (a stalled Redis may answer later, and redis-py's cleanup
+# of a cancelled command can itself wait on Redis), referenced here until they end.
+_abandoned: set[asyncio.Task[bool]] = set()
+
+
+def _forget(task: asyncio.Task[bool]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.info("an outbox job given up on failed to queue; the sweeper will",
+                 extra={"error": str(task.exception())})
 
 
 def outbox_job_id(queue_name: str, job_id: int, attempts: int, arming: str = "") -> str:
@@ -81,15 +91,22 @@ async def queue_after_commit(redis: ArqRedis | None, *, job_id: int | None, due_
         log.info("outbox job not queued: Redis did not answer a moment ago; the sweeper will",
                  extra={"outbox_job_id": job_id})
         return
+    # Not wait_for: cancelling the command makes redis-py clean up (UNWATCH) on a connection
+    # without a read timeout, which waits as long as Redis stalls. The enqueue is left to
+    # finish on its own instead; queueing a row twice is harmless (its arq job id).
+    task = asyncio.ensure_future(queue_outbox_job(redis, job_id=job_id, attempts=0,
+                                                  due_at=due_at, queue_name=queue_name))
+    _abandoned.add(task)
+    task.add_done_callback(_forget)
     try:
-        await asyncio.wait_for(queue_outbox_job(redis, job_id=job_id, attempts=0,
-                                                due_at=due_at, queue_name=queue_name),
-                               QUEUE_TIMEOUT_SECONDS)
-    except TimeoutError:
-        _quiet_until[redis] = time.monotonic() + QUIET_AFTER_TIMEOUT_SECONDS
-        log.warning("could not queue outbox job: Redis did not answer in time; the sweeper "
-                    "will", extra={"outbox_job_id": job_id,
-                                   "timeout_s": QUEUE_TIMEOUT_SECONDS})
+        done, _ = await asyncio.wait({task}, timeout=QUEUE_TIMEOUT_SECONDS)
+        if not done:
+            _quiet_until[redis] = time.monotonic() + QUIET_AFTER_TIMEOUT_SECONDS
+            log.warning("could not queue outbox job: Redis did not answer in time; the "
+                        "sweeper will", extra={"outbox_job_id": job_id,
+                                               "timeout_s": QUEUE_TIMEOUT_SECONDS})
+            return
+        task.result()
     except Exception:  # the row is safe in PostgreSQL; the sweeper will find it
         log.warning("could not queue outbox job; the sweeper will", exc_info=True,
                     extra={"outbox_job_id": job_id})

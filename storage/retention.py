@@ -255,7 +255,10 @@ async def purge_idempotency_keys(conn: asyncpg.Connection, *, now: datetime, day
 # definition and window: few, no index needed. A batch record goes once no result points at it
 # (a result skipped because an approval holds it keeps its batch until the next run), so the
 # purge never writes to, nor waits on, a result row; a record with work pending again is
-# unfinished (storage.bonuses.add_requests) and stays.
+# unfinished (storage.bonuses.add_requests) and stays. The results pointing at a batch were
+# calculated by its runs, no later than its finish_time (a recalculation drops the pointer),
+# so only results older than the cutoff need looking at: the few the results purge just
+# left (held by an approval), found through the calculate_time index, not the whole table.
 
 _BONUS_RESULTS_SQL = """
 WITH doomed AS (
@@ -279,7 +282,8 @@ _BONUS_BATCHES_SQL = """
 WITH doomed AS (
     SELECT id FROM bonus_batches b
      WHERE finish_time < $1
-       AND NOT EXISTS (SELECT 1 FROM bonus_results r WHERE r.batch_pk = b.id)
+       AND NOT EXISTS (SELECT 1 FROM bonus_results r
+                        WHERE r.calculate_time < $1 AND r.batch_pk = b.id)
      ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
 gone AS (DELETE FROM bonus_batches b USING doomed WHERE b.id = doomed.id RETURNING b.id)
 SELECT count(*) FROM gone

@@ -31,9 +31,10 @@ from workers.outbox import run_outbox_job, sweep_once
 
 log = logging.getLogger("promo.worker")
 
-# What a lost or restarted Redis raises (redis-py's ConnectionError and TimeoutError are
-# RedisErrors; a refused or reset socket can surface as a bare OSError).
-REDIS_ERRORS = (RedisError, OSError)
+# What a lost or restarted Redis raises: redis-py wraps socket errors in its ConnectionError and
+# TimeoutError, both RedisErrors (a bare OSError is the database's or something else's).
+REDIS_ERRORS = (RedisError,)
+_STARTED = "promo_started"  # set in ctx once on_startup has finished
 _STOPPED = "promo_stopped"  # set in ctx once on_shutdown has run
 
 
@@ -111,6 +112,7 @@ def build_worker(settings: Settings, *, clock: Clock | None = None, burst: bool 
         if run_sweeper:
             ctx["sweeper"] = asyncio.create_task(
                 _sweeper_loop(ctx, settings.sweeper_interval_seconds), name="promo-sweeper")
+        ctx[_STARTED] = True
         log.info("worker started", extra={"queue": settings.queue_name})
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
@@ -176,10 +178,16 @@ class WorkerRunner:
             try:
                 done, _ = await asyncio.wait({task, waiter},
                                              return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # this runner cancelled: the worker stops too
+                await worker.close()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise
             finally:
                 waiter.cancel()
             error = task.exception() if task in done and not task.cancelled() else None
-            started = "settings" in worker.ctx  # on_startup ran: Redis answered
+            started = bool(worker.ctx.get(_STARTED))  # Redis and PostgreSQL both answered
             await worker.close()
             if not task.done():
                 task.cancel()

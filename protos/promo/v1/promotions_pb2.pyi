@@ -891,7 +891,7 @@ Global___GetPromotionReconciliationRequest: _TypeAlias = GetPromotionReconciliat
 @_typing.final
 class ReconciliationRow(_message.Message):
     """ReconciliationRow is one reward type (or "#customers") in one cap window. The "#customers"
-    row (LIFETIME, listed first while a customer cap is set or has counted) counts customers:
+    row (LIFETIME, listed first while a customer cap is set) counts customers:
     granted = customers ever granted, revoked = those whose every grant is revoked, net = the
     customers holding a live grant, matched against the customer cap's counter.
     """
