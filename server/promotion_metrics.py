@@ -43,7 +43,7 @@ SELECT w.n, coalesce(u.used, 0)::float8 AS used
 _POOLS = """
 SELECT p.code, cp.total, cp.allocated, cp.fallback_grants
   FROM code_pools cp JOIN promotions p ON p.id = cp.promotion_id
- WHERE p.id = ANY($1::bigint[])"""
+ WHERE p.id = ANY($1::bigint[]) AND p.code_type = 'PERSONALIZED'"""
 
 
 def _current_windows(promotion: asyncpg.Record, now: datetime

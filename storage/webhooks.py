@@ -146,6 +146,9 @@ class Closing:
     delivery_status: DeliveryStatus | None
     job_status: str  # 'done' or 'dead'
     error: str | None
+    # For the metrics only: a delivery closed before this job came up (UnregisterListener,
+    # CancelCampaign), counted once, by the job that was to attempt it.
+    closed_before: DeliveryStatus | None = None
 
 
 @dataclass(frozen=True)

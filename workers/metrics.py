@@ -57,9 +57,9 @@ def record_deliveries(results: Iterable[repo.AttemptResult],
         DELIVERIES.labels(channel, _OUTCOME[result.new_status]).inc()
         ATTEMPT_SECONDS.labels(channel).observe(result.latency_ms / 1000)
     for closing in closings:
-        if closing.delivery_status is not None:
-            DELIVERIES.labels(closing.work.channel.value.lower(),
-                              _OUTCOME[closing.delivery_status]).inc()
+        status = closing.delivery_status or closing.closed_before
+        if status is not None:
+            DELIVERIES.labels(closing.work.channel.value.lower(), _OUTCOME[status]).inc()
 
 
 def record_batch(claimed: int, seconds: float) -> None:

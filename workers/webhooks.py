@@ -533,8 +533,12 @@ def _close(work: repo.DeliveryWork, now: datetime, settings: Settings) -> repo.C
     if work.delivery_id is None:
         return repo.Closing(work, None, "dead",
                             f"webhook job {work.job_id} points at no webhook delivery")
+    if work.status is DeliveryStatus.CANCELLED and work.outbox_job_id == work.job_id:
+        # Cancelled while this job waited (the listener unregistered, its campaign cancelled):
+        # nothing to do, but this job is the one that counts it.
+        return repo.Closing(work, None, "done", None, closed_before=DeliveryStatus.CANCELLED)
     if work.status is not DeliveryStatus.PENDING or work.outbox_job_id != work.job_id:
-        # Finished, cancelled, or superseded by a redelivery's job: nothing to do.
+        # Finished, or superseded by a redelivery's job: nothing to do.
         return repo.Closing(work, None, "done", None)
     if work.listener_id is None or work.listener_url is None or not work.listener_active:
         unregistered = work.listener_url is None
