@@ -443,6 +443,9 @@ async def test_an_edit_waits_for_the_chunk_being_written_and_the_rest_uses_the_n
     monkeypatch.setattr(repo, "WRITE_CHUNK", 40)
     pk, window, due, ids = await _manual_batch(api, pool, clock, "edit", 100)
     pause = pause_inside_write(monkeypatch, at=1)
+    # The second chunk waits until the edit has committed: otherwise, on a busy machine, its
+    # FOR SHARE can come in between the first chunk's commit and the waiting edit's lock.
+    second = pause_before_write(monkeypatch, at=2)
     batch = asyncio.ensure_future(repo.run_batch(pool, pk, window, now=due))
     await pause.wait(batch)
     edited = asyncio.ensure_future(edit(
@@ -452,6 +455,7 @@ async def test_an_edit_waits_for_the_chunk_being_written_and_the_rest_uses_the_n
     await waits_on_lock(pool, "bonus_definitions", edited)
     pause.release.set()
     assert (await asyncio.wait_for(edited, DEADLINE)).definition.revision == 2
+    second.release.set()
     report = await asyncio.wait_for(batch, DEADLINE)
     assert report.requests == 100
     deposits = {c: deposit_of(i) for i, c in enumerate(ids)}
@@ -493,6 +497,7 @@ async def test_switching_the_approval_mode_mid_batch_applies_from_the_next_chunk
     pk, window, due, _ = await _manual_batch(api, pool, clock, "mode", 100,
                                              approval_mode=before)
     pause = pause_inside_write(monkeypatch, at=1)
+    second = pause_before_write(monkeypatch, at=2)  # until the edit committed (see above)
     batch = asyncio.ensure_future(repo.run_batch(pool, pk, window, now=due))
     await pause.wait(batch)
     edited = asyncio.ensure_future(edit(second_server, "switch", ["approval_mode"],
@@ -500,6 +505,7 @@ async def test_switching_the_approval_mode_mid_batch_applies_from_the_next_chunk
     await waits_on_lock(pool, "bonus_definitions", edited)
     pause.release.set()
     await asyncio.wait_for(edited, DEADLINE)
+    second.release.set()
     await asyncio.wait_for(batch, DEADLINE)
     statuses = await assert_exactly_once(pool, "mode", 100)
     assert statuses == {first_chunk: 40, rest: 60}
