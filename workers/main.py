@@ -179,20 +179,13 @@ class WorkerRunner:
                 done, _ = await asyncio.wait({task, waiter},
                                              return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:  # this runner cancelled: the worker stops too
-                await worker.close()
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _stop_worker(worker, task)
                 raise
             finally:
                 waiter.cancel()
             error = task.exception() if task in done and not task.cancelled() else None
             started = bool(worker.ctx.get(_STARTED))  # Redis and PostgreSQL both answered
-            await worker.close()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await _stop_worker(worker, task)
             if task not in done or error is None:
                 return  # stopped, or a burst worker that finished
             if not isinstance(error, REDIS_ERRORS) or not (started or connected_before):
@@ -206,3 +199,12 @@ class WorkerRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, self.MAX_DELAY_SECONDS)
+
+
+async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
+    """Close the worker (its jobs are cancelled, ``on_shutdown`` runs), then its main task."""
+    await worker.close()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
