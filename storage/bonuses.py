@@ -12,7 +12,10 @@ computes the next ones (see _Writer). Why this is crash-safe:
   mid-way is retried by the outbox and finds only the requests not yet written;
 * the ledger is unique per bonus, events carry dedup keys: nothing is issued or told twice;
 * a session advisory lock per definition keeps two copies of a batch job from computing the same
-  requests at once (the second reports "already running" and the outbox retries it later).
+  requests at once (the second reports "already running" and the outbox retries it later);
+  a second lock per window tells the two cases apart: a copy of the same window's job stands
+  aside (WindowBusy), the next window's job while an earlier one still runs is put off for a
+  few seconds (DefinitionBusy), not for a whole lease.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ PARALLEL_WRITERS = 2
 DEFINITION_CHANGE_RETRIES = 3
 _STATUS_TEXT = {s: s.value for s in BonusStatus}
 _LOCK_CLASS = 7009  # advisory lock namespace: (7009, definition pk)
+_WINDOW_LOCK_CLASS = 7011  # advisory lock namespace: (7011, batch pk mod 2^31 - 1)
 _EVENT_TYPES = {BonusStatus.SKIPPED: EventType.BONUS_SKIPPED,
                 BonusStatus.CALCULATED: EventType.BONUS_CALCULATED,
                 BonusStatus.ISSUED: EventType.BONUS_ISSUED}
@@ -649,6 +653,16 @@ class BatchBusy(Exception):
     """Another worker is computing this definition's batch right now."""
 
 
+class WindowBusy(BatchBusy):
+    """Another run of this very window (a second copy of its job) holds it: whatever it
+    leaves pending is re-armed when it finishes, so this run has nothing to do."""
+
+
+class DefinitionBusy(BatchBusy):
+    """The definition's batch of another window (an earlier one still running, or a re-armed
+    one) holds the definition: this window's requests are not in it, so try again shortly."""
+
+
 async def run_batch(pool: asyncpg.Pool, definition_pk: int, window: datetime, *,
                     now: datetime) -> BatchReport:
     """Compute every pending request of the definition in windows up to ``window``.
@@ -659,41 +673,60 @@ async def run_batch(pool: asyncpg.Pool, definition_pk: int, window: datetime, *,
     started = time.perf_counter()
     report = BatchReport()
     async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_CLASS,
-                                   definition_pk):
-            raise BatchBusy(f"bonus definition {definition_pk} is being computed elsewhere")
+        report.batch_pk = await conn.fetchval(
+            "SELECT id FROM bonus_batches WHERE definition_pk = $1 AND window_start = $2",
+            definition_pk, window)
+        window_key = None if report.batch_pk is None else report.batch_pk % 2147483647
+        if window_key is not None and not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2::int)", _WINDOW_LOCK_CLASS, window_key):
+            raise WindowBusy(f"the batch of bonus definition {definition_pk}, window "
+                             f"{window.isoformat()}, is being computed elsewhere")
         try:
-            report.batch_pk = await conn.fetchval(
-                "SELECT id FROM bonus_batches WHERE definition_pk = $1 AND window_start = $2",
-                definition_pk, window)
-            for attempt in range(1, DEFINITION_CHANGE_RETRIES + 1):
-                row = await get_definition_by_pk(conn, definition_pk)
-                if row is None:
-                    return report
-                report.definition_id = row.definition.definition_id
-                try:
-                    await _compute_and_write(pool, conn, row, window, report, now=now)
-                    break
-                except DefinitionChanged:
-                    # The chunks written before the edit stay (they were committed under the
-                    # old revision, before the edit could commit: a recalculation covers
-                    # them); the rest is computed again with the definition as it is now.
-                    if attempt == DEFINITION_CHANGE_RETRIES:
-                        raise
-            report.duration_ms = round((time.perf_counter() - started) * 1000)
-            if report.batch_pk is not None:
-                await conn.execute(
-                    """UPDATE bonus_batches
-                          SET request_count = request_count + $2,
-                              customer_count = customer_count + $3,
-                              events_read = events_read + $4, duration_ms = duration_ms + $5,
-                              finish_time = $6
-                        WHERE id = $1""",
-                    report.batch_pk, report.requests, report.customers, report.events_read,
-                    report.duration_ms, now)
+            await _run_batch_locked(pool, conn, definition_pk, window, report, started,
+                                    now=now)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_CLASS, definition_pk)
+            if window_key is not None:
+                await conn.execute("SELECT pg_advisory_unlock($1, $2::int)",
+                                   _WINDOW_LOCK_CLASS, window_key)
     return report
+
+
+async def _run_batch_locked(pool: asyncpg.Pool, conn: asyncpg.Connection, definition_pk: int,
+                            window: datetime, report: BatchReport, started: float, *,
+                            now: datetime) -> None:
+    """run_batch under its window's lock: the definition's lock, then the work."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_CLASS,
+                               definition_pk):
+        raise (DefinitionBusy if report.batch_pk is not None else BatchBusy)(
+            f"bonus definition {definition_pk} is being computed elsewhere")
+    try:
+        for attempt in range(1, DEFINITION_CHANGE_RETRIES + 1):
+            row = await get_definition_by_pk(conn, definition_pk)
+            if row is None:
+                return
+            report.definition_id = row.definition.definition_id
+            try:
+                await _compute_and_write(pool, conn, row, window, report, now=now)
+                break
+            except DefinitionChanged:
+                # The chunks written before the edit stay (they were committed under the
+                # old revision, before the edit could commit: a recalculation covers
+                # them); the rest is computed again with the definition as it is now.
+                if attempt == DEFINITION_CHANGE_RETRIES:
+                    raise
+        report.duration_ms = round((time.perf_counter() - started) * 1000)
+        if report.batch_pk is not None:
+            await conn.execute(
+                """UPDATE bonus_batches
+                      SET request_count = request_count + $2,
+                          customer_count = customer_count + $3,
+                          events_read = events_read + $4, duration_ms = duration_ms + $5,
+                          finish_time = $6
+                    WHERE id = $1""",
+                report.batch_pk, report.requests, report.customers, report.events_read,
+                report.duration_ms, now)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_CLASS, definition_pk)
 
 
 async def _compute_and_write(pool: asyncpg.Pool, conn: asyncpg.Connection, row: DefinitionRow,

@@ -176,6 +176,22 @@ async def finish_job(conn: asyncpg.Connection, job_id: int, *, now: datetime) ->
             WHERE id = $1""", job_id, now)
 
 
+async def defer_attempt(conn: asyncpg.Connection, job_id: int, *, attempts: int,
+                        retry_at: datetime, lease_until: datetime | None) -> bool:
+    """Give back an attempt that could not start (what it needs is held by other work) and
+    make the job due again at ``retry_at``; ``lease_until`` keeps the sweeper off the row
+    while the caller's own re-queued copy waits in Redis. Only the attempt counted as
+    ``attempts`` is given back: if another copy finished or moved the row meanwhile, nothing
+    changes and False is returned."""
+    moved: int | None = await conn.fetchval(
+        """UPDATE outbox_jobs
+              SET attempts = greatest(attempts - 1, 0), due_at = $3, locked_until = $4
+            WHERE id = $1 AND status = 'pending' AND attempts = $2
+        RETURNING id""",
+        job_id, attempts, retry_at, lease_until)
+    return moved is not None
+
+
 async def fail_attempt(conn: asyncpg.Connection, job_id: int, *, now: datetime, error: str,
                        retry_at: datetime | None, lease_until: datetime | None = None) -> str:
     """Record a failed attempt: back to pending at ``retry_at``, or dead when out of attempts

@@ -376,14 +376,17 @@ async def cancel_pending_deliveries(conn: asyncpg.Connection, dedup_key: str, *,
                                     why: str) -> int:
     """Cancel the still pending deliveries of the event emitted under ``dedup_key`` (its news
     went stale, e.g. a campaign cancelled while awaiting clearance); returns how many. Their
-    outbox jobs stay: the worker finds the delivery cancelled and does nothing."""
+    outbox jobs stay: the worker finds the delivery cancelled and does nothing. The event is
+    marked withdrawn (``why``), so RedeliverEvent does not send it again either."""
     cancelled: int = await conn.fetchval(
-        """WITH c AS (
+        """WITH e AS (
+               UPDATE webhook_events SET withdrawn = $3 WHERE dedup_key = $1 RETURNING id),
+           c AS (
                UPDATE webhook_deliveries d
                   SET status = 'CANCELLED', update_time = $2,
                       last_error = coalesce(d.last_error || ' / ', '') || $3
-                 FROM webhook_events e
-                WHERE e.dedup_key = $1 AND d.event_id = e.id AND d.status = 'PENDING'
+                 FROM e
+                WHERE d.event_id = e.id AND d.status = 'PENDING'
                RETURNING 1)
            SELECT count(*) FROM c""", dedup_key, now, why)
     return cancelled
@@ -467,11 +470,14 @@ async def redeliver(conn: asyncpg.Connection, delivery_id: int, *, now: datetime
     fresh deadline (run_started_at = now). Returns the delivery and the job id to queue.
 
     A delivered event may be redelivered too (a listener that lost it asks again; it
-    de-duplicates by event id anyway). A pending one is refused: it is already on its way.
+    de-duplicates by event id anyway). A pending one is refused: it is already on its way; so
+    is a withdrawn event (a cancelled campaign's clearance announcement).
     """
     row = await conn.fetchrow(
-        """SELECT d.status, l.id AS listener, l.active
-             FROM webhook_deliveries d LEFT JOIN webhook_listeners l ON l.id = d.listener_id
+        """SELECT d.status, l.id AS listener, l.active, e.withdrawn
+             FROM webhook_deliveries d
+             JOIN webhook_events e ON e.id = d.event_id
+             LEFT JOIN webhook_listeners l ON l.id = d.listener_id
             WHERE d.id = $1 FOR UPDATE OF d""", delivery_id)
     if row is None:
         raise _delivery_not_found(delivery_id)
@@ -481,6 +487,10 @@ async def redeliver(conn: asyncpg.Connection, delivery_id: int, *, now: datetime
         raise FailedPrecondition(
             f"delivery {delivery_id} is {status.value}: it is already on its way; see its "
             "next attempt time", reason="DELIVERY_PENDING", metadata=meta)
+    if row["withdrawn"] is not None:
+        raise FailedPrecondition(
+            f"the event of delivery {delivery_id} was withdrawn ({row['withdrawn']}): its "
+            "news is stale, so it is not sent again", reason="EVENT_WITHDRAWN", metadata=meta)
     if row["listener"] is None:
         raise FailedPrecondition(f"the listener of delivery {delivery_id} was unregistered",
                                  reason="LISTENER_NOT_FOUND", metadata=meta)
@@ -653,7 +663,11 @@ deliveries AS (
                                ELSE d.delivered_at END,
            attempts = CASE WHEN r.counted OR d.attempts <> r.attempt THEN d.attempts
                            ELSE d.attempts - 1 END,
-           last_status_code = r.status_code, last_error = left(r.error, $12),
+           last_status_code = r.status_code,
+           -- A delivery cancelled while its attempt was in flight keeps why it was cancelled
+           -- (the attempt's own error stays in its attempt log).
+           last_error = CASE WHEN r.new_status = 'DELIVERED' OR d.status = 'PENDING'
+                             THEN left(r.error, $12) ELSE d.last_error END,
            last_latency_ms = r.latency_ms, update_time = r.finished_at
       FROM r
      WHERE d.id = r.delivery_id),

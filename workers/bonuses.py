@@ -12,7 +12,7 @@ storage/bonuses.py for why a crash or a second copy of the job cannot lose or do
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from core.clock import Clock
@@ -20,10 +20,13 @@ from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo
 from storage.outbox import OutboxJob
 from storage.queue import queue_after_commit
-from workers.outbox import JobAlreadyRunning
+from workers.outbox import JobAlreadyRunning, JobDeferred
 from workers.registry import PermanentJobError, handler, sweep_hook
 
 log = logging.getLogger("promo.bonuses")
+
+# How long the next window's job waits for an earlier window's batch of the same definition.
+BUSY_RETRY_SECONDS = 5.0
 
 @handler(repo.BATCH_JOB_KIND)
 async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
@@ -39,6 +42,11 @@ async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
         raise RuntimeError("the bonus batch window has not closed yet")
     try:
         report = await repo.run_batch(ctx["pool"], definition_pk, window, now=now)
+    except repo.DefinitionBusy as exc:
+        # An earlier window's batch is still running: its requests are not this window's,
+        # so this window runs right after it, not a whole lease later.
+        raise JobDeferred(str(exc), retry_at=now + timedelta(seconds=BUSY_RETRY_SECONDS)) \
+            from exc
     except repo.BatchBusy as exc:
         raise JobAlreadyRunning(str(exc)) from exc
     log.info("bonus batch done", extra={

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -34,6 +35,9 @@ log = logging.getLogger("promo.worker")
 # What a lost or restarted Redis raises: redis-py wraps socket errors in its ConnectionError and
 # TimeoutError, both RedisErrors (a bare OSError is the database's or something else's).
 REDIS_ERRORS = (RedisError,)
+# How long a stopping worker waits for Redis to delete its health-check key, and again to
+# close its connections.
+REDIS_CLOSE_TIMEOUT_SECONDS = 2.0
 _STARTED = "promo_started"  # set in ctx once on_startup has finished
 _STOPPED = "promo_stopped"  # set in ctx once on_shutdown has run
 
@@ -47,8 +51,9 @@ class PromoWorker(Worker):
     and ended `promo worker` with a traceback and exit code 1 on SIGTERM. Here the tasks are
     cancelled and waited for without raising first, then forgotten, and arq closes as usual.
     An interrupted outbox job is not lost: its row stays pending and is queued again when its
-    lease runs out. A Redis that is gone does not stop the shutdown either (arq's close first
-    deletes its health-check key there): ``on_shutdown`` still runs.
+    lease runs out. A Redis that is gone or stalled does not stop the shutdown either (arq's
+    close first deletes its health-check key there): that waits at most
+    REDIS_CLOSE_TIMEOUT_SECONDS, and ``on_shutdown`` still runs.
     """
 
     async def close(self) -> None:
@@ -66,17 +71,24 @@ class PromoWorker(Worker):
                 if not task.cancelled() and task.exception() is not None:
                     log.error("job task failed while the worker stopped",
                               exc_info=task.exception())
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)  # as arq's close: tells its main loop to end
+        if self._pool is None:
+            return
+        # arq's close, step by step, with Redis's two steps bounded: a Redis that accepts
+        # connections but never answers (stalled, not down) would otherwise hold SIGTERM.
         try:
-            await super().close()
-        except REDIS_ERRORS as exc:
+            await asyncio.wait_for(self._pool.delete(self.health_check_key),
+                                   REDIS_CLOSE_TIMEOUT_SECONDS)
+        except (TimeoutError, *REDIS_ERRORS) as exc:
             log.warning("Redis unreachable while the worker stopped; stopping without it",
                         extra={"error": str(exc) or type(exc).__name__})
-            if self.on_shutdown is not None and not self.ctx.get(_STOPPED):
-                await self.on_shutdown(self.ctx)
-            if self._pool is not None:
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await self._pool.close(close_connection_pool=True)
-                self._pool = None
+        if self.on_shutdown is not None and not self.ctx.get(_STOPPED):
+            await self.on_shutdown(self.ctx)
+        with contextlib.suppress(TimeoutError, *REDIS_ERRORS):
+            await asyncio.wait_for(self._pool.close(close_connection_pool=True),
+                                   REDIS_CLOSE_TIMEOUT_SECONDS)
+        self._pool = None
 
 
 async def _sweeper_loop(ctx: dict[str, Any], interval: float) -> None:

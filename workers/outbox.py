@@ -28,6 +28,16 @@ class JobAlreadyRunning(Exception):
     job started at the same moment): the runner leaves the row to the one running it."""
 
 
+class JobDeferred(Exception):
+    """Raised by a handler that cannot start yet because other work holds what it needs (the
+    batch of an earlier window of the same bonus definition): the attempt is given back, not
+    failed, and the job runs again at ``retry_at``."""
+
+    def __init__(self, reason: str, *, retry_at: datetime) -> None:
+        super().__init__(reason)
+        self.retry_at = retry_at
+
+
 def backoff_seconds(attempt: int, *, base: float, maximum: float,
                     rng: random.Random | None = None) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, times 0.5-1.0."""
@@ -58,6 +68,8 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
         log.info("outbox job already in flight elsewhere; left to it", extra={
             "outbox_job_id": job.id, "kind": job.kind})
         return "already running"
+    except JobDeferred as exc:
+        return await _defer(ctx, job, exc)
     except PermanentJobError as exc:
         async with pool.acquire() as conn:
             await outbox.fail_attempt(conn, job.id, now=clock.now(), error=str(exc),
@@ -97,6 +109,26 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
                                        "attempt": job.attempts,
                                        "ms": round((time.perf_counter() - started) * 1000, 3)})
     return "done"
+
+
+async def _defer(ctx: dict[str, Any], job: outbox.OutboxJob, exc: JobDeferred) -> str:
+    """Put the job off to ``exc.retry_at`` without counting the attempt. Its next run is
+    queued here under an id of its own (the attempt count repeats), so the row stays leased
+    a lease past it: the sweeper takes it over only if that copy is lost."""
+    settings: Settings = ctx["settings"]
+    redis = ctx.get("redis")
+    lease_until = exc.retry_at + job_lease(settings) if redis is not None else None
+    async with ctx["pool"].acquire() as conn:
+        moved = await outbox.defer_attempt(conn, job.id, attempts=job.attempts,
+                                           retry_at=exc.retry_at, lease_until=lease_until)
+    log.info("outbox job put off: what it needs is busy", extra={
+        "outbox_job_id": job.id, "kind": job.kind, "retry_at": exc.retry_at.isoformat(),
+        "reason": str(exc), "moved": moved})
+    if moved and redis is not None:
+        await queue_outbox_job(redis, job_id=job.id, attempts=job.attempts - 1,
+                               due_at=exc.retry_at, queue_name=settings.queue_name,
+                               arming=fresh_arming(exc.retry_at))
+    return "deferred"
 
 
 async def sweep_once(ctx: dict[str, Any]) -> int:

@@ -747,6 +747,66 @@ async def test_second_copies_of_a_held_batch_stand_aside_and_find_nothing_afterw
         "SELECT request_count FROM bonus_batches WHERE definition_pk = $1", pk) == 100
 
 
+async def test_the_next_windows_job_is_put_off_seconds_not_a_lease_while_the_last_one_runs(
+        api: Api, pool: asyncpg.Pool, second_pool: asyncpg.Pool, settings: Settings,
+        clock: FixedClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Window 1's job runs on worker 1 and is held after its first chunk. Window 2's job
+    starts on worker 2: its requests are not window 1's, so it is "deferred" 5 s (the attempt
+    given back, the row due at +5 s and leased a lease past that for its own re-queued copy),
+    instead of answering "already running" and waiting out a 300 s lease. Due again while
+    window 1 still runs, it is put off again; after window 1 finishes it computes window 2:
+    every request once."""
+    monkeypatch.setattr(repo, "WRITE_CHUNK", 40)
+    pk, window, due, ids = await _manual_batch(api, pool, clock, "next", 100,
+                                               approval_mode=pb.APPROVAL_MODE_AUTOMATIC)
+    clock.set(due + timedelta(seconds=1))  # inside the next window
+    second = await request(api, "next", ids[:30], "next-w2", role="admin")
+    window2 = second.window_start.ToDatetime(UTC)
+    assert window2 > window
+    job1, job2 = await batch_job(pool, pk, window), await batch_job(pool, pk, window2)
+    pause = pause_before_write(monkeypatch, at=2)
+    first = asyncio.ensure_future(run_outbox_job(ctx(pool, FixedClock(due), settings), job1))
+    await pause.wait(first)
+    due2 = second.due_time.ToDatetime(UTC)
+    worker2 = FixedClock(due2)
+    assert await run_outbox_job(ctx(second_pool, worker2, settings), job2) == "deferred"
+    row = await pool.fetchrow(
+        "SELECT status, attempts, due_at, locked_until, last_error FROM outbox_jobs WHERE id = $1",
+        job2)
+    assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+    assert row["due_at"] == due2 + timedelta(seconds=5)
+    assert row["locked_until"] is None  # no Redis in this worker: the sweeper queues it
+    worker2.set(due2 + timedelta(seconds=5))
+    assert await run_outbox_job(ctx(second_pool, worker2, settings), job2) == "deferred"
+    assert await pool.fetchval("SELECT attempts FROM outbox_jobs WHERE id = $1", job2) == 0
+    pause.release.set()
+    assert await asyncio.wait_for(first, DEADLINE) == "done"
+    worker2.set(due2 + timedelta(seconds=10))
+    assert await run_outbox_job(ctx(second_pool, worker2, settings), job2) == "done"
+    assert await pool.fetchval("SELECT attempts FROM outbox_jobs WHERE id = $1", job2) == 1
+    assert await pending(pool, pk) == 0
+    assert await assert_exactly_once(pool, "next", 130) == {"ISSUED": 130}
+
+
+async def test_a_deferred_job_never_reopens_a_job_another_copy_finished(
+        pool: asyncpg.Pool) -> None:
+    """storage.outbox.defer_attempt gives back only the attempt it counted: a row another copy
+    finished (or started again) meanwhile is left as it is."""
+    from storage import outbox
+    now = T0
+    job_id = await outbox.add_job(pool, kind="bonus.batch", payload={}, due_at=now)
+    async with pool.acquire() as conn:
+        started = await outbox.start_attempt(conn, job_id, now=now, lease=timedelta(minutes=5))
+        assert started is not None and started.attempts == 1
+        await outbox.finish_job(conn, job_id, now=now)
+        assert not await outbox.defer_attempt(conn, job_id, attempts=1,
+                                              retry_at=now + timedelta(seconds=5),
+                                              lease_until=None)
+        row = await conn.fetchrow("SELECT status, attempts FROM outbox_jobs WHERE id = $1",
+                                  job_id)
+    assert (row["status"], row["attempts"]) == ("done", 1)
+
+
 async def test_a_worker_losing_its_lock_connection_mid_chunk_doubles_nothing(
         api: Api, pool: asyncpg.Pool, second_pool: asyncpg.Pool, clock: FixedClock,
         monkeypatch: pytest.MonkeyPatch) -> None:

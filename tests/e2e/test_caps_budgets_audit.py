@@ -392,7 +392,9 @@ async def test_a_reward_type_maximum_lowered_under_load_applies_from_the_next_gr
     live = await _live(pool, "BOUND")
     assert {r["value"] for r in live} <= {Decimal(15), Decimal(10)}
     assert all(r["value"] == 10 for r in live if r["granted_at"] > t0)
-    assert await _counter(pool, "BOUND", "cashback") == _sum(live) <= 1840
+    # At most the warm-up and all 120 at 15 (the edit may answer after every one of them on a
+    # busy machine), plus the four 10s after it.
+    assert await _counter(pool, "BOUND", "cashback") == _sum(live) <= 121 * 15 + 4 * 10
 
     top_up = await apis.burst("BOUND", (f"t{i}" for i in range(100)))
     assert not _errors(top_up)

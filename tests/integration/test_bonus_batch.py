@@ -145,15 +145,29 @@ async def test_a_second_copy_of_the_batch_waits_for_the_first(pool: asyncpg.Pool
     row = await setup(pool, definition(), 2)
     accepted = await add(pool, row, ["c0", "c1"], "r1")
     assert accepted.outbox_job_id is not None
-    async with pool.acquire() as holder:
+    batch_pk = await pool.fetchval("SELECT id FROM bonus_batches WHERE definition_pk = $1",
+                                   row.pk)
+    async with pool.acquire() as holder:  # what a running copy of this window's job holds
+        await holder.execute("SELECT pg_advisory_lock(7011, $1::int)", batch_pk)
         await holder.execute("SELECT pg_advisory_lock(7009, $1)", row.pk)
-        with pytest.raises(repo.BatchBusy):
+        with pytest.raises(repo.WindowBusy):
             await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=5))
         result = await run_outbox_job(ctx(pool, settings, NOW + timedelta(minutes=5)),
                                       accepted.outbox_job_id)
         assert result == "already running"
+        await holder.execute("SELECT pg_advisory_unlock(7011, $1::int)", batch_pk)
+        # Only the definition held (another window's batch): put off a few seconds.
+        with pytest.raises(repo.DefinitionBusy):
+            await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=5))
+        result = await run_outbox_job(ctx(pool, settings, NOW + timedelta(minutes=5)),
+                                      accepted.outbox_job_id)
+        assert result == "deferred"
         await holder.execute("SELECT pg_advisory_unlock(7009, $1)", row.pk)
     assert await count(pool, "SELECT count(*) FROM bonus_results") == 0
+    # Neither refusal left a lock behind.
+    assert await count(pool, """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                                   AND database = (SELECT oid FROM pg_database
+                                                    WHERE datname = current_database())""") == 0
     report = await repo.run_batch(pool, row.pk, NOW, now=NOW + timedelta(minutes=5))
     assert report.requests == 2
 

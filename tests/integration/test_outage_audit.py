@@ -666,6 +666,47 @@ async def test_a_worker_survives_a_redis_restart_or_exits_with_one_clear_line(
         await listener.stop()
 
 
+async def test_a_worker_stopped_while_redis_is_frozen_stops_within_seconds(
+        settings: Settings, pool: asyncpg.Pool, own_redis: OwnRedis,
+        tmp_path: Path) -> None:
+    """A real `promo worker` process is sent SIGTERM while its Redis is hung (SIGSTOP:
+    connections open, nothing answers). Its shutdown cannot delete arq's health-check key, and
+    waits for that at most workers.main.REDIS_CLOSE_TIMEOUT_SECONDS (2 s) each for the delete
+    and the close: it exits within 15 s, its shutdown ran ("worker stopped") and it says that
+    Redis was unreachable, without a traceback."""
+    s = settings.model_copy(update={"redis_url": own_redis.url})
+    listener = await WebhookListener().start()
+    log_file = tmp_path / "worker.log"
+    redis = await create_arq_pool(RedisSettings.from_dsn(own_redis.url))
+    proc = await _spawn_worker(_env(s), log_file)
+    try:
+        now = datetime.now(UTC)
+        await _add_listener(pool, listener.url, EventType.CAMPAIGN_EXECUTED, now)
+        _, job = await _emit(pool, {"campaign_id": "before"}, now)
+        await queue_after_commit(redis, job_id=job, due_at=now, queue_name=s.queue_name)
+
+        async def ran() -> bool:
+            return await pool.fetchval("SELECT status FROM outbox_jobs WHERE id = $1",
+                                       job) == "done"
+
+        await _until(ran, within=20, what="the worker to run a job")
+        own_redis.freeze()
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+        took = time.monotonic() - began
+        log = log_file.read_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert "worker stopped" in log, log[-3000:]
+        assert "Redis unreachable while the worker stopped" in log, log[-3000:]
+        assert took < 15
+    finally:
+        own_redis.thaw()
+        await _stop(proc)
+        await redis.aclose()
+        await listener.stop()
+
+
 async def test_a_delivery_in_flight_when_redis_died_is_delivered_after_it_is_back(
         settings: Settings, pool: asyncpg.Pool, own_redis: OwnRedis,
         tmp_path: Path) -> None:

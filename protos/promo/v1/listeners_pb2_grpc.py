@@ -153,7 +153,9 @@ class ListenerServiceServicer:
     def RedeliverEvent(self, request, context):
         """Starts a new run of a finished delivery (DELIVERED, FAILED, DEAD or CANCELLED): a fresh
         attempt budget and deadline, the listener's current URL and secret, the same event id and
-        body. A PENDING delivery is refused (FAILED_PRECONDITION). Idempotent on request_id.
+        body. A PENDING delivery is refused (FAILED_PRECONDITION DELIVERY_PENDING), as is an event
+        withdrawn because its news went stale (EVENT_WITHDRAWN: the clearance announcement of a
+        cancelled campaign). Idempotent on request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

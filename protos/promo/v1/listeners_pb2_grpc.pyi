@@ -64,7 +64,9 @@ class ListenerServiceStub:
     RedeliverEvent: _grpc.UnaryUnaryMultiCallable[_listeners_pb2.RedeliverEventRequest, _listeners_pb2.RedeliverEventResponse]
     """Starts a new run of a finished delivery (DELIVERED, FAILED, DEAD or CANCELLED): a fresh
     attempt budget and deadline, the listener's current URL and secret, the same event id and
-    body. A PENDING delivery is refused (FAILED_PRECONDITION). Idempotent on request_id.
+    body. A PENDING delivery is refused (FAILED_PRECONDITION DELIVERY_PENDING), as is an event
+    withdrawn because its news went stale (EVENT_WITHDRAWN: the clearance announcement of a
+    cancelled campaign). Idempotent on request_id.
     """
 
 @_typing.type_check_only
@@ -103,7 +105,9 @@ class ListenerServiceAsyncStub(ListenerServiceStub):
     RedeliverEvent: _aio.UnaryUnaryMultiCallable[_listeners_pb2.RedeliverEventRequest, _listeners_pb2.RedeliverEventResponse]  # type: ignore[assignment]
     """Starts a new run of a finished delivery (DELIVERED, FAILED, DEAD or CANCELLED): a fresh
     attempt budget and deadline, the listener's current URL and secret, the same event id and
-    body. A PENDING delivery is refused (FAILED_PRECONDITION). Idempotent on request_id.
+    body. A PENDING delivery is refused (FAILED_PRECONDITION DELIVERY_PENDING), as is an event
+    withdrawn because its news went stale (EVENT_WITHDRAWN: the clearance announcement of a
+    cancelled campaign). Idempotent on request_id.
     """
 
 class ListenerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -187,7 +191,9 @@ class ListenerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_listeners_pb2.RedeliverEventResponse, _abc.Awaitable[_listeners_pb2.RedeliverEventResponse]]:
         """Starts a new run of a finished delivery (DELIVERED, FAILED, DEAD or CANCELLED): a fresh
         attempt budget and deadline, the listener's current URL and secret, the same event id and
-        body. A PENDING delivery is refused (FAILED_PRECONDITION). Idempotent on request_id.
+        body. A PENDING delivery is refused (FAILED_PRECONDITION DELIVERY_PENDING), as is an event
+        withdrawn because its news went stale (EVENT_WITHDRAWN: the clearance announcement of a
+        cancelled campaign). Idempotent on request_id.
         """
 
 def add_ListenerServiceServicer_to_server(servicer: ListenerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
