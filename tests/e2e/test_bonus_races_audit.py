@@ -49,6 +49,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from arq.jobs import Job
 
 from config.settings import Settings
 from core.clock import FixedClock
@@ -57,8 +58,9 @@ from promo.v1 import customers_pb2 as cpb
 from promo.v1 import customers_pb2_grpc as cpb_grpc
 from promo.v1 import promotions_pb2 as ppb
 from storage import bonuses as repo
-from storage import retention
+from storage import outbox, retention
 from storage.db import create_pool
+from storage.queue import fresh_arming, outbox_job_id
 from tests.conftest import Api, rpc_error_reason
 from tests.e2e.campaign_helpers import ts
 from tests.e2e.test_bonuses_api import create, definition, request, stub
@@ -788,11 +790,39 @@ async def test_the_next_windows_job_is_put_off_seconds_not_a_lease_while_the_las
     assert await assert_exactly_once(pool, "next", 130) == {"ISSUED": 130}
 
 
+async def test_a_deferred_job_queues_its_own_next_run_in_redis(
+        api: Api, pool: asyncpg.Pool, second_pool: asyncpg.Pool, settings: Settings,
+        clock: FixedClock, arq_redis: Any) -> None:
+    """With Redis, the put-off job queues its next run itself, under an arq id of its own
+    (the attempt count repeats), deferred to the retry time; the row stays leased a lease
+    past it, so the sweeper does not queue a second copy unless that one is lost."""
+    pk, _, due, ids = await _manual_batch(api, pool, clock, "nextq", 10,
+                                          approval_mode=pb.APPROVAL_MODE_AUTOMATIC)
+    clock.set(due + timedelta(seconds=1))
+    second = await request(api, "nextq", ids[:3], "nextq-w2", role="admin")
+    job2 = await batch_job(pool, pk, second.window_start.ToDatetime(UTC))
+    due2 = second.due_time.ToDatetime(UTC)
+    worker_ctx = dict(ctx(second_pool, FixedClock(due2), settings), redis=arq_redis)
+    async with pool.acquire() as holder:  # an earlier window's batch holds the definition
+        await holder.execute("SELECT pg_advisory_lock(7009, $1)", pk)
+        try:
+            assert await run_outbox_job(worker_ctx, job2) == "deferred"
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock(7009, $1)", pk)
+    retry_at = due2 + timedelta(seconds=5)
+    row = await pool.fetchrow("SELECT attempts, due_at, locked_until FROM outbox_jobs "
+                              "WHERE id = $1", job2)
+    assert (row["attempts"], row["due_at"]) == (0, retry_at)
+    assert row["locked_until"] == retry_at + timedelta(seconds=settings.job_lease_seconds)
+    arq_id = outbox_job_id(settings.queue_name, job2, 0, fresh_arming(retry_at))
+    info = await Job(arq_id, arq_redis, _queue_name=settings.queue_name).info()
+    assert info is not None and info.args == (job2,)
+
+
 async def test_a_deferred_job_never_reopens_a_job_another_copy_finished(
         pool: asyncpg.Pool) -> None:
     """storage.outbox.defer_attempt gives back only the attempt it counted: a row another copy
     finished (or started again) meanwhile is left as it is."""
-    from storage import outbox
     now = T0
     job_id = await outbox.add_job(pool, kind="bonus.batch", payload={}, due_at=now)
     async with pool.acquire() as conn:
