@@ -142,13 +142,26 @@ SELECT (SELECT count(*) FROM scan) AS scanned, (SELECT max(id) FROM scan) AS las
 
 # Finished jobs only ('done' or 'dead', both stamp finished_at). A pending job is never touched,
 # however old (a campaign due in months). A freed dedup key is never needed again: the keys
-# name a campaign or a batching window that is long past.
+# name a campaign or a batching window that is long past. Except a dead bonus batch whose
+# window still has PENDING requests: the sweeper re-arms the batch of any closed window with
+# pending requests whose job is not there, so purging the dead job would run the failing
+# batch again on its own (and hide it from the dead-job alert). It stays until an operator
+# retries it (or a later window's batch computes those requests as stragglers).
 _OUTBOX_SQL = """
 WITH scan AS (SELECT id, created_at FROM outbox_jobs WHERE id > $1 ORDER BY id LIMIT $3),
 doomed AS (
     SELECT j.id FROM outbox_jobs j
      WHERE j.id IN (SELECT id FROM scan) AND j.status IN ('done', 'dead')
        AND j.finished_at < $2
+       AND NOT (j.status = 'dead' AND j.kind = 'bonus.batch' AND EXISTS (
+               -- storage.outbox.add_job stores the payload object as a JSON string.
+               SELECT 1 FROM (SELECT CASE jsonb_typeof(j.payload)
+                                     WHEN 'string' THEN (j.payload #>> '{}')::jsonb
+                                     ELSE j.payload END AS p) batch
+                 JOIN bonus_requests q
+                   ON q.definition_pk = (batch.p ->> 'definition')::bigint
+                  AND q.window_start = (batch.p ->> 'window_start')::timestamptz
+                  AND q.status = 'PENDING'))
        FOR UPDATE SKIP LOCKED),
 gone AS (DELETE FROM outbox_jobs j USING doomed WHERE j.id = doomed.id RETURNING 1)
 SELECT (SELECT count(*) FROM scan) AS scanned, (SELECT max(id) FROM scan) AS last_id,

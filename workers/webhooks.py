@@ -282,6 +282,7 @@ class Http11Client:
         self._max_idle = max_idle
         self._idle: dict[Origin, list[_Connection]] = {}
         self._targets: dict[str, _Target | None] = {}
+        self._pruned_at = time.monotonic()
         self.fallback = fallback
 
     def _target(self, url: str) -> _Target | None:
@@ -291,10 +292,29 @@ class Http11Client:
             self._targets[url] = _parse_target(url)
         return self._targets[url]
 
+    def _prune(self, now: float) -> None:
+        """Close the idle connections of every origin that are past KEEPALIVE_SECONDS or that
+        the listener closed, and forget origins left with none: a listener no longer posted
+        to (moved, unregistered) would otherwise keep its sockets, in CLOSE_WAIT once it hangs
+        up, for the worker's whole life. At most once per KEEPALIVE_SECONDS."""
+        if now - self._pruned_at < KEEPALIVE_SECONDS:
+            return
+        self._pruned_at = now
+        for origin, idle in list(self._idle.items()):
+            kept = [c for c in idle if c.usable(now)]
+            for conn in idle:
+                if not conn.usable(now):
+                    conn.close()
+            if kept:
+                self._idle[origin] = kept
+            else:
+                del self._idle[origin]
+
     async def _connect(self, origin: Origin) -> tuple[_Connection, bool]:
         """An idle connection to ``origin`` (reused: True) or a new one."""
-        idle = self._idle.get(origin)
         now = time.monotonic()
+        self._prune(now)
+        idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
             if conn.usable(now):
