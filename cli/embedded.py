@@ -28,8 +28,10 @@ Root. PostgreSQL refuses to run as root. Run as root, :class:`EmbeddedPostgres` 
 it is given ``run_as_user`` (the CLI passes PROMO_EMBEDDED_PG_USER): an existing, unprivileged
 user that can traverse every parent folder of PGDATA and of the PostgreSQL install. It then chowns
 ``data_dir/postgres`` (and only that) to the user and runs initdb/pg_ctl as that user, with that
-user's own groups and HOME set to PGDATA. It never creates users and never changes permissions
-outside ``data_dir``: it reports the folders that are in the way and what to do about them.
+user's own groups and HOME set to PGDATA (switching users in a small exec trampoline, see
+``_AS_USER``, not with subprocess's ``user=``/``group=``/``extra_groups=``). It never creates
+users and never changes permissions outside ``data_dir``: it reports the folders that are in the
+way and what to do about them.
 Redis has no such restriction and runs as the current user.
 
 Process hygiene. ``stop()`` is idempotent, leaves no server process behind and is safe to call
@@ -63,6 +65,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -355,6 +358,44 @@ def _with_parents(path: Path) -> list[Path]:
     return [path, *path.parents]
 
 
+# Runs a program as another user: ``python -I -S -c _AS_USER UID GID GROUPS PROGRAM ARG...``
+# (GROUPS comma-separated). The same switch as subprocess's user=/group=/extra_groups= (setgroups,
+# setregid, setreuid, in that order), done in a fresh interpreter instead of in the forked child.
+# With any of user=/group=/extra_groups= (or preexec_fn) CPython's _posixsubprocess must use
+# fork() rather than vfork(), and fork() runs the pthread_atfork handlers of every library loaded
+# in this process: gRPC core's (registered by grpcio even when its Python-side fork support is
+# off) start gRPC EventEngine threads in the child, between fork and exec, on a copy of a busy
+# parent's state. Such a thread can segfault before the exec ("Fatal Python error: Segmentation
+# fault" from the inherited faulthandler, pg_ctl "exit -11"), as in
+# tests/integration/test_outage_audit.py, which stops the embedded PostgreSQL from a thread while
+# a gRPC server in the same process serves calls. Without them subprocess uses vfork(), which
+# runs no atfork handlers. The trampoline restores the signals Python ignores at startup
+# (as subprocess's restore_signals does), so the program starts with the same dispositions.
+_AS_USER = """\
+import os, sys, _signal
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+groups = [int(g) for g in sys.argv[3].split(",") if g]
+for name in ("SIGPIPE", "SIGXFSZ"):
+    if hasattr(_signal, name):
+        _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
+os.setgroups(groups)
+os.setregid(gid, gid)
+os.setreuid(uid, uid)
+try:
+    os.execv(sys.argv[4], sys.argv[4:])
+except OSError as exc:
+    print(f"cannot run {sys.argv[4]}: {exc}", file=sys.stderr)
+    sys.exit(127)
+"""
+
+
+def _as_user(args: list[str], ident: _Identity) -> list[str]:
+    """``args`` run as ``ident`` through the :data:`_AS_USER` trampoline."""
+    groups = ",".join(str(g) for g in ident.groups)
+    return [sys.executable, "-I", "-S", "-c", _AS_USER,
+            str(ident.uid), str(ident.gid), groups, *args]
+
+
 class EmbeddedPostgres:
     """A PostgreSQL 18 server on 127.0.0.1 with its data in ``data_dir/postgres``."""
 
@@ -553,6 +594,12 @@ class EmbeddedPostgres:
 
     def _run(self, args: list[str], ident: _Identity, timeout: float) -> tuple[int, str]:
         # Output goes to a file, not a pipe: a server inheriting the pipe would keep it open.
+        # As root, switch users in the _AS_USER trampoline (it execs the program: the same pid,
+        # so the timeout still kills the program itself), never with subprocess's user=/group=/
+        # extra_groups=: those make subprocess fork() instead of vfork() (see _AS_USER).
+        switch_by_subprocess = ident.switch and not sys.executable  # no interpreter to re-run
+        if ident.switch and not switch_by_subprocess:
+            args = _as_user(args, ident)
         with tempfile.TemporaryFile("w+") as out:
             proc = subprocess.run(
                 args,
@@ -563,9 +610,9 @@ class EmbeddedPostgres:
                 env=self._env(ident),
                 timeout=timeout,
                 check=False,
-                user=ident.uid if ident.switch else None,
-                group=ident.gid if ident.switch else None,
-                extra_groups=list(ident.groups) if ident.switch else None,
+                user=ident.uid if switch_by_subprocess else None,
+                group=ident.gid if switch_by_subprocess else None,
+                extra_groups=list(ident.groups) if switch_by_subprocess else None,
             )
             out.seek(0)
             return proc.returncode, out.read()[-4000:].strip()
