@@ -12,10 +12,12 @@ so a sealed value copied into a column of another use does not open there.
 Rotation: ``SecretBox(keys)`` seals with the first key and opens with any of them. Prepend a new
 key, re-seal the stored values (``promo secrets reseal``), then drop the old key.
 
-A value without the ``enc:`` prefix opens as itself: rows written before encryption was turned
-on, or while no key was configured. A box with no keys (encryption off) still opens those; it
-refuses to seal, and names the key id of any sealed value it meets. Errors never contain the
-secret or a key.
+A value without the ``enc:v<N>:`` prefix opens as itself: rows written before encryption was
+turned on, or while no key was configured. (The API refuses new clear secrets starting with
+``enc:``, but it accepted them before encryption existed: such a legacy ``enc:...`` secret that
+is not ``enc:v<N>:...`` is clear text, not a damaged sealed value.) A box with no keys
+(encryption off) still opens those; it refuses to seal, and names the key id of any sealed
+value it meets. Errors never contain the secret or a key.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
@@ -112,15 +115,20 @@ def parse_keys(value: str) -> list[bytes]:
     return keys
 
 
+# What every sealed value starts with, of this format or a later one (``enc:v2:`` is refused as
+# written by a newer version, not read as clear text).
+_SEALED = re.compile(r"enc:v[0-9]+:")
+
+
 def sealed_key_id(value: str) -> str | None:
     """The key id a stored value was sealed with, or None for a clear value."""
-    if not value.startswith(PREFIX):
+    if not is_sealed(value):
         return None
     return _parse(value)[0]
 
 
 def is_sealed(value: str) -> bool:
-    return value.startswith(PREFIX)
+    return _SEALED.match(value) is not None
 
 
 def _parse(value: str) -> tuple[str, bytes]:
@@ -196,7 +204,7 @@ class SecretBox:
         """The clear text of a stored value: a clear value as is, a sealed one decrypted with
         the key its id names. Raises UnknownKeyError, TamperedSecretError or
         MalformedSecretError (all SecretBoxError)."""
-        if not value.startswith(PREFIX):
+        if not is_sealed(value):
             return value
         kid, blob = _parse(value)
         cipher = self._ciphers.get(kid)

@@ -4,13 +4,21 @@ Why a lock: several servers and workers may start at once against one database; 
 lock makes them queue, and each sees the migrations the first one applied. Each file runs in its
 own transaction and is recorded with a checksum, so an edited, already-applied file is reported
 instead of silently diverging.
+
+Why a lock timeout: a migration's table lock (ALTER TABLE, CREATE INDEX) waiting behind one long
+transaction would make every later statement on that table queue behind it, for as long as that
+transaction lasts: the service would stall on the upgrade. Each file therefore waits at most
+LOCK_TIMEOUT for any one lock; if it cannot get it, its transaction is rolled back (the service's
+statements go ahead) and the file is tried again after a backoff, for up to LOCK_RETRY_SECONDS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -22,6 +30,8 @@ log = logging.getLogger("promo.migrate")
 MIGRATION_LOCK_ID = 0x70726F6D6F5F6D67  # "promo_mg"
 APPLICATION_NAME = "promo-migrate"  # of migrate_dsn's connection, in pg_stat_activity
 FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+LOCK_TIMEOUT = "1s"  # PostgreSQL's lock_timeout for each migration's statements
+LOCK_RETRY_SECONDS = 300.0  # how long a migration keeps trying to get its locks
 
 
 class MigrationError(RuntimeError):
@@ -73,16 +83,38 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                         f"migration {migration.version:04d}_{migration.name}.sql was changed "
                         "after it was applied; add a new migration instead of editing it")
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version, migration.name, migration.checksum)
+            await _apply(conn, migration)
             log.info("applied migration %04d_%s", migration.version, migration.name)
             applied_now.append(migration.version)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     return applied_now
+
+
+async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
+    """One file in its own transaction, its locks waited for at most LOCK_TIMEOUT at a time
+    (see the module's docstring), tried again with a backoff of 0.5 to 8 s."""
+    give_up = time.monotonic() + LOCK_RETRY_SECONDS
+    backoff = 0.5
+    while True:
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version, migration.name, migration.checksum)
+            return
+        except asyncpg.LockNotAvailableError as exc:
+            if time.monotonic() + backoff > give_up:
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name}.sql could not take its "
+                    f"table locks for {LOCK_RETRY_SECONDS:.0f} s: a long transaction holds them "
+                    "(see pg_stat_activity and pg_locks); end it, then start again") from exc
+            log.warning("migration %04d_%s waits for a lock a long transaction holds; trying "
+                        "again in %.1f s", migration.version, migration.name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 8.0)
 
 
 async def migrate_dsn(dsn: str) -> list[int]:

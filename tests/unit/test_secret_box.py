@@ -136,7 +136,6 @@ def test_a_box_without_keys_refuses_to_seal() -> None:
     ("enc:v2:0123abcd:AAAA", "format 'v2', not 'v1'"),
     ("enc:v1:nothex!!:AAAA", "malformed key id"),
     ("enc:v1:0123abcd", "is not enc:v1:<key id>:<data>"),
-    ("enc:", "is not enc:v1:<key id>:<data>"),
     ("enc:v1:0123abcd:@@@@", "is not base64url"),
     ("enc:v1:0123abcd:AAAA", "is truncated"),
 ])
@@ -144,6 +143,17 @@ def test_malformed_sealed_values(value: str, problem: str) -> None:
     with pytest.raises(MalformedSecretError, match=problem):
         SecretBox([NEW]).open(value, purpose=PURPOSE)
     assert issubclass(MalformedSecretError, SecretBoxError)
+
+
+@pytest.mark.parametrize("legacy", ["enc:", "enc:legacy-clear-secret-01", "enc:v:x", "enc:V1:x"])
+def test_a_legacy_clear_secret_starting_with_enc_opens_as_itself(legacy: str) -> None:
+    """The API accepted such secrets before encryption existed (it refuses them now): only
+    enc:v<N>: marks a sealed value."""
+    assert SecretBox([NEW]).open(legacy, purpose=PURPOSE) == legacy
+    assert SecretBox.from_setting(None).open(legacy, purpose=PURPOSE) == legacy
+    assert not is_sealed(legacy) and sealed_key_id(legacy) is None
+    resealed = SecretBox([NEW]).reseal(legacy, purpose=PURPOSE)
+    assert is_sealed(resealed) and SecretBox([NEW]).open(resealed, purpose=PURPOSE) == legacy
 
 
 def test_parse_keys_standard_and_urlsafe_with_or_without_padding() -> None:
