@@ -31,6 +31,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
+from config.settings import load_settings
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADMIN_KEY_FILE = "admin-api-key"  # the file `promo up` writes (cli/main.py)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -77,9 +79,19 @@ class Connection:
             self._channel = None
 
 
+def _data_dir() -> Path:
+    """The data folder as `promo up` resolves it (PROMO_DATA_DIR, or data_dir in
+    PROMO_CONFIG_FILE); settings that do not load (a client machine need not have the
+    server's) fall back to the variable alone."""
+    try:
+        return load_settings().data_dir
+    except Exception:
+        return Path(os.environ.get("PROMO_DATA_DIR") or ".promo-data")
+
+
 def local_admin_key() -> str | None:
     """The admin key `promo up` created in the data folder, when this machine has one."""
-    path = Path(os.environ.get("PROMO_DATA_DIR") or ".promo-data") / ADMIN_KEY_FILE
+    path = _data_dir() / ADMIN_KEY_FILE
     try:
         return path.read_text().strip() or None
     except OSError:

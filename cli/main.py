@@ -8,8 +8,9 @@ import os
 import secrets
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import SecretStr
@@ -48,6 +49,18 @@ def _warn_if_secrets_in_clear(settings: Settings) -> None:
                     "docs/webhooks.md, \"Secrets at rest\"")
 
 
+def _run_or_fail(main: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run(main); a start that cannot go on (cli.runtime.StartupError: an unreachable
+    database or Redis, a port in use) is one line naming the setting, exit status 1."""
+    from cli.runtime import StartupError
+    try:
+        asyncio.run(main)
+    except StartupError as exc:
+        console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True,
+                      highlight=False)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def serve() -> None:
     """Run the gRPC server against PROMO_DATABASE_URL."""
@@ -55,7 +68,7 @@ def serve() -> None:
     settings = _settings()
     _require(settings, "serve", "database_url")
     _warn_if_secrets_in_clear(settings)
-    asyncio.run(run_server(settings))
+    _run_or_fail(run_server(settings))
 
 
 @app.command()
@@ -65,7 +78,7 @@ def worker() -> None:
     settings = _settings()
     _require(settings, "worker", "database_url", "redis_url")
     _warn_if_secrets_in_clear(settings)
-    asyncio.run(run_worker(settings))
+    _run_or_fail(run_worker(settings))
 
 
 def _require(settings: Settings, command: str, *names: str) -> None:
@@ -85,12 +98,17 @@ def _require(settings: Settings, command: str, *names: str) -> None:
 @app.command()
 def migrate() -> None:
     """Apply pending database migrations (safe to run from several processes at once)."""
-    from storage.migrate import migrate_dsn
+    from cli.runtime import StartupError, migrate_or_fail
     settings = _settings()
     if not settings.database_url:
         console.print("[red]PROMO_DATABASE_URL is not set[/red]")
         raise typer.Exit(2)
-    applied = asyncio.run(migrate_dsn(settings.database_url))
+    try:
+        applied = asyncio.run(migrate_or_fail(settings.database_url))
+    except StartupError as exc:
+        console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True,
+                      highlight=False)
+        raise typer.Exit(1) from None
     console.print(f"applied {len(applied)} migration(s): {applied}" if applied
                   else "database is up to date")
 
@@ -149,7 +167,11 @@ def up() -> None:
 
     settings = _settings()
     data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fail(f"PROMO_DATA_DIR: cannot use {data_dir} as the data folder "
+                    f"({exc.strerror or exc})") from None
     overrides: dict[str, object] = {}
     postgres = redis = None
     admin_key: str | None = None
@@ -192,7 +214,7 @@ def up() -> None:
             lines.append("press Ctrl-C to stop")
             print("\n".join(lines), flush=True)
 
-        asyncio.run(run_server(effective, on_ready=ready, with_worker=True))
+        _run_or_fail(run_server(effective, on_ready=ready, with_worker=True))
     except EmbeddedServiceError as exc:
         console.print(f"[red]cannot start the embedded services:[/red] {exc}")
         raise typer.Exit(2) from exc

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable
 
+import asyncpg
 from arq.connections import ArqRedis, RedisSettings
 from arq.connections import create_pool as create_arq_pool
 
@@ -21,18 +23,65 @@ from server.metrics import MetricsEndpoint
 from server.promotion_metrics import register_promotions_collector
 from storage.db import create_pool
 from storage.migrate import migrate_dsn
-from workers.main import WorkerRunner
+from workers.main import REDIS_ERRORS, WorkerRunner
 from workers.metrics import register_outbox_collector
 
 log = logging.getLogger("promo.cli")
 
+# What a database that cannot be reached (or refuses us) raises at connect: socket errors
+# (refused, unknown host, timeout) and asyncpg's (authentication, no such database).
+_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class StartupError(Exception):
+    """A start that cannot go on, as one line naming the setting to look at (never a value:
+    URLs may hold passwords). The CLI prints it as ``error: ...`` and exits with status 1."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def database_unreachable(exc: BaseException) -> StartupError:
+    """The error for a PROMO_DATABASE_URL that cannot be used: the driver's reason only (its
+    messages name host, port, user or database, never the password)."""
+    return StartupError(f"PROMO_DATABASE_URL: cannot connect to PostgreSQL ({_reason(exc)})")
+
+
+async def _database_pool(settings: Settings) -> asyncpg.Pool:
+    assert settings.database_url
+    try:
+        return await create_pool(settings.database_url, min_size=settings.db_pool_min_size,
+                                 max_size=settings.db_pool_max_size,
+                                 command_timeout=settings.db_command_timeout_seconds)
+    except _DATABASE_ERRORS as exc:
+        raise database_unreachable(exc) from exc
+
+
+async def migrate_or_fail(database_url: str) -> list[int]:
+    """storage.migrate.migrate_dsn, with an unreachable database as a StartupError."""
+    try:
+        return await migrate_dsn(database_url)
+    except _DATABASE_ERRORS as exc:
+        raise database_unreachable(exc) from exc
+
 
 def start_metrics(settings: Settings, port: int | None, *,
-                  default_port: int | None = None) -> MetricsEndpoint | None:
+                  default_port: int | None = None,
+                  setting: str = "PROMO_METRICS_PORT") -> MetricsEndpoint | None:
     """The /metrics endpoint on ``port`` (None or 0: off). With only a ``default_port`` (the
-    `promo up` default), a busy port is logged and skipped instead of stopping the start."""
+    `promo up` default), a busy port is logged and skipped instead of stopping the start.
+    ``setting`` names the port's variable in the StartupError of a port that cannot be used."""
     if port:
-        endpoint = MetricsEndpoint(settings.metrics_host, port)
+        try:
+            endpoint = MetricsEndpoint(settings.metrics_host, port)
+        except OSError as exc:
+            unknown_host = isinstance(exc, socket.gaierror)
+            raise StartupError(
+                f"{'PROMO_METRICS_HOST' if unknown_host else setting}: cannot serve metrics on "
+                f"{settings.metrics_host}:{port} ({_reason(exc)})") from exc
     elif port is None and default_port:
         try:
             endpoint = MetricsEndpoint(settings.metrics_host, default_port)
@@ -76,9 +125,7 @@ async def run_server(settings: Settings, *,
         raise RuntimeError("PROMO_DATABASE_URL is not set (or use `promo up`, which starts an "
                            "embedded PostgreSQL when none is configured)")
     stop = _stop_event()
-    pool = await create_pool(settings.database_url, min_size=settings.db_pool_min_size,
-                             max_size=settings.db_pool_max_size,
-                             command_timeout=settings.db_command_timeout_seconds)
+    pool = await _database_pool(settings)
     worker_task: asyncio.Task[None] | None = None
     worker_stop = asyncio.Event()
     endpoint: MetricsEndpoint | None = None
@@ -88,10 +135,18 @@ async def run_server(settings: Settings, *,
         endpoint = start_metrics(settings, settings.metrics_port,
                                  default_port=DEFAULT_UP_METRICS_PORT if with_worker else None)
         if settings.migrate_on_start:  # its own connection: see migrate_dsn
-            await migrate_dsn(settings.database_url)
+            await migrate_or_fail(settings.database_url)
         if settings.redis_url:  # queue outbox jobs at once; without it they wait for the sweeper
             redis = await _arq_client(settings.redis_url)
-        running = await start_server(settings, Dependencies(pool=pool, redis=redis))
+        try:
+            running = await start_server(settings, Dependencies(pool=pool, redis=redis))
+        except RuntimeError as exc:  # grpc's "Failed to bind", or our "could not listen"
+            if "bind" not in str(exc) and "listen" not in str(exc):
+                raise
+            raise StartupError(
+                f"PROMO_GRPC_HOST / PROMO_GRPC_PORT: cannot listen on {settings.grpc_host}:"
+                f"{settings.grpc_port} (the port is in use, or the host is not an address of "
+                "this machine)") from exc
         if endpoint is not None:
             register_promotions_collector(asyncio.get_running_loop(), lambda: pool)
         if with_worker:
@@ -126,13 +181,20 @@ async def run_server(settings: Settings, *,
 async def run_worker(settings: Settings) -> None:
     stop = _stop_event()
     runner = WorkerRunner(settings)
-    endpoint = start_metrics(settings, settings.worker_metrics_port)
+    endpoint = start_metrics(settings, settings.worker_metrics_port,
+                             setting="PROMO_WORKER_METRICS_PORT")
     if endpoint is not None:
         register_outbox_collector(
             asyncio.get_running_loop(),
             lambda: runner.worker.ctx.get("pool") if runner.worker is not None else None)
     try:
         await runner.run(stop)
+    except REDIS_ERRORS as exc:  # only at its first start: later losses are ridden out
+        raise StartupError(f"PROMO_REDIS_URL: cannot connect to Redis ({_reason(exc)})") from exc
+    except _DATABASE_ERRORS as exc:
+        if runner.started:
+            raise
+        raise database_unreachable(exc) from exc
     finally:
         if endpoint is not None:
             endpoint.close()

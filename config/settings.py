@@ -9,13 +9,17 @@ Values come from ``PROMO_*`` environment variables, then from an optional TOML f
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -55,6 +59,11 @@ class ApiKeyConfig(BaseModel):
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError(f"API key {self.name!r}: give exactly one of 'key' or 'key_sha256'")
         if self.key is not None:
+            if self.key.get_secret_value() != self.key.get_secret_value().strip():
+                # A caller's key is stripped when presented (server/auth.py): this one could
+                # never match.
+                raise ValueError(f"API key {self.name!r}: a key must not start or end with "
+                                 "whitespace")
             if len(self.key.get_secret_value()) < MIN_API_KEY_LENGTH:
                 raise ValueError(f"API key {self.name!r}: a key must be at least "
                                  f"{MIN_API_KEY_LENGTH} characters")
@@ -79,10 +88,17 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Upper bounds: a duration past them is a typo (or a unit mistake), and would overflow a date.
+MAX_DAYS_SECONDS = 30 * 86400  # clearance lead, webhook deadline, secret grace
+MAX_RETENTION_DAYS = 3650
+
+
 class Settings(BaseSettings):
     """Every setting of the service; see the README's settings table for the same list."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMO_", extra="ignore", frozen=True)
+    # No inf or nan: an infinite duration passes every lower bound and overflows a timedelta later.
+    model_config = SettingsConfigDict(env_prefix="PROMO_", extra="ignore", frozen=True,
+                                      allow_inf_nan=False)
 
     # Services. Empty means "none configured": `promo up` then starts embedded ones.
     database_url: str | None = None
@@ -96,13 +112,15 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
-    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
+    # Decoded by _api_keys_json, not by pydantic-settings: its JSON error would stop the load
+    # before any other setting is checked (and hide every other bad one).
+    api_keys: Annotated[list[ApiKeyConfig], NoDecode] = Field(default_factory=list)
 
     # PostgreSQL.
     db_pool_min_size: int = Field(default=2, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)
-    db_command_timeout_seconds: float = Field(default=30.0, gt=0)
+    db_command_timeout_seconds: float = Field(default=30.0, gt=0, le=86400)
     migrate_on_start: bool = True
     # GetReward group commit (server/grant_batcher.py): grants of one promotion arriving while
     # earlier ones are in the database go together, at most this many per transaction (1: each
@@ -114,15 +132,15 @@ class Settings(BaseSettings):
     queue_name: str = "promo:queue"
     worker_max_jobs: int = Field(default=20, ge=1)
     job_max_tries: int = Field(default=8, ge=1)
-    job_retry_base_seconds: float = Field(default=1.0, gt=0)
-    job_retry_max_seconds: float = Field(default=300.0, gt=0)
+    job_retry_base_seconds: float = Field(default=1.0, gt=0, le=3600)
+    job_retry_max_seconds: float = Field(default=300.0, gt=0, le=86400)
     sweeper_interval_seconds: int = Field(default=30, ge=1, le=3600)
-    job_lease_seconds: int = Field(default=300, ge=5)
+    job_lease_seconds: int = Field(default=300, ge=5, le=86400)
     # Dynamic bonuses: requests pile up this long and are computed together (seed 004).
     bonus_batch_window_seconds: int = Field(default=300, ge=1, le=86400)
 
     # Campaigns.
-    clearance_lead_seconds: float = Field(default=1800.0, ge=0)
+    clearance_lead_seconds: float = Field(default=1800.0, ge=0, le=MAX_DAYS_SECONDS)
 
     # Webhooks.
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
@@ -130,9 +148,9 @@ class Settings(BaseSettings):
     # retries span 9-18 hours, inside the 24-hour deadline (12 attempts capped at 5 minutes,
     # the old defaults, gave up after 9-19 minutes: a listener down for a deploy lost events).
     webhook_max_attempts: int = Field(default=30, ge=1, le=100)
-    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0)
-    webhook_deadline_seconds: int = Field(default=86400, ge=1)
-    webhook_secret_grace_seconds: int = Field(default=86400, ge=0)
+    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    webhook_deadline_seconds: int = Field(default=86400, ge=1, le=MAX_DAYS_SECONDS)
+    webhook_secret_grace_seconds: int = Field(default=86400, ge=0, le=MAX_DAYS_SECONDS)
     # One worker job claims up to this many due deliveries and sends them together.
     webhook_batch_size: int = Field(default=100, ge=1, le=1000)
     # Sends (HTTP POSTs and e-mails) one worker process has in flight at once.
@@ -151,16 +169,55 @@ class Settings(BaseSettings):
 
     # Retention (storage/retention.py, run hourly by the workers): days a row is kept once it
     # is finished; 0 keeps it forever. Live rows (a pending delivery, an unfinished job) stay.
-    webhook_event_retention_days: int = Field(default=30, ge=0)
-    webhook_delivery_retention_days: int = Field(default=30, ge=0)
-    webhook_attempt_retention_days: int = Field(default=30, ge=0)
-    outbox_job_retention_days: int = Field(default=7, ge=0)
+    webhook_event_retention_days: int = Field(default=30, ge=0, le=MAX_RETENTION_DAYS)
+    webhook_delivery_retention_days: int = Field(default=30, ge=0, le=MAX_RETENTION_DAYS)
+    webhook_attempt_retention_days: int = Field(default=30, ge=0, le=MAX_RETENTION_DAYS)
+    outbox_job_retention_days: int = Field(default=7, ge=0, le=MAX_RETENTION_DAYS)
     # The idempotency code has no expiry of its own (a key answered retries forever); 30 days
     # is far beyond any client's retry window. A retry with an older request id runs again.
-    idempotency_key_retention_days: int = Field(default=30, ge=0)
+    idempotency_key_retention_days: int = Field(default=30, ge=0, le=MAX_RETENTION_DAYS)
     # Dynamic-bonus results, finished requests and batch records: the vendor keeps the approval
     # queue's history 30 days. The bonus ledger (what was issued) is never purged.
-    bonus_result_retention_days: int = Field(default=30, ge=0)
+    bonus_result_retention_days: int = Field(default=30, ge=0, le=MAX_RETENTION_DAYS)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys_json(cls, value: Any) -> Any:
+        if isinstance(value, str | bytes):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("is not valid JSON") from None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _distinct_keys(cls, keys: list[ApiKeyConfig]) -> list[ApiKeyConfig]:
+        seen: dict[str | None, str] = {}
+        for entry in keys:
+            if entry.key_sha256 in seen:
+                # Only one entry could ever match (the server keys them by hash): the other's
+                # roles would be silently lost.
+                raise ValueError(f"API keys {seen[entry.key_sha256]!r} and {entry.name!r} are "
+                                 "the same key; give each entry its own key")
+            seen[entry.key_sha256] = entry.name
+        return keys
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        _check_url(value, ("postgresql", "postgres"), "postgresql://user:password@host:5432/db")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        _check_url(value, ("redis", "rediss", "unix"), "redis://host:6379/0")
+        return value
 
     @field_validator("smtp_host", "smtp_username", "secret_encryption_keys", mode="before")
     @classmethod
@@ -187,6 +244,14 @@ class Settings(BaseSettings):
     def _smtp_complete(cls, value: str | None, info: Any) -> str | None:
         value = value.strip() if value and value.strip() else None
         if info.data.get("smtp_host") is None:
+            given = [name for name, set_ in (
+                ("PROMO_SMTP_USERNAME", info.data.get("smtp_username") is not None),
+                ("PROMO_SMTP_PASSWORD", info.data.get("smtp_password") is not None),
+                ("PROMO_SMTP_FROM", value is not None)) if set_]
+            if given:
+                # Most likely a misspelt or forgotten host: the e-mail channel would be off.
+                raise ValueError(f"{' and '.join(given)} set without PROMO_SMTP_HOST: set the "
+                                 "host of the SMTP relay too (or unset them)")
             return value
         if value is None:
             raise ValueError("PROMO_SMTP_HOST is set: set PROMO_SMTP_FROM too (the sender "
@@ -242,8 +307,34 @@ class Settings(BaseSettings):
         if config_file:
             if not Path(config_file).is_file():
                 raise ValueError(f"PROMO_CONFIG_FILE={config_file} is not a readable file")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            try:
+                toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"PROMO_CONFIG_FILE={config_file} is not valid TOML: "
+                                 f"{exc}") from None
+            unknown = sorted(set(toml.toml_data) - set(settings_cls.model_fields))
+            if unknown:  # a misspelt name would silently keep its default
+                raise ValueError(f"PROMO_CONFIG_FILE={config_file}: unknown setting(s) "
+                                 f"{unknown}; names are the PROMO_ variables' in lower case "
+                                 "without the prefix (README \"Settings\")")
+            sources.append(toml)
         return tuple(sources)
+
+
+def _check_url(value: str, schemes: tuple[str, ...], example: str) -> None:
+    """Refuse a URL the client library could not parse, naming the problem, never the URL
+    (it may hold a password)."""
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise ValueError(f"is not a URL like {example} (bad port or address)") from None
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(f"is not a URL like {example} (the scheme must be "
+                         f"{' or '.join(s + '://' for s in schemes)})")
+    if parts.scheme.lower() != "unix" and not parts.hostname and not parts.path.strip("/") \
+            and "host=" not in parts.query:
+        raise ValueError(f"is not a URL like {example} (no host)")
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -192,6 +192,14 @@ async def defer_attempt(conn: asyncpg.Connection, job_id: int, *, attempts: int,
     return moved is not None
 
 
+async def release_deferred(conn: asyncpg.Connection, job_id: int, *, attempts: int) -> None:
+    """Drop the lease defer_attempt set for a re-queued copy that could not be queued after
+    all: the sweeper then takes the row at its due time (only if nothing moved it since)."""
+    await conn.execute(
+        """UPDATE outbox_jobs SET locked_until = NULL
+            WHERE id = $1 AND status = 'pending' AND attempts = $2""", job_id, attempts)
+
+
 async def fail_attempt(conn: asyncpg.Connection, job_id: int, *, now: datetime, error: str,
                        retry_at: datetime | None, lease_until: datetime | None = None) -> str:
     """Record a failed attempt: back to pending at ``retry_at``, or dead when out of attempts

@@ -159,8 +159,9 @@ doomed AS (
                                      WHEN 'string' THEN (j.payload #>> '{}')::jsonb
                                      ELSE j.payload END AS p) batch
                  JOIN bonus_requests q
-                   ON q.definition_pk = (batch.p ->> 'definition')::bigint
-                  AND q.window_start = (batch.p ->> 'window_start')::timestamptz
+                   ON q.definition_pk = CASE WHEN batch.p ->> 'definition' ~ '^[0-9]{1,18}$'
+                                             THEN (batch.p ->> 'definition')::bigint END
+                  AND q.window_start = promo_try_timestamptz(batch.p ->> 'window_start')
                   AND q.status = 'PENDING'))
        FOR UPDATE SKIP LOCKED),
 gone AS (DELETE FROM outbox_jobs j USING doomed WHERE j.id = doomed.id RETURNING 1)

@@ -474,10 +474,17 @@ async def redeliver(conn: asyncpg.Connection, delivery_id: int, *, now: datetime
     is a withdrawn event (a cancelled campaign's clearance announcement).
     """
     row = await conn.fetchrow(
-        """SELECT d.status, l.id AS listener, l.active, e.withdrawn
+        """SELECT d.status, l.id AS listener, l.active,
+                  -- A campaign cancelled by a server of the version before migration 0027
+                  -- (during a rolling upgrade) did not mark its announcement: ask the campaign.
+                  coalesce(e.withdrawn, CASE WHEN c.status = 'CANCELLED'
+                                             THEN 'campaign cancelled' END) AS withdrawn
              FROM webhook_deliveries d
              JOIN webhook_events e ON e.id = d.event_id
              LEFT JOIN webhook_listeners l ON l.id = d.listener_id
+             LEFT JOIN campaigns c
+               ON c.id = CASE WHEN e.dedup_key ~ '^campaign:[0-9]{1,18}:clearance$'
+                              THEN split_part(e.dedup_key, ':', 2)::bigint END
             WHERE d.id = $1 FOR UPDATE OF d""", delivery_id)
     if row is None:
         raise _delivery_not_found(delivery_id)

@@ -178,6 +178,7 @@ class WorkerRunner:
         self._settings = settings
         self._clock = clock
         self.worker: Worker | None = None  # the current one (metrics read its pool)
+        self.started = False  # some worker of this runner reached Redis and PostgreSQL
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 1.0
@@ -197,6 +198,7 @@ class WorkerRunner:
                 waiter.cancel()
             error = task.exception() if task in done and not task.cancelled() else None
             started = bool(worker.ctx.get(_STARTED))  # Redis and PostgreSQL both answered
+            self.started = self.started or started
             await _stop_worker(worker, task)
             if task not in done or error is None:
                 return  # stopped, or a burst worker that finished

@@ -125,9 +125,15 @@ async def _defer(ctx: dict[str, Any], job: outbox.OutboxJob, exc: JobDeferred) -
         "outbox_job_id": job.id, "kind": job.kind, "retry_at": exc.retry_at.isoformat(),
         "reason": str(exc), "moved": moved})
     if moved and redis is not None:
-        await queue_outbox_job(redis, job_id=job.id, attempts=job.attempts - 1,
-                               due_at=exc.retry_at, queue_name=settings.queue_name,
-                               arming=fresh_arming(exc.retry_at))
+        try:
+            await queue_outbox_job(redis, job_id=job.id, attempts=job.attempts - 1,
+                                   due_at=exc.retry_at, queue_name=settings.queue_name,
+                                   arming=fresh_arming(exc.retry_at))
+        except Exception as error:  # Redis down: the sweeper queues it
+            async with ctx["pool"].acquire() as conn:
+                await outbox.release_deferred(conn, job.id, attempts=job.attempts - 1)
+            log.warning("put-off outbox job not queued; the sweeper queues it at its time",
+                        extra={"outbox_job_id": job.id, "error": str(error)})
     return "deferred"
 
 

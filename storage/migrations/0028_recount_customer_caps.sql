@@ -9,6 +9,15 @@
 -- promotion's counter to what storage.promotions._recount_caps counts: the customers holding a
 -- live grant. Counters already right are not touched.
 
+-- The counter rows first (a grant in flight holds its promotion's row until it commits), then
+-- the count, in a statement of its own: it sees every grant committed before the lock was taken,
+-- and a grant arriving later waits for this migration's commit (as _recount_caps does).
+SELECT 1 FROM cap_usage u
+  JOIN promotions p ON p.id = u.promotion_id AND p.customer_cap IS NOT NULL
+ WHERE u.scope = '#customers'
+ ORDER BY u.promotion_id
+   FOR UPDATE OF u;
+
 UPDATE cap_usage u
    SET used = live.customers, grants = live.customers
   FROM (SELECT p.id, count(c.customer_id) AS customers
