@@ -25,8 +25,10 @@ from workers.registry import PermanentJobError, handler, sweep_hook
 
 log = logging.getLogger("promo.bonuses")
 
-# How long the next window's job waits for an earlier window's batch of the same definition.
+# How long the next window's job waits for an earlier window's batch of the same definition:
+# 5 s at first, a quarter of the time waited so far later, at most a minute.
 BUSY_RETRY_SECONDS = 5.0
+BUSY_RETRY_MAX_SECONDS = 60.0
 
 @handler(repo.BATCH_JOB_KIND)
 async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
@@ -44,9 +46,16 @@ async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
         report = await repo.run_batch(ctx["pool"], definition_pk, window, now=now)
     except repo.DefinitionBusy as exc:
         # An earlier window's batch is still running: its requests are not this window's,
-        # so this window runs right after it, not a whole lease later.
-        raise JobDeferred(str(exc), retry_at=now + timedelta(seconds=BUSY_RETRY_SECONDS)) \
-            from exc
+        # so this window runs right after it, not a whole lease later. The wait between
+        # tries grows with the time waited (5 s, up to a minute), and past a job lease it is
+        # logged: a holder that hangs would otherwise put this job off unnoticed.
+        waited = (now - end).total_seconds()
+        if waited > ctx["settings"].job_lease_seconds:
+            log.warning("bonus batch waits for another batch of its definition", extra={
+                "definition_pk": definition_pk, "window_start": window.isoformat(),
+                "waited_s": round(waited)})
+        delay = min(max(BUSY_RETRY_SECONDS, waited / 4), BUSY_RETRY_MAX_SECONDS)
+        raise JobDeferred(str(exc), retry_at=now + timedelta(seconds=delay)) from exc
     except repo.BatchBusy as exc:
         raise JobAlreadyRunning(str(exc)) from exc
     log.info("bonus batch done", extra={

@@ -819,6 +819,42 @@ async def test_a_deferred_job_queues_its_own_next_run_in_redis(
     assert info is not None and info.args == (job2,)
 
 
+async def test_a_long_wait_for_another_batch_grows_its_retry_and_is_logged(
+        api: Api, pool: asyncpg.Pool, second_pool: asyncpg.Pool, settings: Settings,
+        clock: FixedClock, caplog: pytest.LogCaptureFixture) -> None:
+    """The definition held (a batch that hangs): the put-off job's next try is a quarter of
+    the time waited since its window closed, at most 60 s, and once it has waited longer than
+    a job lease each try logs a warning naming the definition and the wait."""
+    pk, _, due, ids = await _manual_batch(api, pool, clock, "hung", 5,
+                                          approval_mode=pb.APPROVAL_MODE_AUTOMATIC)
+    clock.set(due + timedelta(seconds=1))
+    second = await request(api, "hung", ids[:2], "hung-w2", role="admin")
+    job2 = await batch_job(pool, pk, second.window_start.ToDatetime(UTC))
+    due2 = second.due_time.ToDatetime(UTC)
+    lease = settings.job_lease_seconds
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock(7009, $1)", pk)
+        try:
+            for waited, expected in ((100, 25), (lease + 100, 60)):
+                worker = FixedClock(due2 + timedelta(seconds=waited))
+                with caplog.at_level("WARNING", logger="promo.bonuses"):
+                    caplog.clear()
+                    assert await run_outbox_job(ctx(second_pool, worker, settings),
+                                                job2) == "deferred"
+                row = await pool.fetchrow("SELECT due_at, attempts FROM outbox_jobs "
+                                          "WHERE id = $1", job2)
+                assert row["due_at"] == worker.now() + timedelta(seconds=expected)
+                assert row["attempts"] == 0
+                warned = [r for r in caplog.records
+                          if r.getMessage() == "bonus batch waits for another batch of its "
+                                               "definition"]
+                assert len(warned) == (1 if waited > lease else 0)
+                if warned:
+                    assert (warned[0].definition_pk, warned[0].waited_s) == (pk, waited)
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock(7009, $1)", pk)
+
+
 async def test_a_deferred_job_never_reopens_a_job_another_copy_finished(
         pool: asyncpg.Pool) -> None:
     """storage.outbox.defer_attempt gives back only the attempt it counted: a row another copy
