@@ -24,6 +24,7 @@ from promo.v1 import codes_pb2_grpc as pb_grpc
 from server.auth import current_principal
 from server.convert import required_id, timestamp
 from server.deps import Dependencies
+from server.grant_batcher import DEADLOCK_ATTEMPTS
 from server.promotion_convert import inventory_to_pb
 from storage import code_pools
 from storage import promotions as promotions_repo
@@ -103,7 +104,13 @@ class CodePoolServicer(pb_grpc.CodePoolServiceServicer):
         digest = hashlib.sha256(promotion_code.encode() + b"\0" + data).digest()
         queued: list[int] = []
 
+        uploaded: list[dict[str, object]] = []
+
         async def work(conn: asyncpg.Connection) -> bytes:
+            # Run again after a deadlock (grants racing the pool's alert check): only what the
+            # committed run did counts.
+            queued.clear()
+            uploaded.clear()
             # FOR SHARE: an UpdatePromotion setting the fallback code to one of these codes
             # waits for this upload and then sees them (and refuses), or goes first and this
             # upload reads its new fallback code (and refuses the file).
@@ -117,17 +124,18 @@ class CodePoolServicer(pb_grpc.CodePoolServiceServicer):
                 queued.extend(await code_pools.dispatch_alerts(conn, now))
             inventory = await code_pools.inventory(conn, stored.id)
             assert inventory is not None
-            log.info("codes uploaded", extra={"promotion_code": promotion_code,
-                                              "upload_id": upload_id,
-                                              "codes": len(codes.codes), "bytes": len(data),
-                                              "available": inventory.available})
+            uploaded.append({"promotion_code": promotion_code, "upload_id": upload_id,
+                             "codes": len(codes.codes), "bytes": len(data),
+                             "available": inventory.available})
             return pb.UploadCodesResponse(
                 upload_id=str(upload_id), codes_added=len(codes.codes),
                 inventory=inventory_to_pb(inventory)).SerializeToString()
 
         raw = await run_once(self._deps.pool, scope="UploadCodes",
                              caller=current_principal.get().name, request_id=request_id,
-                             request_hash=digest, work=work)
+                             request_hash=digest, work=work, deadlock_attempts=DEADLOCK_ATTEMPTS)
+        for fields in uploaded:  # empty for a replayed request
+            log.info("codes uploaded", extra=fields)
         for job_id in queued:
             await queue_after_commit(self._deps.redis, job_id=job_id, due_at=now,
                                      queue_name=self._deps.queue_name)

@@ -192,12 +192,14 @@ async def defer_attempt(conn: asyncpg.Connection, job_id: int, *, attempts: int,
     return moved is not None
 
 
-async def release_deferred(conn: asyncpg.Connection, job_id: int, *, attempts: int) -> None:
-    """Drop the lease defer_attempt set for a re-queued copy that could not be queued after
-    all: the sweeper then takes the row at its due time (only if nothing moved it since)."""
+async def release_requeue_lease(conn: asyncpg.Connection, job_id: int, *,
+                                lease_until: datetime) -> None:
+    """Drop the lease ``lease_until`` that was set for a copy queued under an id of its own
+    (a put-off job, a webhook send not made) when that copy could not be queued after all: the
+    sweeper then takes the row at its due time. A row whose lease changed since is left be."""
     await conn.execute(
         """UPDATE outbox_jobs SET locked_until = NULL
-            WHERE id = $1 AND status = 'pending' AND attempts = $2""", job_id, attempts)
+            WHERE id = $1 AND status = 'pending' AND locked_until = $2""", job_id, lease_until)
 
 
 async def fail_attempt(conn: asyncpg.Connection, job_id: int, *, now: datetime, error: str,

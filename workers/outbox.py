@@ -98,10 +98,9 @@ async def run_outbox_job(ctx: dict[str, Any], job_id: int) -> str:
             "outbox_job_id": job.id, "kind": job.kind, "attempt": job.attempts,
             "status": status, "retry_in_s": round(delay, 3), "error": repr(exc)})
         if status == "pending" and ctx.get("redis") is not None:
-            arming = fresh_arming(retry_at) if rearmed else ""
-            await queue_outbox_job(ctx["redis"], job_id=job.id, attempts=job.attempts,
-                                   due_at=retry_at, queue_name=settings.queue_name,
-                                   arming=arming)
+            await _queue_next_run(ctx, job, attempts=job.attempts, due_at=retry_at,
+                                  arming=fresh_arming(retry_at) if rearmed else "",
+                                  lease_until=retry_at + job_lease(settings) if rearmed else None)
         return status
     async with pool.acquire() as conn:
         await outbox.finish_job(conn, job.id, now=clock.now())
@@ -125,16 +124,27 @@ async def _defer(ctx: dict[str, Any], job: outbox.OutboxJob, exc: JobDeferred) -
         "outbox_job_id": job.id, "kind": job.kind, "retry_at": exc.retry_at.isoformat(),
         "reason": str(exc), "moved": moved})
     if moved and redis is not None:
-        try:
-            await queue_outbox_job(redis, job_id=job.id, attempts=job.attempts - 1,
-                                   due_at=exc.retry_at, queue_name=settings.queue_name,
-                                   arming=fresh_arming(exc.retry_at))
-        except Exception as error:  # Redis down: the sweeper queues it
-            async with ctx["pool"].acquire() as conn:
-                await outbox.release_deferred(conn, job.id, attempts=job.attempts - 1)
-            log.warning("put-off outbox job not queued; the sweeper queues it at its time",
-                        extra={"outbox_job_id": job.id, "error": str(error)})
+        assert lease_until is not None
+        await _queue_next_run(ctx, job, attempts=job.attempts - 1, due_at=exc.retry_at,
+                              arming=fresh_arming(exc.retry_at), lease_until=lease_until)
     return "deferred"
+
+
+async def _queue_next_run(ctx: dict[str, Any], job: outbox.OutboxJob, *, attempts: int,
+                          due_at: datetime, arming: str, lease_until: datetime | None) -> None:
+    """Queue the row's next run in Redis. If Redis refuses, the sweeper's turn: the lease set
+    for a copy under an id of its own (``lease_until``) is dropped so that it takes the row at
+    its due time, not a lease later, and the failure is a warning, not the job's error."""
+    try:
+        await queue_outbox_job(ctx["redis"], job_id=job.id, attempts=attempts, due_at=due_at,
+                               queue_name=ctx["settings"].queue_name, arming=arming)
+    except Exception as error:
+        if lease_until is not None:
+            async with ctx["pool"].acquire() as conn:
+                await outbox.release_requeue_lease(conn, job.id, lease_until=lease_until)
+        log.warning("outbox job's next run not queued; the sweeper queues it at its time",
+                    extra={"outbox_job_id": job.id, "kind": job.kind,
+                           "due_at": due_at.isoformat(), "error": str(error)})
 
 
 async def sweep_once(ctx: dict[str, Any]) -> int:

@@ -191,7 +191,9 @@ async def test_an_invalid_setting_does_not_echo_the_smtp_password() -> None:
     """A model-level check fails; the SMTP password in the same settings is not printed."""
     password = "Xy]9-smtp-relay-password"
     code, output = await _promo("migrate", env=_env(
-        PROMO_DB_POOL_MIN_SIZE="20", PROMO_SMTP_PASSWORD=password))
+        PROMO_DB_POOL_MIN_SIZE="20", PROMO_SMTP_HOST="smtp.example.com",
+        PROMO_SMTP_FROM="alerts@example.com", PROMO_SMTP_USERNAME="promo",
+        PROMO_SMTP_PASSWORD=password))
     assert code == 2
     assert output.splitlines() == [
         "invalid settings: PROMO_DB_POOL_MIN_SIZE must not exceed PROMO_DB_POOL_MAX_SIZE"]
