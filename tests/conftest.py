@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from core.clock import FixedClock
 from storage.db import create_pool
 from storage.migrate import migrate
 from tests.database_factory import DatabaseFactory
+from tests.migration_helpers import apply_migrations_up_to
 from tests.webhook_listener import WebhookListener
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -263,3 +264,34 @@ async def listener(clock: FixedClock) -> AsyncIterator[WebhookListener]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def database_at(services: Services) -> AsyncIterator[Callable[[int], Awaitable[str]]]:
+    """``await database_at(n)``: the URL of a new database migrated up to version n (dropped
+    after the test, WITH (FORCE))."""
+    made: list[str] = []
+
+    async def make(version: int) -> str:
+        name = f"promo_up_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(services.database_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        made.append(name)
+        url = with_database(services.database_url, name)
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_migrations_up_to(conn, version)
+        finally:
+            await conn.close()
+        return url
+
+    yield make
+    admin = await asyncpg.connect(services.database_url)
+    try:
+        for name in made:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()

@@ -31,8 +31,7 @@ import pwd
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -58,14 +57,12 @@ from server.errors import error_info_of
 from storage import outbox, retention
 from storage.migrate import APPLICATION_NAME, migrate_dsn
 from storage.queue import queue_outbox_job
-from tests.conftest import Api, Services
-from tests.conftest import with_database as db_url
+from tests.conftest import Api
 from tests.e2e.test_bonus_races_audit import _manual_batch, batch_job, ctx
 from tests.e2e.test_state_machine_audit import campaign_in
 from tests.integration.test_upgrade_audit import (
     NOW,
     OLD_GRANT_17,
-    _apply_up_to,
     add_old_promotion,
     add_reward_type,
     reward,
@@ -78,36 +75,6 @@ from workers.retention import purge_retention
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def scratch_db(services: Services) -> AsyncIterator[Callable[[int], Awaitable[str]]]:
-    """``await scratch_db(n)``: a new database migrated up to version n (dropped afterwards)."""
-    made: list[str] = []
-
-    async def make(version: int) -> str:
-        name = f"promo_rv12_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(services.database_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        made.append(name)
-        url = db_url(services.database_url, name)
-        conn = await asyncpg.connect(url)
-        try:
-            await _apply_up_to(conn, version)
-        finally:
-            await conn.close()
-        return url
-
-    yield make
-    admin = await asyncpg.connect(services.database_url)
-    try:
-        for name in made:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
@@ -194,13 +161,13 @@ async def test_dead_batches_with_pending_windows_are_kept_in_both_payload_forms(
 
 
 async def test_0028_recount_is_right_with_a_grant_in_flight(
-        scratch_db: Callable[[int], Awaitable[str]]) -> None:
+        database_at: Callable[[int], Awaitable[str]]) -> None:
     """At 0027, a promotion with a customer cap of 5 whose counter drifted to 0 (pre-0020
     revokes) while customer A holds a live grant. A server of the previous release grants B
     (promo_grant, 17 arguments, unchanged since 0012) and its transaction is still open when
     the first new process migrates; it commits within the migration's 1 s lock timeout. After
     0028 the counter must equal the customers holding a live grant (2)."""
-    url = await scratch_db(27)
+    url = await database_at(27)
     cash = json.dumps([{"reward_type": "cash", "kind": "SINGLE", "value": "1"}])
     conn = await asyncpg.connect(url)
     try:
@@ -253,10 +220,10 @@ async def test_0028_recount_is_right_with_a_grant_in_flight(
 
 
 async def test_0028_recounts_a_drifted_counter_when_nothing_is_in_flight(
-        scratch_db: Callable[[int], Awaitable[str]]) -> None:
+        database_at: Callable[[int], Awaitable[str]]) -> None:
     """The same data without a grant in flight: 0028 sets the counter to the live customers,
     and leaves an uncapped promotion's row alone."""
-    url = await scratch_db(27)
+    url = await database_at(27)
     cash = json.dumps([{"reward_type": "cash", "kind": "SINGLE", "value": "1"}])
     conn = await asyncpg.connect(url)
     try:

@@ -615,55 +615,73 @@ async def test_a_server_started_while_redis_is_down_answers_and_queues_once_redi
 # === 2. A worker whose Redis goes away and comes back ===========================================
 
 
+@dataclass
+class _WorkerProcess:
+    """A real `promo worker` on its own Redis that has run one job (so it is up)."""
+
+    proc: asyncio.subprocess.Process
+    log_file: Path
+    redis: ArqRedis
+    queue_name: str
+
+    async def run_job(self, pool: asyncpg.Pool, campaign_id: str, *, within: float,
+                      what: str) -> None:
+        """Emit an event for the listener, queue its job, wait until the worker ran it."""
+        now = datetime.now(UTC)
+        _, job_id = await _emit(pool, {"campaign_id": campaign_id}, now)
+        await queue_after_commit(self.redis, job_id=job_id, due_at=now,
+                                 queue_name=self.queue_name)
+
+        async def done() -> bool:
+            return await pool.fetchval("SELECT status FROM outbox_jobs WHERE id = $1",
+                                       job_id) == "done"
+
+        await _until(done, within=within, what=what)
+
+
+@contextlib.asynccontextmanager
+async def _worker_up(settings: Settings, pool: asyncpg.Pool, own_redis: OwnRedis,
+                     tmp_path: Path) -> AsyncIterator[_WorkerProcess]:
+    s = settings.model_copy(update={"redis_url": own_redis.url})
+    listener = await WebhookListener().start()  # the real clock, as the worker process
+    redis = await create_arq_pool(RedisSettings.from_dsn(own_redis.url))
+    worker = _WorkerProcess(await _spawn_worker(_env(s), tmp_path / "worker.log"),
+                            tmp_path / "worker.log", redis, s.queue_name)
+    try:
+        await _add_listener(pool, listener.url, EventType.CAMPAIGN_EXECUTED, datetime.now(UTC))
+        await worker.run_job(pool, "before", within=20, what="the worker to run the first job")
+        yield worker
+    finally:
+        own_redis.thaw()
+        await _stop(worker.proc)
+        await redis.aclose()
+        await listener.stop()
+
+
 async def test_a_worker_survives_a_redis_restart_or_exits_with_one_clear_line(
         settings: Settings, pool: asyncpg.Pool, own_redis: OwnRedis,
         tmp_path: Path) -> None:
     """A real `promo worker` process; its Redis restarts. Either it keeps running and runs
     the work queued after Redis is back, or it stops cleanly: its shutdown ran ("worker
     stopped"), and it says in a log line that Redis went away, without a traceback."""
-    s = settings.model_copy(update={"redis_url": own_redis.url})
-    listener = await WebhookListener().start()  # the real clock, as the worker process
-    log_file = tmp_path / "worker.log"
-    redis = await create_arq_pool(RedisSettings.from_dsn(own_redis.url))
-    proc = await _spawn_worker(_env(s), log_file)
-    try:
-        now = datetime.now(UTC)
-        await _add_listener(pool, listener.url, EventType.CAMPAIGN_EXECUTED, now)
-        _, first = await _emit(pool, {"campaign_id": "before"}, now)
-        await queue_after_commit(redis, job_id=first, due_at=now, queue_name=s.queue_name)
-
-        async def done(job_id: int) -> Callable[[], Awaitable[bool]]:
-            async def check() -> bool:
-                return await pool.fetchval("SELECT status FROM outbox_jobs WHERE id = $1",
-                                           job_id) == "done"
-            return check
-
-        await _until(await done(first), within=20, what="the worker to run the first job")
+    async with _worker_up(settings, pool, own_redis, tmp_path) as worker:
         own_redis.stop()
 
         async def exited() -> bool:
-            return proc.returncode is not None
+            return worker.proc.returncode is not None
 
         with contextlib.suppress(AssertionError):
             await _until(exited, within=3, what="the worker to notice")
         own_redis.start()
-        if proc.returncode is None:  # it kept running: it must work again
-            now = datetime.now(UTC)
-            _, second = await _emit(pool, {"campaign_id": "after"}, now)
-            await queue_after_commit(redis, job_id=second, due_at=now,
-                                     queue_name=s.queue_name)
-            await _until(await done(second), within=15,
-                         what="the same worker to run work queued after Redis came back")
-            assert proc.returncode is None
+        if worker.proc.returncode is None:  # it kept running: it must work again
+            await worker.run_job(pool, "after", within=15, what=(
+                "the same worker to run work queued after Redis came back"))
+            assert worker.proc.returncode is None
         else:
-            log = log_file.read_text()
+            log = worker.log_file.read_text()
             assert "Traceback" not in log, log[-3000:]
             assert "worker stopped" in log, log[-3000:]
             assert "redis" in log.lower()
-    finally:
-        await _stop(proc)
-        await redis.aclose()
-        await listener.stop()
 
 
 async def test_a_worker_stopped_while_redis_is_frozen_stops_within_seconds(
@@ -674,37 +692,17 @@ async def test_a_worker_stopped_while_redis_is_frozen_stops_within_seconds(
     waits for that at most workers.main.REDIS_CLOSE_TIMEOUT_SECONDS (2 s) each for the delete
     and the close: it exits within 15 s, its shutdown ran ("worker stopped") and it says that
     Redis was unreachable, without a traceback."""
-    s = settings.model_copy(update={"redis_url": own_redis.url})
-    listener = await WebhookListener().start()
-    log_file = tmp_path / "worker.log"
-    redis = await create_arq_pool(RedisSettings.from_dsn(own_redis.url))
-    proc = await _spawn_worker(_env(s), log_file)
-    try:
-        now = datetime.now(UTC)
-        await _add_listener(pool, listener.url, EventType.CAMPAIGN_EXECUTED, now)
-        _, job = await _emit(pool, {"campaign_id": "before"}, now)
-        await queue_after_commit(redis, job_id=job, due_at=now, queue_name=s.queue_name)
-
-        async def ran() -> bool:
-            return await pool.fetchval("SELECT status FROM outbox_jobs WHERE id = $1",
-                                       job) == "done"
-
-        await _until(ran, within=20, what="the worker to run a job")
+    async with _worker_up(settings, pool, own_redis, tmp_path) as worker:
         own_redis.freeze()
         began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 15)
+        worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.proc.wait(), 15)
         took = time.monotonic() - began
-        log = log_file.read_text()
+        log = worker.log_file.read_text()
         assert "Traceback" not in log, log[-3000:]
         assert "worker stopped" in log, log[-3000:]
         assert "Redis unreachable while the worker stopped" in log, log[-3000:]
         assert took < 15
-    finally:
-        own_redis.thaw()
-        await _stop(proc)
-        await redis.aclose()
-        await listener.stop()
 
 
 async def test_a_delivery_in_flight_when_redis_died_is_delivered_after_it_is_back(

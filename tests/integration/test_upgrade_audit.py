@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -65,7 +64,6 @@ from storage.bonuses import _definition_values
 from storage.db import _init_connection, create_pool
 from storage.migrate import APPLICATION_NAME, load_migrations, migrate_dsn
 from tests.conftest import ADMIN_KEY, LISTENER_KEY, RUNTIME_KEY, Services, serving_api
-from tests.conftest import with_database as db_url
 from tests.webhook_listener import WebhookListener
 from workers import bonuses as _bonus_jobs  # noqa: F401  registers the bonus.batch handler
 from workers import campaigns as _campaign_jobs  # noqa: F401  registers campaign.* handlers
@@ -94,54 +92,6 @@ OLD_GRANT_17 = ("SELECT * FROM promo_grant($1, $2, $3, $4, $5, $6::text::jsonb, 
 
 
 # --- scratch databases at an old version -----------------------------------------------------
-
-
-async def _apply_up_to(conn: asyncpg.Connection, version: int) -> None:
-    """Apply migrations 0001..``version`` and record them as storage/migrate.py does (same
-    table, same name and checksum), each file in its own transaction."""
-    await conn.execute(
-        """CREATE TABLE IF NOT EXISTS schema_migrations (
-               version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
-               applied_at timestamptz NOT NULL DEFAULT now())""")
-    for migration in load_migrations():
-        if migration.version > version:
-            break
-        async with conn.transaction():
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                migration.version, migration.name, migration.checksum)
-
-
-@pytest.fixture
-async def database_at(services: Services) -> AsyncIterator[Callable[[int], Awaitable[str]]]:
-    """``await database_at(n)``: the URL of a new database migrated up to version n (dropped
-    after the test, WITH (FORCE))."""
-    made: list[str] = []
-
-    async def make(version: int) -> str:
-        name = f"promo_up_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(services.database_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        made.append(name)
-        url = db_url(services.database_url, name)
-        conn = await asyncpg.connect(url)
-        try:
-            await _apply_up_to(conn, version)
-        finally:
-            await conn.close()
-        return url
-
-    yield make
-    admin = await asyncpg.connect(services.database_url)
-    try:
-        for name in made:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def upgrade(url: str, from_version: int) -> None:
