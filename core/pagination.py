@@ -39,7 +39,8 @@ def effective_page_size(requested: int, *, default: int = DEFAULT_PAGE_SIZE,
                         maximum: int = MAX_PAGE_SIZE) -> int:
     """0 means the default, above the maximum is lowered to it, negative is an error."""
     if requested < 0:
-        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
+        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE",
+                              metadata={"field": "page_size"})
     if requested == 0:
         return default
     return min(requested, maximum)
@@ -74,14 +75,14 @@ def encode_page_token(after: list[Any], filters: dict[str, Any], *, scope: str =
 
 def _not_ours() -> InvalidArgument:
     return InvalidArgument("page_token is not a token this server issued",
-                           reason="INVALID_PAGE_TOKEN")
+                           reason="INVALID_PAGE_TOKEN", metadata={"field": "page_token"})
 
 
 def _not_this_list() -> InvalidArgument:
     return InvalidArgument(
         "page_token was altered or was issued by another List call; use the next_page_token "
         "of this call's previous page as it was, or start again without a page_token",
-        reason="INVALID_PAGE_TOKEN")
+        reason="INVALID_PAGE_TOKEN", metadata={"field": "page_token"})
 
 
 def _key_part(value: Any, kind: KeyKind) -> Any:
@@ -144,6 +145,6 @@ def decode_page_token(token: str, filters: dict[str, Any], *, key: Sequence[KeyK
         raise InvalidArgument(
             "page_token was issued for different filters; repeat the request with the same "
             "filters or start again without a page_token",
-            reason="INVALID_PAGE_TOKEN",
+            reason="INVALID_PAGE_TOKEN", metadata={"field": "page_token"},
         )
     return PageCursor(after=parts, filters=fingerprint)

@@ -64,6 +64,7 @@ from server.page_tokens import decode_page_token, encode_page_token
 from server.promotion_convert import ROUNDING_FROM_PB, ROUNDING_TO_PB
 from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo
+from storage import customers as customers_repo
 from storage.queue import queue_after_commit
 
 log = logging.getLogger("promo.bonuses")
@@ -702,6 +703,9 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
         filters = {"customer_id": request.customer_id}
         before_pk = _page_before(request.page_token, filters)
         async with self._pool.acquire() as conn:
+            # An unknown customer is NOT_FOUND, as in the other customer-scoped lists (an empty
+            # page would hide a mistyped id).
+            await customers_repo.get(conn, request.customer_id)
             rows = await repo.list_ledger(conn, request.customer_id, before_pk=before_pk,
                                           limit=size + 1)
         page, more = rows[:size], len(rows) > size

@@ -87,7 +87,8 @@ def _personalized(stored: StoredPromotion) -> None:
         raise FailedPrecondition(
             f"promotion {stored.promotion.code} hands out its promotion code; set code_type "
             "CODE_TYPE_PERSONALIZED (in DRAFT or DEACTIVATED) before uploading codes",
-            reason="NOT_PERSONALIZED", metadata={"promotion_code": stored.promotion.code})
+            reason="NOT_PERSONALIZED", metadata={"promotion_code": stored.promotion.code,
+                                                 "status": stored.promotion.status.value})
 
 
 class CodePoolServicer(pb_grpc.CodePoolServiceServicer):

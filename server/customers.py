@@ -19,7 +19,7 @@ from core.money import format_decimal, plain
 from core.pagination import effective_page_size
 from promo.v1 import customers_pb2 as pb
 from promo.v1 import customers_pb2_grpc as pb_grpc
-from server.convert import run_request_once, timestamp, timestamp_problem
+from server.convert import required_id, run_request_once, timestamp, timestamp_problem
 from server.deps import Dependencies
 from server.page_bytes import fit_page
 from server.page_tokens import decode_page_token, encode_page_token
@@ -225,6 +225,7 @@ class CustomerServicer(pb_grpc.CustomerServiceServicer):
 
 
 def _check_customer_id(customer_id: str) -> None:
+    required_id(customer_id, "customer_id")
     problem = domain.customer_id_problem(customer_id)
     if problem is not None:
         raise InvalidArgument(problem, reason="INVALID_ID", metadata={"field": "customer_id"})

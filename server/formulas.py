@@ -31,7 +31,7 @@ from core.periods import (
 from core.rounding import RoundingMode
 from promo.v1 import formulas_pb2 as pb
 from promo.v1 import formulas_pb2_grpc as pb_grpc
-from server.convert import read_timestamp, timestamp
+from server.convert import read_timestamp, required_id, timestamp
 from server.deps import Dependencies
 from server.promotion_convert import ROUNDING_FROM_PB
 from storage import aggregates as aggregates_repo
@@ -154,6 +154,7 @@ class FormulaServicer(pb_grpc.FormulaServiceServicer):
             cap_amount=parse_decimal(request.cap_amount, field="cap_amount", allow_empty=True),
             min_allowed=parse_decimal(request.min_allowed, field="min_allowed",
                                       allow_empty=True))
+        required_id(request.customer_id, "customer_id")
         now = self._deps.clock.now()
         response = pb.DryRunFormulaResponse()
         async with self._deps.pool.acquire() as conn:

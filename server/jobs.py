@@ -44,7 +44,7 @@ def _job_id(value: str) -> int:
     if (not value.isascii() or not value.isdigit() or len(value) > 19
             or not 0 < int(value) <= _MAX_JOB_ID):
         raise InvalidArgument(f"job_id must be a positive integer, got {value[:40]!r}",
-                              reason="INVALID_JOB_ID", metadata={"field": "job_id"})
+                              reason="INVALID_ID", metadata={"field": "job_id"})
     return int(value)
 
 

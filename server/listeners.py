@@ -103,9 +103,13 @@ def _channel(value: int, *, field: str) -> Channel:
 
 
 def _id(value: int, field: str) -> int:
-    if value <= 0:
-        raise InvalidArgument(f"{field} is required (a positive id)",
-                              reason=f"INVALID_{field.split('.')[-1].upper()}",
+    """A listener or delivery id: 0 (unset) is MISSING_FIELD and a negative one INVALID_ID,
+    as for every other id field."""
+    if value == 0:
+        raise InvalidArgument(f"{field} is required (a positive id)", reason="MISSING_FIELD",
+                              metadata={"field": field})
+    if value < 0:
+        raise InvalidArgument(f"{field} must be a positive id", reason="INVALID_ID",
                               metadata={"field": field})
     return value
 

@@ -139,6 +139,9 @@ def _customer_id(value: str) -> str:
 
 
 def _promotion_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("personalized_promotion_id is required", reason="MISSING_FIELD",
+                              metadata={"field": "personalized_promotion_id"})
     return domain.validate_backend_id(value, field="personalized_promotion_id")
 
 

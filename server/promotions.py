@@ -234,7 +234,8 @@ class PromotionServicer(pb_grpc.PromotionServiceServicer):
         required_id(code, "promotion_code")
         async def work(conn: asyncpg.Connection) -> pb.Promotion:
             stored = await repo.get(conn, code, for_update=True)
-            domain.check_transition(stored.promotion.status, target)
+            domain.check_transition(stored.promotion.status, target,
+                                    code=stored.promotion.code)
             if target is PromotionStatus.ACTIVE:  # reward types may have changed since
                 domain.validate_promotion(stored.promotion,
                                           await _reward_types(conn, stored.promotion))

@@ -38,7 +38,7 @@ from promo.v1 import rewards_pb2 as pb
 from promo.v1 import rewards_pb2_grpc as pb_grpc
 from server.activation_context import loggable_context
 from server.code_alerts import AlertDispatcher
-from server.convert import run_request_once, timestamp
+from server.convert import required_id, run_request_once, timestamp
 from server.deps import Dependencies
 from server.grant_batcher import DEADLOCK_ATTEMPTS, GrantBatcher
 from server.logs import annotate_call
@@ -109,7 +109,9 @@ def _logged(request: pb.GetRewardRequest,
 
 
 def _check_id(value: str, field: str, *, required: bool = True) -> str:
-    if (required and not value) or len(value) > MAX_ID_LENGTH:
+    if required:
+        required_id(value, field)
+    if len(value) > MAX_ID_LENGTH:
         raise InvalidArgument(
             f"{field} is {'required' if required else 'optional'} (1-{MAX_ID_LENGTH} characters)",
             reason="INVALID_ID", metadata={"field": field})
@@ -119,6 +121,7 @@ def _check_id(value: str, field: str, *, required: bool = True) -> str:
 
 
 def _parse_grant_id(value: str) -> int:
+    required_id(value, "grant_id")
     if not _GRANT_ID.fullmatch(value):
         raise InvalidArgument(f"grant_id {value!r} is not a grant id", reason="INVALID_ID",
                               metadata={"field": "grant_id"})

@@ -499,8 +499,10 @@ async def redeliver(conn: asyncpg.Connection, delivery_id: int, *, now: datetime
             f"the event of delivery {delivery_id} was withdrawn ({row['withdrawn']}): its "
             "news is stale, so it is not sent again", reason="EVENT_WITHDRAWN", metadata=meta)
     if row["listener"] is None:
+        # Not LISTENER_NOT_FOUND (NOT_FOUND, for a listener id asked for): the delivery exists;
+        # the state it refers to is what is missing.
         raise FailedPrecondition(f"the listener of delivery {delivery_id} was unregistered",
-                                 reason="LISTENER_NOT_FOUND", metadata=meta)
+                                 reason="LISTENER_UNREGISTERED", metadata=meta)
     if not row["active"]:
         raise FailedPrecondition(
             f"the listener of delivery {delivery_id} is inactive; activate it first",

@@ -283,7 +283,7 @@ def apply_update(current: BonusDefinition, patch: BonusDefinition,
     revision (results of an older revision can be recalculated)."""
     if not paths:
         raise InvalidArgument("update_mask must name at least one field",
-                              reason="INVALID_UPDATE_MASK", metadata={"field": "update_mask"})
+                              reason="EMPTY_UPDATE_MASK", metadata={"field": "update_mask"})
     changes: dict[str, Any] = {}
     for path in paths:
         if path not in UPDATABLE:

@@ -100,7 +100,7 @@ def check_update_mask(paths: Sequence[str], updatable: Sequence[str]) -> list[st
     unknown field, is refused with the path."""
     if not paths:
         raise InvalidArgument("update_mask must name at least one field",
-                              reason="INVALID_UPDATE_MASK", metadata={"field": "update_mask"})
+                              reason="EMPTY_UPDATE_MASK", metadata={"field": "update_mask"})
     for path in paths:
         if path not in updatable:
             raise InvalidArgument(

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from core.catalogue.reward_types import RewardCategory, RewardType
 from core.codes import AlertThreshold, CodeType, validate_code_settings
-from core.errors import FailedPrecondition, InvalidArgument
+from core.errors import FailedPrecondition, InvalidArgument, NotFound
 from core.periods import NOT_ZONES
 
 CODE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -143,8 +143,10 @@ def _validate_reward(index: int, reward: PromotionReward,
     where = f"rewards[{index}]"
     reward_type = reward_types.get(reward.reward_type)
     if reward_type is None:
-        raise _bad(f"{where}.reward_type names no reward type: {reward.reward_type!r}",
-                   "REWARD_TYPE_NOT_FOUND", f"{where}.reward_type")
+        # NOT_FOUND, as GetRewardType's and every other unknown reference in a request body.
+        raise NotFound(f"{where}.reward_type names no reward type: {reward.reward_type!r}",
+                       reason="REWARD_TYPE_NOT_FOUND",
+                       metadata={"field": f"{where}.reward_type", "name": reward.reward_type})
     if reward.kind is RewardKind.SINGLE:
         if reward.value is None:
             raise _bad(f"{where}: a SINGLE reward needs a value", "MISSING_VALUE",
@@ -231,16 +233,21 @@ def validate_promotion(promotion: Promotion,
     return replace(promotion, name=name, rewards=rewards)
 
 
-def check_transition(current: PromotionStatus, target: PromotionStatus) -> None:
+def check_transition(current: PromotionStatus, target: PromotionStatus, *,
+                     code: str = "") -> None:
     if (current, target) not in _TRANSITIONS:
+        metadata = {"status": current.value, "target": target.value}
+        if code:
+            metadata["promotion_code"] = code
         raise FailedPrecondition(
             f"a {current.value} promotion cannot become {target.value}; allowed: DRAFT -> "
             "ACTIVE -> DEACTIVATED -> ACTIVE", reason="INVALID_STATUS_TRANSITION",
-            metadata={"status": current.value, "target": target.value})
+            metadata=metadata)
 
 
 def check_editable(current: Promotion) -> None:
     if current.status is PromotionStatus.ACTIVE:
         raise FailedPrecondition(
             f"promotion {current.code!r} is ACTIVE; deactivate it before editing",
-            reason="PROMOTION_NOT_EDITABLE", metadata={"promotion_code": current.code})
+            reason="PROMOTION_NOT_EDITABLE",
+            metadata={"promotion_code": current.code, "status": current.status.value})

@@ -163,7 +163,7 @@ async def test_bad_rule_edits_are_refused_and_change_nothing(api: Api) -> None:
 
     empty = await refused("empty")
     assert (empty.code(), rpc_error_reason(empty), empty.details()) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE_MASK",
+        grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_UPDATE_MASK",
         "update_mask must name at least one field")
     for path in ("rule_id", "create_time", "evry"):
         error = await refused(f"mask-{path}", path)

@@ -232,7 +232,7 @@ async def test_unknown_promotion_and_bad_input(api: Api) -> None:
     assert rpc_error_reason(err.value) == "PROMOTION_NOT_FOUND"
     await reward_type(api)
     await promotion(api)
-    for kwargs, reason in (({"customer": ""}, "INVALID_ID"),
+    for kwargs, reason in (({"customer": ""}, "MISSING_FIELD"),
                            ({"customer": "c", "request_id": ""}, "INVALID_REQUEST_ID"),
                            # PostgreSQL cannot store NUL: refused up front, not INTERNAL
                            ({"customer": "c\x00d"}, "INVALID_ID"),
@@ -274,7 +274,8 @@ async def test_bad_promotions_are_rejected(api: Api, promo: ppb.Promotion, reaso
     with pytest.raises(grpc.RpcError) as err:
         await stub.CreatePromotion(ppb.CreatePromotionRequest(request_id="c", promotion=promo),
                                    metadata=api.key())
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code() == (grpc.StatusCode.NOT_FOUND if reason == "REWARD_TYPE_NOT_FOUND"
+                                else grpc.StatusCode.INVALID_ARGUMENT)
     assert rpc_error_reason(err.value) == reason
     assert fragment in (err.value.details() or "")
 

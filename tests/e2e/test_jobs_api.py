@@ -160,7 +160,7 @@ async def test_retry_job_refuses_pending_jobs_webhook_deliveries_and_bad_ids(
     for n, bad in enumerate(["abc", "-1", "0", "1.5", "١٢", "9" * 20, "9" * 5000]):
         error = await refused(retry(api, bad, request_id=f"bad-{n}"))
         assert (error.code(), rpc_error_reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                           "INVALID_JOB_ID"), bad
+                                                           "INVALID_ID"), bad
     error = await refused(retry(api, "", request_id="empty"))
     assert (rpc_error_reason(error), error.details()) == ("MISSING_FIELD", "job_id is required")
     # Nothing changed: the pending job is still pending, the dead webhook job still dead.

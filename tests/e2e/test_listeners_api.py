@@ -235,7 +235,7 @@ async def test_unknown_ids_are_not_found_and_missing_ids_invalid(api: Api) -> No
         assert rpc_error_reason(err.value) == reason
     with pytest.raises(grpc.RpcError) as err:
         await stub.GetListener(pb.GetListenerRequest(), metadata=api.key())
-    assert rpc_error_reason(err.value) == "INVALID_LISTENER_ID"
+    assert rpc_error_reason(err.value) == "MISSING_FIELD"
     with pytest.raises(grpc.RpcError) as err:
         await stub.UnregisterListener(pb.UnregisterListenerRequest(listener_id=1),
                                       metadata=api.key())
@@ -299,7 +299,7 @@ async def test_unregister_cancels_pending_deliveries_and_keeps_their_history(
         await stub.RedeliverEvent(pb.RedeliverEventRequest(
             request_id="x", delivery_id=history.deliveries[0].delivery_id), metadata=api.key())
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert rpc_error_reason(err.value) == "LISTENER_NOT_FOUND"
+    assert rpc_error_reason(err.value) == "LISTENER_UNREGISTERED"
 
 
 async def test_list_deliveries_pages_newest_first_with_filters(

@@ -453,7 +453,7 @@ PROMOTION_CASES = [
     Case("PromotionService/CreatePromotion", "admin", _create_promotion, (
         v("the code of an existing promotion (unique conflict of the INSERT)",
           "ALREADY_EXISTS", "PROMOTION_EXISTS", _create_promotion_bad(_code_of)),
-        v("the 3rd of 3 rewards names an unknown reward type", "INVALID_ARGUMENT",
+        v("the 3rd of 3 rewards names an unknown reward type", "NOT_FOUND",
           "REWARD_TYPE_NOT_FOUND", _create_promotion_bad(_third_reward_unknown)),
         v("the 3rd of 3 budget caps has a negative limit", "INVALID_ARGUMENT", "INVALID_DECIMAL",
           _create_promotion_bad(_last_cap_negative)),
@@ -1552,7 +1552,7 @@ JOB_CASES = [
         v("a dead webhook delivery job", "FAILED_PRECONDITION", "USE_REDELIVER_EVENT",
           _retry_bad(lambda w: _job(w, kind=webhooks_repo.DELIVER_KIND, dead=True))),
         v("an unknown job", "NOT_FOUND", "JOB_NOT_FOUND", _retry_bad("99999999")),
-        v("job_id 'abc'", "INVALID_ARGUMENT", "INVALID_JOB_ID", _retry_bad("abc")),
+        v("job_id 'abc'", "INVALID_ARGUMENT", "INVALID_ID", _retry_bad("abc")),
     )),
 ]
 

@@ -48,7 +48,7 @@ Listener and delivery (listeners.proto:28-38, 75-88, 99-100; docs/webhooks.md:18
     delivery: PENDING -> DELIVERED | FAILED | DEAD | CANCELLED (inactive/unregistered listener
     at the attempt); RedeliverEvent: finished -> PENDING; refused while PENDING
     (DELIVERY_PENDING), listener inactive (LISTENER_INACTIVE) or unregistered
-    (LISTENER_NOT_FOUND, as FAILED_PRECONDITION).
+    (LISTENER_UNREGISTERED, FAILED_PRECONDITION).
 
 Grant (rewards.proto:15-17, 112-115): GRANTED --RevokeGrant--> REVOKED (terminal; a repeat is
 an idempotent revoked=false, not a refusal).
@@ -770,7 +770,7 @@ async def test_listener_and_delivery_lifecycle(
     """docs/webhooks.md: an inactive listener gets no new deliveries and its pending ones are
     CANCELLED at their next attempt, without a request; RedeliverEvent starts a new run of a
     finished delivery, refused while PENDING (DELIVERY_PENDING), for an inactive listener
-    (LISTENER_INACTIVE) or an unregistered one (LISTENER_NOT_FOUND), each refusal changing
+    (LISTENER_INACTIVE) or an unregistered one (LISTENER_UNREGISTERED), each refusal changing
     nothing; deactivating an inactive listener is a harmless edit; an unregistered listener is
     gone: updating or unregistering it again is NOT_FOUND, while a retry of the unregistration
     replays its answer."""
@@ -855,7 +855,7 @@ async def test_listener_and_delivery_lifecycle(
     expected = [("NOT_FOUND", "LISTENER_NOT_FOUND"), ("NOT_FOUND", "LISTENER_NOT_FOUND"),
                 # docs/webhooks.md: a redelivery is "refused" (FAILED_PRECONDITION) when its
                 # listener is unregistered, with the reason NOT_FOUND carries elsewhere.
-                ("FAILED_PRECONDITION", "LISTENER_NOT_FOUND")]
+                ("FAILED_PRECONDITION", "LISTENER_UNREGISTERED")]
     for want, call in zip(expected, (lstub.UnregisterListener(lpb.UnregisterListenerRequest(
                      request_id="bye-again", listener_id=lid), metadata=api.key()),
                  lstub.UpdateListener(lpb.UpdateListenerRequest(

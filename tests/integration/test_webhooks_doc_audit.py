@@ -655,7 +655,7 @@ async def test_unregister_keeps_history_and_redelivery_is_listener_not_found(
         api: Api, settings: Settings, pool: asyncpg.Pool, clock: FixedClock,
         hook: WebhookListener) -> None:
     """Doc: UnregisterListener makes pending deliveries CANCELLED; a delivery whose listener
-    is unregistered is refused (LISTENER_NOT_FOUND); the worker makes no request."""
+    is unregistered is refused (LISTENER_UNREGISTERED); the worker makes no request."""
     listener_id = await add_listener(pool, hook.url, now=clock.now())
     emitted = await emit(pool, clock)
     gone = await stub(api).UnregisterListener(pb.UnregisterListenerRequest(

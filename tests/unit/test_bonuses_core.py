@@ -135,7 +135,8 @@ def test_updates_bump_the_revision_only_for_calculation_changes() -> None:
     for paths in ([], ["definition_id"], ["revision"]):
         with pytest.raises(InvalidArgument) as caught:
             apply_update(current, current, paths)
-        assert caught.value.reason == "INVALID_UPDATE_MASK"
+        assert caught.value.reason == ("EMPTY_UPDATE_MASK" if not paths
+                                       else "INVALID_UPDATE_MASK")
 
 
 def _evaluate(formula: str, deposits: str, options: ResultOptions) -> object:
