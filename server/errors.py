@@ -11,6 +11,7 @@
 | ResourceExhausted    | RESOURCE_EXHAUSTED  |
 | Aborted              | ABORTED             |
 | database unreachable | UNAVAILABLE (DATABASE_UNAVAILABLE; logged without a traceback) |
+| database timed out   | UNAVAILABLE (DATABASE_TIMEOUT; a statement over the command timeout) |
 | anything else        | INTERNAL (logged with its traceback, never shown to the caller) |
 
 Two safety nets apply to every RPC. A NUL character (U+0000) that reaches PostgreSQL (which no
@@ -33,6 +34,7 @@ from asyncpg.exceptions import (
     CharacterNotInRepertoireError,
     CrashShutdownError,
     PostgresConnectionError,
+    QueryCanceledError,
     TooManyConnectionsError,
     UntranslatableCharacterError,
 )
@@ -57,11 +59,23 @@ DATABASE_UNAVAILABLE_MESSAGE = ("the database is unreachable; retry later with t
 
 
 def database_unreachable(exc: BaseException) -> bool:
-    """True for the errors of a PostgreSQL outage. Not a TimeoutError: a statement over
-    PROMO_DB_COMMAND_TIMEOUT_SECONDS stays INTERNAL. Redis is never on a call's path (queueing
+    """True for the errors of a PostgreSQL outage. Redis is never on a call's path (queueing
     after commit is best effort), so a ConnectionError here is the database's."""
     return isinstance(exc, _DATABASE_UNREACHABLE) or (
         isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS)
+
+
+DATABASE_TIMEOUT_MESSAGE = ("the database did not answer in time (overloaded, or a lock is "
+                            "held); retry later with the same request_id (a retry never "
+                            "applies a change twice)")
+
+
+def database_timed_out(exc: BaseException) -> bool:
+    """True for a statement over PROMO_DB_COMMAND_TIMEOUT_SECONDS (asyncpg's client-side
+    timeout, or PostgreSQL cancelling it): its transaction is rolled back, so the caller may
+    retry (UNAVAILABLE DATABASE_TIMEOUT), unlike a bug (INTERNAL). Handlers have no other
+    timeouts on a call's path."""
+    return isinstance(exc, TimeoutError | QueryCanceledError)
 
 _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

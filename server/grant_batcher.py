@@ -14,7 +14,9 @@ database goes at once, alone (so one call in flight has the latency of an unbatc
 grants arriving meanwhile queue, and the next batch takes up to ``max_batch`` of them. At most
 ``max_in_flight`` batches per promotion are in the database at a time (more would only queue on
 the same row locks). If a batch fails as a whole (a database error, not a refusal), each of its
-grants is sent again on its own, so one bad grant cannot fail its neighbours.
+grants is sent again on its own, so one bad grant cannot fail its neighbours; not when the
+database timed out or is unreachable: then every grant of the batch gets that error at once.
+A batch whose callers all gave up is cancelled rather than left holding a pool connection.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from server.errors import database_timed_out, database_unreachable
 from server.metrics import GRANT_BATCH_FALLBACKS, GRANT_BATCH_SIZE
 from storage import promotions as repo
 from storage.promotions import GrantOutcome, GrantRequest
@@ -113,17 +116,45 @@ class GrantBatcher:
             if queue.in_flight == 0 and not queue.waiting:
                 self._queues.pop(promotion_id, None)
 
+    async def _grant(self, batch: list[tuple[GrantRequest, asyncio.Future[GrantOutcome]]]
+                     ) -> list[GrantOutcome]:
+        async with self._pool.acquire() as conn:
+            if len(batch) == 1:
+                return [await repo.grant(conn, batch[0][0])]
+            return await repo.grant_many(conn, [r for r, _ in batch])
+
+    async def _grant_unless_abandoned(
+            self, batch: list[tuple[GrantRequest, asyncio.Future[GrantOutcome]]]
+    ) -> list[GrantOutcome] | None:
+        """The batch's outcomes; None when every caller of the batch gave up first (their
+        deadlines ran out while it waited for a connection or a lock): the batch is then
+        cancelled, so that it does not hold a pool connection for nobody. Whatever it had not
+        committed is rolled back; a retry of those calls is answered as usual."""
+        work = asyncio.ensure_future(self._grant(batch))
+
+        def abandoned(_: object) -> None:
+            if not work.done() and all(f.cancelled() for _, f in batch):
+                work.cancel()
+
+        for _, future in batch:
+            future.add_done_callback(abandoned)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if work.cancelled() and current is not None and not current.cancelling():
+                return None  # the callers' futures are cancelled already
+            raise
+
     async def _send(self, batch: list[tuple[GrantRequest, asyncio.Future[GrantOutcome]]],
                     attempt: int = 1) -> None:
         if not batch:
             return
         GRANT_BATCH_SIZE.observe(len(batch))
         try:
-            async with self._pool.acquire() as conn:
-                if len(batch) == 1:
-                    outcomes = [await repo.grant(conn, batch[0][0])]
-                else:
-                    outcomes = await repo.grant_many(conn, [r for r, _ in batch])
+            outcomes = await self._grant_unless_abandoned(batch)
+            if outcomes is None:
+                return
         except asyncio.CancelledError:
             # Shutting down, or a lone grant's own call was cancelled (its deadline fired while
             # the database held it): no waiter may hang. Cancelled, not given the exception: a
@@ -142,6 +173,12 @@ class GrantBatcher:
                     await self._send(batch, attempt + 1)
                     return
                 _settle(batch[0][1], exc)
+                return
+            if database_timed_out(exc) or database_unreachable(exc):
+                # Not the batch's fault, and one by one each would wait as long again (a call
+                # without a deadline waited k + 1 timeouts): every waiter gets the error now.
+                for _, future in batch:
+                    _settle(future, exc)
                 return
             GRANT_BATCH_FALLBACKS.inc()
             log.warning("grant batch failed; sending its grants one by one",

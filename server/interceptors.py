@@ -20,7 +20,9 @@ from grpc import aio
 from core.errors import DomainError, InvalidArgument
 from server.auth import ANONYMOUS, Authenticator, Principal, current_principal
 from server.errors import (
+    DATABASE_TIMEOUT_MESSAGE,
     DATABASE_UNAVAILABLE_MESSAGE,
+    database_timed_out,
     database_unreachable,
     domain_status,
     stored_text_error,
@@ -98,6 +100,12 @@ class ServiceInterceptor(aio.ServerInterceptor):
             log.error("rpc failed: database unreachable", extra={
                 "code": "UNAVAILABLE", "reason": "DATABASE_UNAVAILABLE", "ms": _ms(started),
                 "error": f"{type(exc).__name__}: {exc}"})
+        elif database_timed_out(exc):
+            status = to_status(grpc.StatusCode.UNAVAILABLE, DATABASE_TIMEOUT_MESSAGE,
+                               "DATABASE_TIMEOUT")
+            log.error("rpc failed: database timed out", extra={
+                "code": "UNAVAILABLE", "reason": "DATABASE_TIMEOUT", "ms": _ms(started),
+                "error": type(exc).__name__})
         else:
             status = to_status(grpc.StatusCode.INTERNAL,
                                "internal error; the server log has the details for this "

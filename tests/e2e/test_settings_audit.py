@@ -460,7 +460,8 @@ async def test_serve_uses_pool_timeout_json_logs_grace_and_metrics_and_prints_no
         database_url: str, tmp_path: Path) -> None:
     """A real `promo serve`: README PROMO_DB_POOL_MIN_SIZE "asyncpg pool minimum connections
     per process"; docs/operations.md PROMO_DB_COMMAND_TIMEOUT_SECONDS "Per statement. A
-    statement over it fails the call (INTERNAL) instead of holding the connection";
+    statement over it fails the call (UNAVAILABLE DATABASE_TIMEOUT) instead of holding the
+    connection";
     PROMO_LOG_FORMAT json "one object per line"; PROMO_SHUTDOWN_GRACE_SECONDS; PROMO_METRICS_PORT.
     With PROMO_LOG_LEVEL=DEBUG nothing prints an API key, the secret-encryption key or the
     database password."""
@@ -490,7 +491,7 @@ async def test_serve_uses_pool_timeout_json_logs_grace_and_metrics_and_prints_no
         finally:
             await channel.close()
             await locker.close()
-        assert refused.value.code() == grpc.StatusCode.INTERNAL
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert 0.8 < waited < 5, waited
         status, metrics = await asyncio.to_thread(
             _get, f"http://127.0.0.1:{metrics_port}/metrics")
