@@ -348,7 +348,7 @@ class ListenerServicer(pb_grpc.ListenerServiceServicer):
         size = effective_page_size(request.page_size)
         if request.listener_id < 0:
             raise InvalidArgument("listener_id must not be negative",
-                                  reason="INVALID_LISTENER_ID", metadata={"field": "listener_id"})
+                                  reason="INVALID_ID", metadata={"field": "listener_id"})
         event_id: str | None = None
         if request.event_id:
             try:
