@@ -74,7 +74,7 @@ _ADMIN = ("CreateBonusDefinition", "GetBonusDefinition", "ListBonusDefinitions",
           "UpdateBonusDefinition", "ListBonusResults", "GetBonusResult", "ApproveBonusResults",
           "RejectBonusResults", "RecalculateBonusResults", "ListBonusBatches",
           "ListCustomerBonusLedger", "CreateBonusRule", "GetBonusRule", "ListBonusRules",
-          "CreateBonusSchedule", "ListBonusSchedules", "UpdateBonusRule",
+          "CreateBonusSchedule", "GetBonusSchedule", "ListBonusSchedules", "UpdateBonusRule",
           "UpdateBonusSchedule")
 ROLES = {f"/{SERVICE_NAME}/{m}": {"admin"} for m in _ADMIN}
 ROLES[f"/{SERVICE_NAME}/RequestBonusCalculation"] = {"admin", "runtime"}
@@ -421,6 +421,13 @@ class TriggerServicer:
 
         raw = await run_request_once(self._pool, "CreateBonusSchedule", request, work)
         return pb.CreateBonusScheduleResponse.FromString(raw)
+
+    async def GetBonusSchedule(self, request: pb.GetBonusScheduleRequest,
+                               context: aio.ServicerContext) -> pb.GetBonusScheduleResponse:
+        async with self._pool.acquire() as conn:
+            row = await triggers_repo.get_schedule(
+                conn, required_id(request.schedule_id, "schedule_id"))
+        return pb.GetBonusScheduleResponse(schedule=schedule_to_pb(row))
 
     async def ListBonusSchedules(self, request: pb.ListBonusSchedulesRequest,
                                  context: aio.ServicerContext) -> pb.ListBonusSchedulesResponse:

@@ -813,6 +813,13 @@ def schedule_create(
     _show_schedule(response.schedule, as_json)
 
 
+@schedules_app.command("get")
+def schedule_get(ctx: typer.Context, schedule_id: str, as_json: JsonOpt = False) -> None:
+    """Show a schedule."""
+    _show_schedule(call(ctx, STUB, "GetBonusSchedule",
+                        pb.GetBonusScheduleRequest(schedule_id=schedule_id)).schedule, as_json)
+
+
 @schedules_app.command("list")
 def schedule_list(ctx: typer.Context, page_size: PageSizeOpt = 50,
                   page_token: PageTokenOpt = "", all_pages: AllOpt = False,

@@ -234,6 +234,9 @@ async def test_rules_and_schedules(api: Api, tmp_path: Path) -> None:
         "next_run_time": "2026-11-23T11:00:00Z"}  # Monday 12:00 in Berlin (UTC+1)
     listed = await cli.json("bonuses", "schedules", "list")
     assert [s["schedule_id"] for s in listed["schedules"]] == ["monday"]
+    assert await cli.json("bonuses", "schedules", "get", "monday") == schedule
+    line = await cli.error("bonuses", "schedules", "get", "ghost")
+    assert line == "error: NOT_FOUND: no bonus schedule 'ghost' (BONUS_SCHEDULE_NOT_FOUND)"
     table = await cli.ok("bonuses", "schedules", "list")
     assert "mon 12:00 Europe/Berlin" in table and "1 customer(s)" in table
     assert (await cli.json("bonuses", "schedules", "pause", "monday"))["active"] is False

@@ -1281,6 +1281,8 @@ TARGETS: list[Target] = [
         rule_id="each-bet"))),
     Target("BonusService/ListBonusRules", _static(lambda w: bpb.ListBonusRulesRequest(
         page_size=1))),
+    Target("BonusService/GetBonusSchedule", _static(lambda w: bpb.GetBonusScheduleRequest(
+        schedule_id="daily"))),
     Target("BonusService/UpdateBonusRule", _rid_fresh(lambda w, n: bpb.UpdateBonusRuleRequest(
         request_id=rid(n), rule=rule_request("each-bet").rule, update_mask=mask(
             "event_kind", "filter", "every", "qualification_kind", "qualification_min_amount",

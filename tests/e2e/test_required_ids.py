@@ -31,6 +31,8 @@ CALLS: list[tuple[Any, str, Message, str]] = [
      "definition_id"),
     (bpb_grpc.BonusServiceStub, "GetBonusResult", bpb.GetBonusResultRequest(), "bonus_id"),
     (bpb_grpc.BonusServiceStub, "GetBonusRule", bpb.GetBonusRuleRequest(), "rule_id"),
+    (bpb_grpc.BonusServiceStub, "GetBonusSchedule", bpb.GetBonusScheduleRequest(),
+     "schedule_id"),
     (cpb_grpc.CampaignServiceStub, "GetCampaign", cpb.GetCampaignRequest(), "campaign_id"),
     (cpb_grpc.CampaignServiceStub, "GetCampaignReconciliation",
      cpb.GetCampaignReconciliationRequest(), "campaign_id"),

@@ -1449,6 +1449,45 @@ class CreateBonusScheduleResponse(_message.Message):
 Global___CreateBonusScheduleResponse: _TypeAlias = CreateBonusScheduleResponse  # noqa: Y015
 
 @_typing.final
+class GetBonusScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBonusScheduleRequest: _TypeAlias = GetBonusScheduleRequest  # noqa: Y015
+
+@_typing.final
+class GetBonusScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___BonusSchedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___BonusSchedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBonusScheduleResponse: _TypeAlias = GetBonusScheduleResponse  # noqa: Y015
+
+@_typing.final
 class ListBonusSchedulesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -122,6 +122,11 @@ class BonusServiceStub:
                 request_serializer=promo_dot_v1_dot_bonuses__pb2.CreateBonusScheduleRequest.SerializeToString,
                 response_deserializer=promo_dot_v1_dot_bonuses__pb2.CreateBonusScheduleResponse.FromString,
                 _registered_method=True)
+        self.GetBonusSchedule = channel.unary_unary(
+                '/promo.v1.BonusService/GetBonusSchedule',
+                request_serializer=promo_dot_v1_dot_bonuses__pb2.GetBonusScheduleRequest.SerializeToString,
+                response_deserializer=promo_dot_v1_dot_bonuses__pb2.GetBonusScheduleResponse.FromString,
+                _registered_method=True)
         self.ListBonusSchedules = channel.unary_unary(
                 '/promo.v1.BonusService/ListBonusSchedules',
                 request_serializer=promo_dot_v1_dot_bonuses__pb2.ListBonusSchedulesRequest.SerializeToString,
@@ -251,6 +256,13 @@ class BonusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBonusSchedule(self, request, context):
+        """One schedule by id (NOT_FOUND BONUS_SCHEDULE_NOT_FOUND when there is none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListBonusSchedules(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -352,6 +364,11 @@ def add_BonusServiceServicer_to_server(servicer, server):
                     servicer.CreateBonusSchedule,
                     request_deserializer=promo_dot_v1_dot_bonuses__pb2.CreateBonusScheduleRequest.FromString,
                     response_serializer=promo_dot_v1_dot_bonuses__pb2.CreateBonusScheduleResponse.SerializeToString,
+            ),
+            'GetBonusSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBonusSchedule,
+                    request_deserializer=promo_dot_v1_dot_bonuses__pb2.GetBonusScheduleRequest.FromString,
+                    response_serializer=promo_dot_v1_dot_bonuses__pb2.GetBonusScheduleResponse.SerializeToString,
             ),
             'ListBonusSchedules': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBonusSchedules,
@@ -826,6 +843,33 @@ class BonusService:
             '/promo.v1.BonusService/CreateBonusSchedule',
             promo_dot_v1_dot_bonuses__pb2.CreateBonusScheduleRequest.SerializeToString,
             promo_dot_v1_dot_bonuses__pb2.CreateBonusScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBonusSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/promo.v1.BonusService/GetBonusSchedule',
+            promo_dot_v1_dot_bonuses__pb2.GetBonusScheduleRequest.SerializeToString,
+            promo_dot_v1_dot_bonuses__pb2.GetBonusScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,8 @@ class BonusServiceStub:
     pauses or resumes it). A new event_kind, filter or every restarts the customers' counts.
     """
     CreateBonusSchedule: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.CreateBonusScheduleRequest, _bonuses_pb2.CreateBonusScheduleResponse]
+    GetBonusSchedule: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.GetBonusScheduleRequest, _bonuses_pb2.GetBonusScheduleResponse]
+    """One schedule by id (NOT_FOUND BONUS_SCHEDULE_NOT_FOUND when there is none)."""
     ListBonusSchedules: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.ListBonusSchedulesRequest, _bonuses_pb2.ListBonusSchedulesResponse]
     UpdateBonusSchedule: _grpc.UnaryUnaryMultiCallable[_bonuses_pb2.UpdateBonusScheduleRequest, _bonuses_pb2.UpdateBonusScheduleResponse]
     """Change a schedule's fields (update_mask: any field but schedule_id and the run times;
@@ -106,6 +108,8 @@ class BonusServiceAsyncStub(BonusServiceStub):
     pauses or resumes it). A new event_kind, filter or every restarts the customers' counts.
     """
     CreateBonusSchedule: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.CreateBonusScheduleRequest, _bonuses_pb2.CreateBonusScheduleResponse]  # type: ignore[assignment]
+    GetBonusSchedule: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.GetBonusScheduleRequest, _bonuses_pb2.GetBonusScheduleResponse]  # type: ignore[assignment]
+    """One schedule by id (NOT_FOUND BONUS_SCHEDULE_NOT_FOUND when there is none)."""
     ListBonusSchedules: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.ListBonusSchedulesRequest, _bonuses_pb2.ListBonusSchedulesResponse]  # type: ignore[assignment]
     UpdateBonusSchedule: _aio.UnaryUnaryMultiCallable[_bonuses_pb2.UpdateBonusScheduleRequest, _bonuses_pb2.UpdateBonusScheduleResponse]  # type: ignore[assignment]
     """Change a schedule's fields (update_mask: any field but schedule_id and the run times;
@@ -247,6 +251,14 @@ class BonusServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bonuses_pb2.CreateBonusScheduleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bonuses_pb2.CreateBonusScheduleResponse, _abc.Awaitable[_bonuses_pb2.CreateBonusScheduleResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetBonusSchedule(
+        self,
+        request: _bonuses_pb2.GetBonusScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bonuses_pb2.GetBonusScheduleResponse, _abc.Awaitable[_bonuses_pb2.GetBonusScheduleResponse]]:
+        """One schedule by id (NOT_FOUND BONUS_SCHEDULE_NOT_FOUND when there is none)."""
 
     @_abc_1.abstractmethod
     def ListBonusSchedules(
