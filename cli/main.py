@@ -10,7 +10,7 @@ import sys
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import SecretStr
@@ -25,6 +25,7 @@ app = typer.Typer(help="Promotions and rewards engine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console(stderr=True)
 log = logging.getLogger("promo.cli")
+T = TypeVar("T")
 ADMIN_KEY_FILE = "admin-api-key"
 SECRET_KEY_FILE = "secret-key"
 
@@ -49,12 +50,12 @@ def _warn_if_secrets_in_clear(settings: Settings) -> None:
                     "docs/webhooks.md, \"Secrets at rest\"")
 
 
-def _run_or_fail(main: Coroutine[Any, Any, None]) -> None:
+def _run_or_fail(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run(main); a start that cannot go on (cli.runtime.StartupError: an unreachable
     database or Redis, a port in use) is one line naming the setting, exit status 1."""
     from cli.runtime import StartupError
     try:
-        asyncio.run(main)
+        return asyncio.run(main)
     except StartupError as exc:
         console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True,
                       highlight=False)
@@ -98,17 +99,12 @@ def _require(settings: Settings, command: str, *names: str) -> None:
 @app.command()
 def migrate() -> None:
     """Apply pending database migrations (safe to run from several processes at once)."""
-    from cli.runtime import StartupError, migrate_or_fail
+    from cli.runtime import migrate_or_fail
     settings = _settings()
     if not settings.database_url:
         console.print("[red]PROMO_DATABASE_URL is not set[/red]")
         raise typer.Exit(2)
-    try:
-        applied = asyncio.run(migrate_or_fail(settings.database_url))
-    except StartupError as exc:
-        console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True,
-                      highlight=False)
-        raise typer.Exit(1) from None
+    applied = _run_or_fail(migrate_or_fail(settings.database_url))
     console.print(f"applied {len(applied)} migration(s): {applied}" if applied
                   else "database is up to date")
 

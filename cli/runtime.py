@@ -18,7 +18,7 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.connections import create_pool as create_arq_pool
 
 from config.settings import DEFAULT_UP_METRICS_PORT, Settings
-from server.app import Dependencies, RunningServer, start_server
+from server.app import Dependencies, ListenError, RunningServer, start_server
 from server.metrics import MetricsEndpoint
 from server.promotion_metrics import register_promotions_collector
 from storage.db import create_pool
@@ -140,9 +140,7 @@ async def run_server(settings: Settings, *,
             redis = await _arq_client(settings.redis_url)
         try:
             running = await start_server(settings, Dependencies(pool=pool, redis=redis))
-        except RuntimeError as exc:  # grpc's "Failed to bind", or our "could not listen"
-            if "bind" not in str(exc) and "listen" not in str(exc):
-                raise
+        except ListenError as exc:
             raise StartupError(
                 f"PROMO_GRPC_HOST / PROMO_GRPC_PORT: cannot listen on {settings.grpc_host}:"
                 f"{settings.grpc_port} (the port is in use, or the host is not an address of "

@@ -203,20 +203,12 @@ class Settings(BaseSettings):
             seen[entry.key_sha256] = entry.name
         return keys
 
-    @field_validator("database_url")
+    @field_validator("database_url", "redis_url")
     @classmethod
-    def _database_url(cls, value: str | None) -> str | None:
+    def _service_url(cls, value: str | None, info: Any) -> str | None:
         if value is None or not value.strip():
             return None
-        _check_url(value, ("postgresql", "postgres"), "postgresql://user:password@host:5432/db")
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        _check_url(value, ("redis", "rediss", "unix"), "redis://host:6379/0")
+        _check_url(value, *_URL_FORMS[info.field_name])
         return value
 
     @field_validator("smtp_host", "smtp_username", "secret_encryption_keys", mode="before")
@@ -319,6 +311,13 @@ class Settings(BaseSettings):
                                  "without the prefix (README \"Settings\")")
             sources.append(toml)
         return tuple(sources)
+
+
+# Per URL setting: the schemes its client library takes, and an example for the message.
+_URL_FORMS: dict[str, tuple[tuple[str, ...], str]] = {
+    "database_url": (("postgresql", "postgres"), "postgresql://user:password@host:5432/db"),
+    "redis_url": (("redis", "rediss", "unix"), "redis://host:6379/0"),
+}
 
 
 def _check_url(value: str, schemes: tuple[str, ...], example: str) -> None:

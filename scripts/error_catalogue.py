@@ -22,6 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the project's packages are beside it
+from server.errors import (  # noqa: E402
+    DATABASE_TIMEOUT_MESSAGE,
+    DATABASE_UNAVAILABLE_MESSAGE,
+    INTERNAL_MESSAGE,
+)
+
 UPPER_SNAKE = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)*")
 OUTPUT = ROOT / "docs" / "errors.md"
 SOURCE_DIRS = ("server", "core", "storage")
@@ -31,13 +38,10 @@ CODES = {"InvalidArgument": "INVALID_ARGUMENT", "NotFound": "NOT_FOUND",
          "ResourceExhausted": "RESOURCE_EXHAUSTED", "Aborted": "ABORTED"}
 # Statuses the interceptors build themselves (server/interceptors.py, server/errors.py).
 EXTRA = {
-    "DATABASE_UNAVAILABLE": ("UNAVAILABLE", "the database is unreachable; retry later with the "
-                             "same request_id", "server/interceptors.py"),
-    "DATABASE_TIMEOUT": ("UNAVAILABLE", "the database did not answer in time (overloaded, or a "
-                         "lock is held); retry later with the same request_id",
-                         "server/interceptors.py"),
-    "INTERNAL": ("INTERNAL", "internal error; the server log has the details for this request "
-                 "id", "server/interceptors.py"),
+    "DATABASE_UNAVAILABLE": ("UNAVAILABLE", DATABASE_UNAVAILABLE_MESSAGE,
+                             "server/interceptors.py"),
+    "DATABASE_TIMEOUT": ("UNAVAILABLE", DATABASE_TIMEOUT_MESSAGE, "server/interceptors.py"),
+    "INTERNAL": ("INTERNAL", INTERNAL_MESSAGE, "server/interceptors.py"),
 }
 
 

@@ -40,7 +40,12 @@ SERVICE_NAMES = tuple(name for module in SERVICE_MODULES
 METHOD_ROLES: dict[str, set[str]] = {
     method: roles for module in SERVICE_MODULES for method, roles in module.ROLES.items()}
 
-__all__ = ["Dependencies", "RunningServer", "start_server"]
+__all__ = ["Dependencies", "ListenError", "RunningServer", "start_server"]
+
+
+class ListenError(RuntimeError):
+    """The gRPC address cannot be listened on (the port is in use, or the host is not an
+    address of this machine)."""
 
 
 @dataclass
@@ -90,12 +95,15 @@ async def start_server(settings: Settings, deps: Dependencies, *,
 
     target = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = _credentials(settings)
-    if credentials is None:
-        port = server.add_insecure_port(target)
-    else:
-        port = server.add_secure_port(target, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise ListenError(f"could not listen on {target}") from exc
     if port == 0:
-        raise RuntimeError(f"could not listen on {target}")
+        raise ListenError(f"could not listen on {target}")
     await server.start()
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

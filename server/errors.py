@@ -65,6 +65,7 @@ def database_unreachable(exc: BaseException) -> bool:
         isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS)
 
 
+INTERNAL_MESSAGE = "internal error; the server log has the details for this request id"
 DATABASE_TIMEOUT_MESSAGE = ("the database did not answer in time (overloaded, or a lock is "
                             "held); retry later with the same request_id (a retry never "
                             "applies a change twice)")

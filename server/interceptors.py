@@ -22,6 +22,7 @@ from server.auth import ANONYMOUS, Authenticator, Principal, current_principal
 from server.errors import (
     DATABASE_TIMEOUT_MESSAGE,
     DATABASE_UNAVAILABLE_MESSAGE,
+    INTERNAL_MESSAGE,
     database_timed_out,
     database_unreachable,
     domain_status,
@@ -107,9 +108,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 "code": "UNAVAILABLE", "reason": "DATABASE_TIMEOUT", "ms": _ms(started),
                 "error": type(exc).__name__})
         else:
-            status = to_status(grpc.StatusCode.INTERNAL,
-                               "internal error; the server log has the details for this "
-                               "request id", "INTERNAL")
+            status = to_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "INTERNAL")
             log.error("rpc crashed", exc_info=exc, extra={"code": "INTERNAL", "reason": "INTERNAL",
                                                           "ms": _ms(started)})
         self._observer.observe(method, status.code, time.perf_counter() - started)

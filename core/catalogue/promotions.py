@@ -233,16 +233,12 @@ def validate_promotion(promotion: Promotion,
     return replace(promotion, name=name, rewards=rewards)
 
 
-def check_transition(current: PromotionStatus, target: PromotionStatus, *,
-                     code: str = "") -> None:
+def check_transition(current: PromotionStatus, target: PromotionStatus, *, code: str) -> None:
     if (current, target) not in _TRANSITIONS:
-        metadata = {"status": current.value, "target": target.value}
-        if code:
-            metadata["promotion_code"] = code
         raise FailedPrecondition(
             f"a {current.value} promotion cannot become {target.value}; allowed: DRAFT -> "
             "ACTIVE -> DEACTIVATED -> ACTIVE", reason="INVALID_STATUS_TRANSITION",
-            metadata=metadata)
+            metadata={"promotion_code": code, "status": current.value, "target": target.value})
 
 
 def check_editable(current: Promotion) -> None:
