@@ -301,9 +301,11 @@ class Http11Client:
             return
         self._pruned_at = now
         for origin, idle in list(self._idle.items()):
-            kept = [c for c in idle if c.usable(now)]
+            kept = []
             for conn in idle:
-                if not conn.usable(now):
+                if conn.usable(now):
+                    kept.append(conn)
+                else:
                     conn.close()
             if kept:
                 self._idle[origin] = kept
