@@ -26,6 +26,7 @@ from server import (
     reward_types,
     rewards,
 )
+from server.admission import Admission, core_options
 from server.auth import Authenticator
 from server.deps import Dependencies
 from server.interceptors import CallObserver, ServiceInterceptor
@@ -78,10 +79,13 @@ async def start_server(settings: Settings, deps: Dependencies, *,
     """Build and start the server on settings.grpc_host:grpc_port (port 0 picks a free one)."""
     authenticator = Authenticator(settings.api_keys, METHOD_ROLES)
     observer = observer or metrics.RPC_METRICS  # Prometheus counters (server/metrics.py)
-    server = aio.server(interceptors=[ServiceInterceptor(authenticator, observer)],
+    admission = Admission(settings.max_calls_in_flight)
+    metrics.watch_admission(admission)
+    server = aio.server(interceptors=[ServiceInterceptor(authenticator, observer, admission)],
                         options=[("grpc.so_reuseport", 0),
                                  # A batch of 10,000 events with attributes can pass 4 MB.
-                                 ("grpc.max_receive_message_length", 32 * 1024 * 1024)])
+                                 ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+                                 *core_options(settings.max_calls_in_flight)])
     deps.settings = settings
     deps.queue_name = settings.queue_name
     deps.secret_box = settings.secret_box()

@@ -1,5 +1,6 @@
 """One server interceptor for what every RPC needs: a request id, authentication and roles,
-one log line per call, and the mapping of domain errors to statuses.
+admission control (server/admission.py), one log line per call, and the mapping of domain
+errors to statuses.
 
 It wraps the method handler (rather than the servicer) so that errors raised anywhere in a
 handler, including before it yields its first streamed message, get the same treatment.
@@ -18,6 +19,7 @@ import grpc
 from grpc import aio
 
 from core.errors import DomainError, InvalidArgument
+from server.admission import Admission
 from server.auth import ANONYMOUS, Authenticator, Principal, current_principal
 from server.errors import (
     DATABASE_TIMEOUT_MESSAGE,
@@ -32,6 +34,8 @@ from server.errors import (
 from server.logs import call_context
 
 log = logging.getLogger("promo.rpc")
+
+DEFAULT_MAX_CALLS_IN_FLIGHT = 1000  # Settings.max_calls_in_flight's default
 
 Behavior = Callable[..., Any]
 
@@ -54,9 +58,11 @@ def _request_id(metadata: tuple[tuple[str, Any], ...]) -> str:
 
 class ServiceInterceptor(aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator,
-                 observer: CallObserver | None = None) -> None:
+                 observer: CallObserver | None = None,
+                 admission: Admission | None = None) -> None:
         self._auth = authenticator
         self._observer = observer or CallObserver()
+        self._admission = admission or Admission(DEFAULT_MAX_CALLS_IN_FLIGHT)
 
     async def intercept_service(
         self,
@@ -81,6 +87,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
         principal = self._auth.authenticate(self._auth.presented_key(metadata))
         ctx["principal"] = principal.name
         self._auth.authorize(principal, method)
+        self._admission.admit()  # last: a call that returns from here holds a place
         return principal, ctx
 
     async def _fail(self, exc: BaseException, method: str, request_id: str,
@@ -183,8 +190,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             started = time.perf_counter()
             request_id = _request_id(metadata)  # known before authentication, for every reply
             request = None
+            admitted = False
             try:
                 principal, _ = await icpt._begin(method, metadata, request_id, context)
+                admitted = True
                 current_principal.set(principal)
                 request = decode_uu(raw)
                 response = await inner_uu(request, context)
@@ -196,6 +205,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             except Exception as exc:
                 await icpt._fail(exc, method, request_id, context, started, request)
                 raise AssertionError("unreachable") from exc
+            finally:
+                if admitted:
+                    icpt._admission.release()
             icpt._done(method, context, started)
             return response
 
@@ -211,8 +223,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             started = time.perf_counter()
             request_id = _request_id(metadata)  # known before authentication, for every reply
             request = None
+            admitted = False
             try:
                 principal, _ = await icpt._begin(method, metadata, request_id, context)
+                admitted = True
                 current_principal.set(principal)
                 request = decode_us(raw)
                 async for item in inner_us(request, context):
@@ -224,6 +238,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
                 raise
             except Exception as exc:
                 await icpt._fail(exc, method, request_id, context, started, request)
+            finally:
+                if admitted:
+                    icpt._admission.release()
             icpt._done(method, context, started)
 
         return grpc.unary_stream_rpc_method_handler(
@@ -236,8 +253,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
         async def stream_unary(request_iterator: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
             request_id = _request_id(metadata)  # known before authentication, for every reply
+            admitted = False
             try:
                 principal, _ = await icpt._begin(method, metadata, request_id, context)
+                admitted = True
                 current_principal.set(principal)
                 response = await inner_su(_decoded(request_iterator, decode_su), context)
             except aio.AbortError:
@@ -248,6 +267,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             except Exception as exc:
                 await icpt._fail(exc, method, request_id, context, started)
                 raise AssertionError("unreachable") from exc
+            finally:
+                if admitted:
+                    icpt._admission.release()
             icpt._done(method, context, started)
             return response
 
@@ -261,8 +283,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
                             context: aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         request_id = _request_id(metadata)  # known before authentication, for every reply
+        admitted = False
         try:
             principal, _ = await icpt._begin(method, metadata, request_id, context)
+            admitted = True
             current_principal.set(principal)
             async for item in inner_ss(_decoded(request_iterator, decode_ss), context):
                 yield item
@@ -273,6 +297,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metadata: tuple[tuple[str
             raise
         except Exception as exc:
             await icpt._fail(exc, method, request_id, context, started)
+        finally:
+            if admitted:
+                icpt._admission.release()
         icpt._done(method, context, started)
 
     return grpc.stream_stream_rpc_method_handler(

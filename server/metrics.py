@@ -12,9 +12,17 @@ import threading
 from typing import Any
 
 import grpc
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from promo.v1 import rewards_pb2 as rpb
+from server.admission import Admission
 from server.interceptors import CallObserver
 
 # RPC latencies run from ~0.2 ms (a cached GetReward) to seconds (10,000-event batches).
@@ -31,6 +39,17 @@ RPC_SECONDS = Histogram(
 REWARDS = Counter(
     "promo_rewards_total", "GetReward answers: outcome granted, existing (a retry or a "
     "customer's earlier grant) or denied, and the denial reason.", ["outcome", "reason"])
+
+RPC_IN_FLIGHT = Gauge(
+    "promo_rpc_in_flight", "Calls this server process holds now (health and reflection not "
+    "counted); at PROMO_MAX_CALLS_IN_FLIGHT further calls are refused with RESOURCE_EXHAUSTED "
+    "SERVER_OVERLOADED (server/admission.py).")
+
+
+def watch_admission(admission: Admission) -> None:
+    """Report this admission's calls in flight (the last server started in the process)."""
+    RPC_IN_FLIGHT.set_function(lambda: admission.in_flight)
+
 
 GRANT_BATCH_SIZE = Histogram(
     "promo_grant_batch_size", "Grants per GetReward group-commit transaction "
