@@ -9,6 +9,7 @@ expired lease and queues it again. Handlers must be idempotent (delivery is at l
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -69,29 +70,44 @@ async def rearm_done_job(conn: asyncpg.Connection, dedup_key: str, *,
             WHERE dedup_key = $1 AND status = 'done' RETURNING id""", dedup_key, due_at)
 
 
+_LEASE_DUE_SQL = """
+UPDATE outbox_jobs AS j
+   SET locked_until = greatest(j.due_at, $1::timestamptz) + $3::interval
+ WHERE j.id IN (
+       SELECT id FROM outbox_jobs
+        WHERE status = 'pending' AND due_at <= $1::timestamptz + $2::interval
+          AND (locked_until IS NULL OR locked_until < $1::timestamptz)
+          AND attempts < max_attempts
+          AND {kinds}
+        ORDER BY due_at
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED)
+RETURNING j.*"""
+
+
 async def lease_due_jobs(
     conn: asyncpg.Connection, *, now: datetime, lookahead: timedelta, lease: timedelta,
-    limit: int = 1000,
+    limit: int = 1000, capped: Mapping[str, int] | None = None,
 ) -> list[OutboxJob]:
     """Claim pending jobs due before now + lookahead whose lease is free or expired and that
     have attempts left (a job out of attempts is for ``bury_interrupted_jobs``).
 
     The lease runs from the due time, so a job queued for later is not claimed again before it
     had its chance to run.
+
+    ``capped`` maps a kind to the most of its jobs claimed per call (the oldest due first): for
+    kinds whose one running job also takes the other due jobs of its kind (webhook deliveries
+    claim due deliveries in chunks), a few queued jobs drain a backlog of thousands, and the
+    rows left unleased are theirs to take. Queueing every row of a flood instead put thousands
+    of jobs in front of every other kind in arq's due-ordered queue.
     """
-    rows = await conn.fetch(
-        """UPDATE outbox_jobs AS j
-              SET locked_until = greatest(j.due_at, $1::timestamptz) + $3::interval
-            WHERE j.id IN (
-                  SELECT id FROM outbox_jobs
-                   WHERE status = 'pending' AND due_at <= $1::timestamptz + $2::interval
-                     AND (locked_until IS NULL OR locked_until < $1::timestamptz)
-                     AND attempts < max_attempts
-                   ORDER BY due_at
-                   LIMIT $4
-                   FOR UPDATE SKIP LOCKED)
-        RETURNING j.*""",
-        now, lookahead, lease, limit)
+    capped = dict(capped or {})
+    rows = list(await conn.fetch(
+        _LEASE_DUE_SQL.format(kinds="kind <> ALL($5::text[])"),
+        now, lookahead, lease, limit, list(capped)))
+    for kind, most in capped.items():
+        rows += await conn.fetch(_LEASE_DUE_SQL.format(kinds="kind = $5"),
+                                 now, lookahead, lease, min(most, limit), kind)
     return [_job(row) for row in rows]
 
 

@@ -18,7 +18,7 @@ from config.settings import Settings
 from core.clock import Clock
 from storage import outbox
 from storage.queue import fresh_arming, queue_outbox_job
-from workers.registry import HANDLERS, SWEEP_HOOKS, PermanentJobError
+from workers.registry import HANDLERS, SWEEP_CAPS, SWEEP_HOOKS, PermanentJobError
 
 log = logging.getLogger("promo.worker")
 
@@ -174,8 +174,9 @@ async def _queue_due_jobs(ctx: dict[str, Any]) -> int:
     lookahead = timedelta(seconds=2 * settings.sweeper_interval_seconds)
     async with pool.acquire() as conn:
         buried = await outbox.bury_interrupted_jobs(conn, now=clock.now())
-        jobs = await outbox.lease_due_jobs(conn, now=clock.now(), lookahead=lookahead,
-                                           lease=job_lease(settings))
+        jobs = await outbox.lease_due_jobs(
+            conn, now=clock.now(), lookahead=lookahead, lease=job_lease(settings),
+            capped={kind: cap(settings) for kind, cap in SWEEP_CAPS.items()})
     for dead in buried:
         log.error("outbox job failed permanently", extra={
             "outbox_job_id": dead.id, "kind": dead.kind, "attempt": dead.attempts,

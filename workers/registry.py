@@ -17,6 +17,9 @@ SweepHook = Callable[[dict[str, Any]], Awaitable[None]]
 
 HANDLERS: dict[str, JobHandler] = {}
 SWEEP_HOOKS: list[SweepHook] = []
+# Kinds whose one running job also takes the other due jobs of its kind: the sweeper queues at
+# most this many of them per tick (a function of the settings), see storage.outbox.lease_due_jobs.
+SWEEP_CAPS: dict[str, Callable[[Any], int]] = {}
 
 
 class PermanentJobError(Exception):

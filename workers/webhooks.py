@@ -64,8 +64,9 @@ from storage.listener_secrets import LISTENER_SECRET_PURPOSE
 from storage.outbox import OutboxJob
 from storage.queue import fresh_arming, queue_outbox_job
 from workers import email, metrics
-from workers.outbox import JobAlreadyRunning, backoff_seconds, job_lease
-from workers.registry import PermanentJobError, handler
+from workers.delivery_lane import LANE_KEY, DeliveryLane, delivery_job_limit
+from workers.outbox import JobAlreadyRunning, JobDeferred, backoff_seconds, job_lease
+from workers.registry import SWEEP_CAPS, PermanentJobError, handler
 from workers.send_slots import SendSlots
 
 log = logging.getLogger("promo.webhooks")
@@ -125,11 +126,13 @@ async def setup(ctx: dict[str, Any]) -> Http11Client | httpx.AsyncClient:
         fallback=fallback)
     ctx[HTTP_CLIENT_KEY] = client
     ctx[SLOTS_KEY] = SendSlots(settings.webhook_concurrency)
+    ctx[LANE_KEY] = DeliveryLane(delivery_job_limit(settings.worker_max_jobs))
     return client
 
 
 async def teardown(ctx: dict[str, Any]) -> None:
     ctx.pop(SLOTS_KEY, None)
+    ctx.pop(LANE_KEY, None)
     client: Http11Client | httpx.AsyncClient | None = ctx.pop(HTTP_CLIENT_KEY, None)
     if client is not None:
         await client.aclose()
@@ -768,6 +771,12 @@ async def _complete(ctx: dict[str, Any], chunk: _Chunk, start_by: float) -> None
     await recorder.close()
 
 
+# The sweeper queues at most one lane's worth of delivery jobs per tick: each of them claims
+# the other due deliveries, so a backlog of thousands needs no more, and thousands of queued
+# delivery jobs would sit in front of every other job in arq's due-ordered queue.
+SWEEP_CAPS[repo.DELIVER_KIND] = lambda settings: delivery_job_limit(settings.worker_max_jobs)
+
+
 @handler(repo.DELIVER_KIND)
 async def deliver(ctx: dict[str, Any], job: OutboxJob) -> None:
     """The outbox job ``job`` (payload {"delivery_id": ...}), and with it the other due delivery
@@ -778,6 +787,10 @@ async def deliver(ctx: dict[str, Any], job: OutboxJob) -> None:
     and at most two chunks of one job are in flight (a third is claimed once the first of them
     is done). The job stops claiming when nothing more is due, or after
     CLAIM_WINDOW_SECONDS (so it ends well within arq's job timeout).
+
+    Delivery jobs hold at most workers.delivery_lane's share of the worker's job slots; a job
+    beyond it is put off a moment (its attempt given back), so a flood of deliveries to a slow
+    listener never holds back the worker's other jobs (a campaign due meanwhile).
     """
     settings: Settings = ctx["settings"]
     try:
@@ -785,6 +798,22 @@ async def deliver(ctx: dict[str, Any], job: OutboxJob) -> None:
     except (KeyError, TypeError, ValueError):
         raise PermanentJobError(
             f"webhook job payload has no delivery_id: {job.payload!r}") from None
+    lane: DeliveryLane | None = ctx.get(LANE_KEY)
+    if lane is None:  # a context without setup (a test driving the handler alone)
+        await _deliver(ctx, job)
+        return
+    if not lane.enter():
+        raise JobDeferred(f"the worker's delivery jobs are at their limit ({lane.limit} of "
+                          f"{settings.worker_max_jobs} job slots)",
+                          retry_at=lane.retry_at(ctx["clock"].now()))
+    try:
+        await _deliver(ctx, job)
+    finally:
+        lane.leave()
+
+
+async def _deliver(ctx: dict[str, Any], job: OutboxJob) -> None:
+    settings: Settings = ctx["settings"]
     began = time.monotonic()
     start_by = began + job_lease(settings).total_seconds() / 2
     size = settings.webhook_batch_size
