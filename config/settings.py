@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
     # Admission control (server/admission.py): calls beyond this many in flight in one server
     # process are refused at once with RESOURCE_EXHAUSTED SERVER_OVERLOADED instead of queued.
-    max_calls_in_flight: int = Field(default=1000, ge=1, le=100_000)
+    max_calls_in_flight: int = Field(default=500, ge=1, le=100_000)
     # Decoded by _api_keys_json, not by pydantic-settings: its JSON error would stop the load
     # before any other setting is checked (and hide every other bad one).
     api_keys: Annotated[list[ApiKeyConfig], NoDecode] = Field(default_factory=list)

@@ -35,7 +35,7 @@ from server.logs import call_context
 
 log = logging.getLogger("promo.rpc")
 
-DEFAULT_MAX_CALLS_IN_FLIGHT = 1000  # Settings.max_calls_in_flight's default
+DEFAULT_MAX_CALLS_IN_FLIGHT = 500  # Settings.max_calls_in_flight's default
 
 Behavior = Callable[..., Any]
 

@@ -171,6 +171,6 @@ def test_core_options_and_the_setting() -> None:
                                   ("grpc.server.max_pending_requests_hard_limit", 20000)]
     assert core_options(3)[0] == ("grpc.server.max_pending_requests", 20000)
     assert core_options(5000)[1] == ("grpc.server.max_pending_requests_hard_limit", 100000)
-    assert Settings().max_calls_in_flight == 1000
+    assert Settings().max_calls_in_flight == 500
     with pytest.raises(ValueError, match="max_calls_in_flight"):
         Settings(max_calls_in_flight=0)
