@@ -65,7 +65,7 @@ from server.promotion_convert import ROUNDING_FROM_PB, ROUNDING_TO_PB
 from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo
 from storage import customers as customers_repo
-from storage.queue import queue_after_commit
+from storage.queue import queue_after_commit, queue_deliveries_after_commit
 
 log = logging.getLogger("promo.bonuses")
 
@@ -451,6 +451,14 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
             await queue_after_commit(self._deps.redis, job_id=job_id, due_at=due,
                                      queue_name=self._deps.queue_name)
 
+    async def _queue_deliveries(self, job_ids: list[int], due: datetime) -> None:
+        """An approval's or a recalculation's event deliveries (up to one per result): a few
+        claimers, not one arq job each (storage.queue.queue_deliveries_after_commit)."""
+        settings = self._deps.settings
+        await queue_deliveries_after_commit(
+            self._deps.redis, job_ids=job_ids, due_at=due, queue_name=self._deps.queue_name,
+            worker_max_jobs=settings.worker_max_jobs if settings is not None else 20)
+
     # --- definitions ---
 
     async def CreateBonusDefinition(self, request: pb.CreateBonusDefinitionRequest,
@@ -639,7 +647,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                 results=[result_to_pb(r) for r in decided.results]).SerializeToString()
 
         raw = await run_request_once(self._pool, scope, request, work)
-        await self._queue(jobs, now)
+        await self._queue_deliveries(jobs, now)
         return list(pb.ApproveBonusResultsResponse.FromString(raw).results)
 
     async def ApproveBonusResults(self, request: pb.ApproveBonusResultsRequest,
@@ -677,7 +685,7 @@ class BonusServicer(TriggerServicer, pb_grpc.BonusServiceServicer):
                 skipped_count=done.skipped).SerializeToString()
 
         raw = await run_request_once(self._pool, "RecalculateBonusResults", request, work)
-        await self._queue(jobs, now)
+        await self._queue_deliveries(jobs, now)
         return pb.RecalculateBonusResultsResponse.FromString(raw)
 
     # --- cost and ledger ---

@@ -19,7 +19,7 @@ from core.clock import Clock
 from storage import bonus_triggers as triggers_repo
 from storage import bonuses as repo
 from storage.outbox import OutboxJob
-from storage.queue import queue_after_commit
+from storage.queue import queue_after_commit, queue_deliveries_after_commit
 from workers.outbox import JobAlreadyRunning, JobDeferred
 from workers.registry import PermanentJobError, handler, sweep_hook
 
@@ -63,9 +63,10 @@ async def run_bonus_batch(ctx: dict[str, Any], job: OutboxJob) -> None:
         "batch_id": report.batch_pk, "window_start": window.isoformat(),
         "requests": report.requests, "customers": report.customers,
         "events_read": report.events_read, "ms": report.duration_ms, **report.statuses})
-    for job_id in report.outbox_job_ids:
-        await queue_after_commit(ctx.get("redis"), job_id=job_id, due_at=now,
-                                 queue_name=ctx["settings"].queue_name)
+    # The batch's events' deliveries: a few claimers, not one arq job per result.
+    await queue_deliveries_after_commit(ctx.get("redis"), job_ids=report.outbox_job_ids,
+                                        due_at=now, queue_name=ctx["settings"].queue_name,
+                                        worker_max_jobs=ctx["settings"].worker_max_jobs)
 
 
 @sweep_hook

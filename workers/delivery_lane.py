@@ -17,17 +17,13 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
+from storage.queue import delivery_job_limit
+
+__all__ = ["LANE_KEY", "RETRY_SECONDS", "DeliveryLane", "delivery_job_limit"]
+
 LANE_KEY = "delivery_lane"
 # A delivery job that finds the lane full runs again after this long (times 0.5-1.0, jitter).
 RETRY_SECONDS = 2.0
-
-
-def delivery_job_limit(worker_max_jobs: int) -> int:
-    """Three quarters of the worker's job slots, rounded down, at least one fewer than all of
-    them, at least one: 20 -> 15, 4 -> 3, 2 -> 1, 1 -> 1 (no slot can be kept free)."""
-    if worker_max_jobs <= 1:
-        return 1
-    return max(1, min(worker_max_jobs * 3 // 4, worker_max_jobs - 1))
 
 
 class DeliveryLane:

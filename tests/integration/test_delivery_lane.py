@@ -18,6 +18,7 @@ from config.settings import Settings
 from core.clock import FixedClock
 from storage import outbox
 from storage import webhooks as webhooks_repo
+from storage.queue import queue_deliveries_after_commit
 from workers import registry, webhooks  # noqa: F401  (webhooks registers its cap)
 from workers.delivery_lane import LANE_KEY, DeliveryLane, delivery_job_limit
 from workers.outbox import run_outbox_job, sweep_once
@@ -114,3 +115,28 @@ async def test_a_delivery_job_beyond_the_lane_is_put_off_without_using_an_attemp
     assert clock.now() + timedelta(seconds=1) <= row["due_at"] <= clock.now() + timedelta(
         seconds=2)
     assert lane.running == 1  # the put-off job took no place
+
+
+async def test_a_burst_of_deliveries_is_queued_as_one_lane_of_claimers(
+        settings: Settings, pool: asyncpg.Pool, clock: FixedClock) -> None:
+    """A bonus batch's or an approval's deliveries (one per result): the first lane's worth
+    are queued in Redis, the rest wait in PostgreSQL, unleased, for those jobs to claim."""
+    async with pool.acquire() as conn:
+        ids = await _add(conn, webhooks_repo.DELIVER_KIND, 40, clock.now())
+    assert settings.redis_url
+    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        queued = await queue_deliveries_after_commit(
+            redis, job_ids=ids, due_at=clock.now(), queue_name=settings.queue_name,
+            worker_max_jobs=8)
+        assert queued == 6
+        queued_ids = {int(raw.decode().split("/")[-2])
+                      for raw in await redis.zrange(settings.queue_name, 0, -1)}
+        assert queued_ids == set(ids[:6])
+        assert await queue_deliveries_after_commit(
+            redis, job_ids=ids[:3], due_at=clock.now(), queue_name=settings.queue_name,
+            worker_max_jobs=8) == 3
+    finally:
+        await redis.aclose()
+    free = await pool.fetchval("SELECT count(*) FROM outbox_jobs WHERE locked_until IS NULL")
+    assert free == 40
